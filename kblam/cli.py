@@ -1,0 +1,96 @@
+"""The `kblam` command: ask questions over a KB file, and inspect KB files.
+
+Exit codes: 0 success, 1 bad input (a file that cannot be read as a KB, an adapter that does not fit),
+2 wrong usage (argparse), 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+
+from kblam._version import __version__
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kblam", description="Knowledge bases a language model reads directly (KBLaM).")
+    parser.add_argument("--version", action="version", version=f"kblam {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    ask = commands.add_parser("ask", help="answer questions from a KB file (CSV, JSON, JSONL, parquet)")
+    ask.add_argument("questions", nargs="+", metavar="QUESTION", help="one or more questions, answered as a batch")
+    ask.add_argument("--kb", required=True, help="the knowledge base file")
+    ask.add_argument("--adapter", default=None, help="an adapter folder (default: the embedded default model)")
+    ask.add_argument("--max-new-tokens", type=int, default=48, help="longest answer in tokens (default 48)")
+    ask.add_argument("--top-k", type=int, default=3, help="sources to show per answer (default 3)")
+    ask.add_argument("--strict", action="store_true", help="refuse a KB with conflicting values")
+    ask.add_argument("--json", action="store_true", help="print one JSON object per answer")
+
+    kb = commands.add_parser("kb", help="knowledge base tools")
+    kb_commands = kb.add_subparsers(dest="kb_command", required=True, metavar="KB_COMMAND")
+    inspect = kb_commands.add_parser("inspect", help="counts, duplicates, conflicts and problems of a KB file")
+    inspect.add_argument("path", help="the knowledge base file")
+    return parser
+
+
+def _load_kb(path: str, strict: bool = False):
+    from kblam.kb import KnowledgeBase
+
+    return KnowledgeBase.from_file(path, strict=strict)
+
+
+def _ask(args) -> int:
+    if args.max_new_tokens < 1 or args.top_k < 0:
+        raise ValueError("--max-new-tokens must be >= 1 and --top-k >= 0")
+    kb = _load_kb(args.kb, strict=args.strict)
+    from kblam.model import KBLaM, UntrainedAdapterWarning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UntrainedAdapterWarning)
+        model = KBLaM.from_pretrained(args.adapter)
+    if any(issubclass(w.category, UntrainedAdapterWarning) for w in caught):
+        print(
+            "kblam: WARNING: the adapter is untrained. Answers come from the base model alone and the\n"
+            "       sources below are arbitrary; they show the plumbing, not knowledge-base answers.",
+            file=sys.stderr,
+        )
+    answers = model.ask(args.questions, kb=kb, max_new_tokens=args.max_new_tokens, top_k=args.top_k)
+    for answer in answers:
+        if args.json:
+            sources = [{**t.__dict__, "score": round(s, 4)} for t, s in answer.sources]
+            print(json.dumps({"question": answer.question, "answer": answer.text, "sources": sources}, ensure_ascii=False))
+            continue
+        print(f"Q: {answer.question}\nA: {answer.text}")
+        for triple, score in answer.sources:
+            print(f"   {score:6.3f}  {triple}")
+        print()
+    return 0
+
+
+def _inspect(args) -> int:
+    from kb_builders.inspect import format_inspect, inspect_file
+
+    print(format_inspect(inspect_file(args.path)))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "ask":
+            return _ask(args)
+        return _inspect(args)
+    except KeyboardInterrupt:
+        print("kblam: interrupted", file=sys.stderr)
+        return 130
+    except (OSError, ValueError, KeyError, ModuleNotFoundError) as error:
+        # KBFormatError is a ValueError; its message already names the file, line and problem.
+        message = error.args[0] if isinstance(error, KeyError) and error.args else error
+        print(f"kblam: error: {message}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,380 @@
+"""KBLaM: a frozen Hugging Face causal LM that reads a knowledge base through a trained adapter."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import warnings
+from collections.abc import Sequence
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from kblam import attention
+from kblam.adapter import CONFIG_NAME, WEIGHTS_NAME, KBAdapter, KBLaMConfig
+from kblam.encoder import KBEmbeddings, KBEncoder
+from kblam.kb import KnowledgeBase, Triple
+from kblam.model_card import write_model_card
+
+SHIPPED_ADAPTER = Path(__file__).parent / "adapters" / "smollm2-135m-instruct"
+
+
+@dataclass
+class Answer:
+    """A generated answer and the triples the model drew on, best first, with their share of KB attention."""
+
+    question: str
+    text: str
+    sources: list[tuple[Triple, float]] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        return self.text
+
+
+def weights_fingerprint(model: nn.Module) -> str:
+    """A short hash of a strided sample of every weight, rounded to bfloat16.
+
+    Rounding makes a float32 and a bfloat16 load of the same checkpoint agree; the stride keeps it
+    to milliseconds on a 7B model.
+    """
+    digest = hashlib.sha256()
+    for name, param in sorted(model.state_dict().items()):
+        flat = param.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // 4096)].to("cpu", torch.bfloat16).view(torch.int16)
+        digest.update(name.encode())
+        digest.update(str(tuple(param.shape)).encode())
+        digest.update(sample.numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def attention_modules(model: nn.Module) -> dict[int, nn.Module]:
+    """{layer index: self-attention module} for any decoder whose attention follows transformers' layout."""
+    found = {}
+    for name, module in model.named_modules():
+        if name.endswith("self_attn") and hasattr(module, "layer_idx"):
+            found[module.layer_idx] = module
+    if not found:
+        raise TypeError(f"{type(model).__name__}: no '*.self_attn' modules with a layer_idx; kblam cannot wrap it")
+    return dict(sorted(found.items()))
+
+
+class KBAttentionRecorder:
+    """Keeps the KB attention of the first call on each KB layer (the prompt's prefill)."""
+
+    def __init__(self):
+        self.per_layer: dict[int, torch.Tensor] = {}
+
+    def for_layer(self, layer: int):
+        def record(probs: torch.Tensor) -> None:  # (B, heads, N, M)
+            if layer not in self.per_layer:
+                self.per_layer[layer] = probs.float().mean(dim=1)
+        return record
+
+    def scores(self, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, M): KB attention averaged over heads, KB layers and (unpadded) prompt tokens, summing to 1."""
+        if not self.per_layer:
+            raise RuntimeError("no KB attention was recorded: was a KB attached during the forward pass?")
+        probs = torch.stack(list(self.per_layer.values())).mean(dim=0)  # (B, N, M)
+        if token_mask is not None:
+            weights = token_mask[:, -probs.shape[1]:].to(probs)
+            probs = probs * weights[..., None]
+        per_triple = probs.sum(dim=1)
+        return per_triple / per_triple.sum(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+@dataclass
+class _AttachedKB:
+    states: dict[int, tuple[torch.Tensor, torch.Tensor]]
+    log_scale: float | torch.Tensor
+    kb_mask: torch.Tensor | None
+    recorder: KBAttentionRecorder | None
+
+
+class KBLaM(nn.Module):
+    """A base causal LM (frozen), its tokenizer, the KB encoder (frozen) and the trainable KB adapter."""
+
+    def __init__(self, base_model: nn.Module, tokenizer, encoder: KBEncoder, adapter: KBAdapter):
+        super().__init__()
+        self.base = base_model.requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.encoder = encoder
+        self.adapter = adapter
+        self.config = adapter.config
+        self._attached: _AttachedKB | None = None
+        # A base wrapped before keeps its original implementation behind the "kblam_" prefix.
+        base_impl = base_model.config._attn_implementation.removeprefix("kblam_")
+        if base_impl not in attention.SUPPORTED_BASES:
+            warnings.warn(f"kblam runs on sdpa or eager attention; switching this model from {base_impl} to sdpa", stacklevel=2)
+            base_impl = "sdpa"
+        base_model.set_attn_implementation(attention.register(base_impl))
+        modules = attention_modules(base_model)
+        self._hooks = [
+            modules[layer].register_forward_pre_hook(self._make_hook(layer), with_kwargs=True)
+            for layer in self.config.kb_layers
+        ]
+        self.adapter.to(next(base_model.parameters()).device)
+
+    # --- construction -------------------------------------------------------------------------
+
+    @classmethod
+    def from_base(
+        cls,
+        model: nn.Module,
+        tokenizer,
+        encoder: KBEncoder | str | None = None,
+        *,
+        kb_layers: Sequence[int] | None = None,
+        kb_layer_frequency: int = 3,
+        kb_scale_factor: float | None = 100.0,
+    ) -> KBLaM:
+        """Wrap an already-loaded causal LM with a fresh (untrained) adapter.
+
+        KB layers are `kb_layers` if given, else every `kb_layer_frequency`-th layer from 0 (the paper's 3).
+        """
+        encoder = _as_encoder(encoder)
+        cfg = model.config
+        n_layers = cfg.num_hidden_layers
+        if kb_layers is None:
+            if kb_layer_frequency < 1:
+                raise ValueError(f"kb_layer_frequency must be >= 1, got {kb_layer_frequency}")
+            kb_layers = list(range(0, n_layers, kb_layer_frequency))
+        kb_layers = sorted(set(int(i) for i in kb_layers))
+        if not kb_layers or kb_layers[0] < 0 or kb_layers[-1] >= n_layers:
+            raise ValueError(f"kb_layers must be a non-empty subset of 0..{n_layers - 1}, got {kb_layers}")
+        heads = cfg.num_attention_heads
+        config = KBLaMConfig(
+            base_model=cfg.name_or_path or type(model).__name__,
+            base_fingerprint=weights_fingerprint(model),
+            encoder=encoder.name,
+            encoder_dim=encoder.dim,
+            kb_layers=kb_layers,
+            hidden_size=cfg.hidden_size,
+            num_attention_heads=heads,
+            num_key_value_heads=getattr(cfg, "num_key_value_heads", None) or heads,
+            head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // heads,
+            num_hidden_layers=n_layers,
+            kb_scale_factor=kb_scale_factor,
+        )
+        adapter = KBAdapter(config)
+        adapter.init_query_heads(attention_modules(model))
+        return cls(model, tokenizer, encoder, adapter)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path | None = None,
+        *,
+        base_model: nn.Module | None = None,
+        tokenizer=None,
+        encoder: KBEncoder | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> KBLaM:
+        """Load an adapter folder onto the base model and encoder its config names.
+
+        With no path: the embedded default (SmolLM2-135M-Instruct + all-MiniLM-L6-v2) with the adapter
+        shipped in the package, or, while none ships, a fresh untrained one (with a warning).
+        Pass `base_model`/`tokenizer`/`encoder` to use ones already loaded; they are checked against the config.
+        """
+        from kblam import defaults
+
+        if path is None and not (SHIPPED_ADAPTER / CONFIG_NAME).is_file():
+            warnings.warn(
+                "kblam ships no trained adapter for the default model yet: the adapter is UNTRAINED, "
+                "so answers will not use the knowledge base and sources are arbitrary.",
+                UntrainedAdapterWarning,
+                stacklevel=2,
+            )
+            if base_model is None:
+                base_model, tokenizer = defaults.load_default_base(dtype)
+            return cls.from_base(base_model, tokenizer, encoder or defaults.DEFAULT_ENCODER)
+        folder = Path(path) if path is not None else SHIPPED_ADAPTER
+        config = KBLaMConfig.load(folder)
+        if base_model is None:
+            if config.base_model == defaults.DEFAULT_BASE_MODEL:
+                base_model, tokenizer = defaults.load_default_base(dtype)
+            else:
+                from transformers import AutoModelForCausalLM, AutoTokenizer
+
+                base_model = AutoModelForCausalLM.from_pretrained(config.base_model, dtype=dtype or "auto")
+                tokenizer = AutoTokenizer.from_pretrained(config.base_model)
+        if tokenizer is None:
+            raise ValueError("a base_model was given without its tokenizer")
+        fingerprint = weights_fingerprint(base_model)
+        if fingerprint != config.base_fingerprint:
+            raise ValueError(
+                f"adapter {folder} was trained on base model {config.base_model!r} (fingerprint "
+                f"{config.base_fingerprint}), but was given {base_model.config.name_or_path!r} "
+                f"(fingerprint {fingerprint}): load it onto the model it was trained for"
+            )
+        encoder = _as_encoder(encoder or config.encoder)
+        if encoder.name != config.encoder or encoder.dim != config.encoder_dim:
+            raise ValueError(
+                f"adapter {folder} expects encoder {config.encoder!r} ({config.encoder_dim}-d), "
+                f"but was given {encoder.name!r} ({encoder.dim}-d)"
+            )
+        if not config.trained:
+            warnings.warn(f"the adapter in {folder} is marked untrained", UntrainedAdapterWarning, stacklevel=2)
+        adapter = KBAdapter(config)
+        state = load_file(str(folder / WEIGHTS_NAME))
+        adapter.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+        return cls(base_model, tokenizer, encoder, adapter)
+
+    def save_pretrained(self, folder: str | Path, *, dtype: torch.dtype = torch.float32, card: str | None = None) -> Path:
+        """Write the adapter the peft way: config JSON, safetensors weights and a README model card."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.config.save(folder)
+        state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in self.adapter.state_dict().items()}
+        save_file(state, str(folder / WEIGHTS_NAME), metadata={"format": "pt", "kblam": self.config.kblam_version})
+        write_model_card(folder, self.config, body=card)
+        return folder
+
+    # --- attaching a KB ------------------------------------------------------------------------
+
+    def _make_hook(self, layer: int):
+        def hook(module, args, kwargs):
+            kb = self._attached
+            if kb is None:
+                return None
+            hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+            keys, values = kb.states[layer]
+            kwargs["kblam"] = attention.KBLayerInputs(
+                hidden_states=hidden,
+                query_head=self.adapter.query_heads[str(layer)],
+                keys=keys,
+                values=values,
+                log_scale=kb.log_scale,
+                kb_mask=kb.kb_mask,
+                record=None if kb.recorder is None else kb.recorder.for_layer(layer),
+            )
+            return args, kwargs
+
+        return hook
+
+    def encode_kb(self, kb: KnowledgeBase | Sequence[Triple] | KBEmbeddings) -> KBEmbeddings:
+        if isinstance(kb, KBEmbeddings):
+            return kb
+        return self.encoder.encode_kb(kb, self.config.key_template, self.config.value_template)
+
+    @contextmanager
+    def attach_embeddings(
+        self,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        kb_mask: torch.Tensor | None = None,
+        record: bool = False,
+    ):
+        """Attach a KB given as encoder embeddings (M, d), or a batch of KBs (B, M, d) with kb_mask (B, M).
+
+        Yields a KBAttentionRecorder when record=True. Gradients flow into the adapter (for training).
+        """
+        device = next(self.adapter.parameters()).device
+        keys, values = keys.to(device, torch.float32), values.to(device, torch.float32)
+        scale = self.config.kb_scale_factor
+        if kb_mask is None:
+            log_scale = attention.kb_logit_shift(keys.shape[-2], scale)
+        else:
+            kb_mask = kb_mask.to(device, torch.bool)
+            # Each KB in the batch is shifted by its own size, not the padded one.
+            sizes = kb_mask.sum(-1).clamp_min(1).float()
+            log_scale = 0.0 if scale is None else (math.log(scale) - torch.log(sizes)).view(-1, 1, 1, 1)
+        recorder = KBAttentionRecorder() if record else None
+        previous = self._attached
+        self._attached = _AttachedKB(self.adapter.kb_states(keys, values), log_scale, kb_mask, recorder)
+        try:
+            yield recorder
+        finally:
+            self._attached = previous
+
+    @contextmanager
+    def attach(self, kb: KnowledgeBase | Sequence[Triple] | KBEmbeddings, record: bool = False):
+        """Attach a KB for the forward passes inside the block: `with model.attach(kb): ...`."""
+        embeddings = self.encode_kb(kb)
+        with self.attach_embeddings(embeddings.keys, embeddings.values, record=record) as recorder:
+            yield recorder
+
+    # --- running --------------------------------------------------------------------------------
+
+    def forward(self, *args, kb=None, **kwargs):
+        """The base model's forward, reading `kb` (KnowledgeBase, triples or KBEmbeddings) if given."""
+        with self.attach(kb) if kb is not None else nullcontext():
+            return self.base(*args, **kwargs)
+
+    @torch.no_grad()
+    def generate(self, *args, kb=None, **kwargs):
+        """transformers' generate on the base model, reading `kb` if given."""
+        with self.attach(kb) if kb is not None else nullcontext():
+            return self.base.generate(*args, **kwargs)
+
+    def format_prompt(self, question: str) -> str:
+        """The question as the base model expects it: its chat template if it has one."""
+        if getattr(self.tokenizer, "chat_template", None):
+            messages = [{"role": "user", "content": question}]
+            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return f"Question: {question}\nAnswer:"
+
+    @torch.no_grad()
+    def ask(
+        self,
+        question: str | Sequence[str],
+        kb: KnowledgeBase | Sequence[Triple] | KBEmbeddings | None = None,
+        *,
+        max_new_tokens: int = 48,
+        top_k: int = 5,
+        **generate_kwargs,
+    ) -> Answer | list[Answer]:
+        """Answer one question (-> Answer) or a list (-> list[Answer], generated as one batch).
+
+        Sources are the top_k triples by share of KB attention during the prompt (see KBAttentionRecorder).
+        Generation is greedy unless generate_kwargs say otherwise.
+        """
+        single = isinstance(question, str)
+        questions = [question] if single else list(question)
+        if not questions or any(not isinstance(q, str) or not q.strip() for q in questions):
+            raise ValueError("ask() needs a non-empty question string, or a list of them")
+        tok = self.tokenizer
+        if tok.pad_token_id is None:
+            tok.pad_token = tok.eos_token
+        prompts = [self.format_prompt(q) for q in questions]
+        device = next(self.base.parameters()).device
+        inputs = tok(prompts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False).to(device)
+        generate_kwargs.setdefault("do_sample", False)
+        if not generate_kwargs["do_sample"]:
+            # Greedy: drop the sampling knobs a generation_config may carry, which transformers warns about.
+            for knob in ("temperature", "top_p", "top_k"):
+                generate_kwargs.setdefault(knob, None)
+        generate_kwargs.setdefault("pad_token_id", tok.pad_token_id)
+        embeddings = self.encode_kb(kb) if kb is not None else None
+        context = self.attach(embeddings, record=True) if embeddings is not None else nullcontext()
+        with context as recorder:
+            output = self.base.generate(**inputs, max_new_tokens=max_new_tokens, **generate_kwargs)
+        texts = tok.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+        answers = []
+        scores = recorder.scores(inputs["attention_mask"]) if recorder is not None else None
+        for i, (q, text) in enumerate(zip(questions, texts, strict=True)):
+            sources = []
+            if scores is not None:
+                best = torch.topk(scores[i], k=min(top_k, scores.shape[-1]))
+                sources = [(embeddings.triples[j], float(s)) for s, j in zip(best.values, best.indices.tolist(), strict=True)]
+            answers.append(Answer(question=q, text=text.strip(), sources=sources))
+        return answers[0] if single else answers
+
+
+class UntrainedAdapterWarning(UserWarning):
+    """The adapter in use has not been trained: the KB cannot inform answers yet."""
+
+
+def _as_encoder(encoder) -> KBEncoder:
+    from kblam import defaults
+
+    if encoder is None:
+        return defaults.load_default_encoder()
+    if isinstance(encoder, KBEncoder):
+        return encoder
+    if isinstance(encoder, str):
+        return defaults.load_encoder(encoder)
+    return KBEncoder(encoder)  # a sentence-transformers model already loaded

@@ -1,0 +1,73 @@
+"""The embedded default (SmolLM2-135M-Instruct + all-MiniLM-L6-v2), offline. Slow: loads real models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from kblam import KBLaM, KnowledgeBase, Triple
+from kblam.model import UntrainedAdapterWarning
+
+pytestmark = pytest.mark.slow
+EXAMPLE = Path(__file__).parents[1] / "examples" / "elements.csv"
+
+
+@pytest.fixture(scope="module")
+def model():
+    with pytest.warns(UntrainedAdapterWarning):
+        return KBLaM.from_pretrained()
+
+
+@pytest.fixture(scope="module")
+def kb():
+    return KnowledgeBase.from_csv(EXAMPLE)
+
+
+def test_default_loads_offline(model):
+    assert model.config.base_model.startswith("kblam-default/SmolLM2-135M")
+    assert model.config.encoder == "sentence-transformers/all-MiniLM-L6-v2"
+    assert model.encoder.dim == 384
+    assert model.config.num_hidden_layers == 30
+    assert model.tokenizer.chat_template
+
+
+def test_ask_returns_answer_with_ranked_sources(model, kb):
+    answer = model.ask("What is the chemical symbol of gold?", kb=kb, max_new_tokens=8, top_k=4)
+    assert isinstance(answer.text, str) and answer.text
+    assert len(answer.sources) == 4
+    scores = [s for _, s in answer.sources]
+    assert scores == sorted(scores, reverse=True)
+    assert all(isinstance(t, Triple) and t in kb for t, _ in answer.sources)
+    assert 0 < sum(scores) <= 1.0 + 1e-6
+
+
+def test_batch_of_questions(model, kb):
+    answers = model.ask(["Who discovered oxygen?", "What is the atomic number of iron?"], kb=kb, max_new_tokens=6)
+    assert [a.question for a in answers] == ["Who discovered oxygen?", "What is the atomic number of iron?"]
+    assert all(a.sources for a in answers)
+
+
+def test_without_kb_the_answer_is_the_base_models(model):
+    tok = model.tokenizer
+    prompt = model.format_prompt("What is the capital of France?")
+    inputs = tok(prompt, return_tensors="pt", add_special_tokens=False)
+    plain = model.base.generate(**inputs, max_new_tokens=8, do_sample=False, temperature=None, top_p=None, top_k=None)
+    expected = tok.decode(plain[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    answer = model.ask("What is the capital of France?", max_new_tokens=8)
+    assert answer.text == expected
+    assert answer.sources == []
+
+
+def test_attaching_a_kb_changes_the_logits(model, kb):
+    inputs = model.tokenizer("The symbol of gold is", return_tensors="pt")
+    with torch.no_grad():
+        plain = model(**inputs).logits
+        read = model(**inputs, kb=kb).logits
+    assert (plain - read).abs().max() > 1e-3
+
+
+def test_empty_question_is_refused(model, kb):
+    with pytest.raises(ValueError, match="non-empty question"):
+        model.ask("  ", kb=kb)

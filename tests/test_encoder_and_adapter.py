@@ -1,0 +1,75 @@
+"""KB encoding with its per-text cache, and adapters saved and loaded the peft way."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import HashEncoder, random_kb, tiny_model, wrap
+from kblam.kb import KnowledgeBase, Triple
+
+from kblam import KBLaM
+from kblam.adapter import CONFIG_NAME, WEIGHTS_NAME
+from kblam.encoder import KBEncoder
+
+
+def test_changing_one_triple_reencodes_one_text():
+    raw = HashEncoder()
+    encoder = KBEncoder(raw, name="test/hash-encoder")
+    kb = KnowledgeBase([Triple("gold", "symbol", "Au"), Triple("iron", "symbol", "Fe"), Triple("gold", "atomic number", "79")])
+    first = encoder.encode_kb(kb)
+    assert len(raw.calls) == 6
+    assert first.keys.shape == (3, raw.dim) and first.values.shape == (3, raw.dim)
+    assert raw.calls[0] == "The symbol of gold"
+    kb.update("gold", "symbol", "Gold!")
+    second = encoder.encode_kb(kb)
+    assert raw.calls[6:] == ["Gold!"]  # the one changed value, nothing else
+    torch.testing.assert_close(second.keys, first.keys)
+    assert not torch.equal(second.values[0], first.values[0])
+    torch.testing.assert_close(second.values[1:], first.values[1:])
+
+
+def test_empty_kb_is_refused(hash_encoder):
+    with pytest.raises(ValueError, match="empty"):
+        hash_encoder.encode_kb(KnowledgeBase())
+
+
+def test_adapter_round_trip(tmp_path, hash_encoder):
+    model = wrap("qwen2", hash_encoder, kb_layers=[1, 2], kb_scale_factor=20.0)
+    folder = model.save_pretrained(tmp_path / "adapter")
+    assert {p.name for p in folder.iterdir()} == {CONFIG_NAME, WEIGHTS_NAME, "README.md"}
+    config = json.loads((folder / CONFIG_NAME).read_text())
+    assert config["kb_layers"] == [1, 2] and config["kb_scale_factor"] == 20.0
+    assert config["encoder"] == "test/hash-encoder" and config["encoder_dim"] == hash_encoder.dim
+    assert "UNTRAINED" in (folder / "README.md").read_text()
+
+    with pytest.warns(UserWarning, match="untrained"):
+        loaded = KBLaM.from_pretrained(folder, base_model=tiny_model("qwen2"), tokenizer=object(), encoder=hash_encoder)
+    for (name, a), (_, b) in zip(model.adapter.state_dict().items(), loaded.adapter.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+    ids = torch.randint(3, 128, (1, 6))
+    kb = random_kb(4)
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids, kb=kb).logits, loaded(input_ids=ids, kb=kb).logits)
+
+
+def test_loading_onto_another_base_names_both(tmp_path, hash_encoder):
+    folder = wrap("llama", hash_encoder).save_pretrained(tmp_path / "adapter")
+    with pytest.raises(ValueError, match="fingerprint") as error:
+        KBLaM.from_pretrained(folder, base_model=tiny_model("llama", seed=7), tokenizer=object(), encoder=hash_encoder)
+    assert "LlamaForCausalLM" in str(error.value) or "trained on base model" in str(error.value)
+
+
+def test_loading_with_another_encoder_names_both(tmp_path, hash_encoder):
+    folder = wrap("llama", hash_encoder).save_pretrained(tmp_path / "adapter")
+    other = KBEncoder(HashEncoder(dim=16), name="test/other-encoder")
+    with pytest.raises(ValueError, match="test/hash-encoder.*test/other-encoder"):
+        KBLaM.from_pretrained(folder, base_model=tiny_model("llama"), tokenizer=object(), encoder=other)
+
+
+def test_bfloat16_save_halves_the_file(tmp_path, hash_encoder):
+    model = wrap("llama", hash_encoder)
+    full = model.save_pretrained(tmp_path / "f32") / WEIGHTS_NAME
+    half = model.save_pretrained(tmp_path / "bf16", dtype=torch.bfloat16) / WEIGHTS_NAME
+    assert half.stat().st_size < 0.6 * full.stat().st_size
