@@ -90,7 +90,9 @@ def _softcap(logits: torch.Tensor, module: nn.Module) -> torch.Tensor:
 def kb_query(module: nn.Module, kb: KBLayerInputs, head_dim: int) -> torch.Tensor:
     """The KB query (B, H, N, D): the KB query head, the module's own q_norm if it has one, no rotary."""
     b, n, _ = kb.hidden_states.shape
-    q = kb.query_head(kb.hidden_states).view(b, n, -1, head_dim)
+    # The adapter may be float32 over a bfloat16 base: compute in the head's dtype.
+    hidden = kb.hidden_states.to(kb.query_head.weight.dtype)
+    q = kb.query_head(hidden).view(b, n, -1, head_dim).to(kb.hidden_states.dtype)
     q_norm = getattr(module, "q_norm", None)  # Qwen3, Gemma3 normalise queries per head
     if q_norm is not None:
         q = q_norm(q)

@@ -233,3 +233,13 @@ def test_eager_base_is_also_wrapped_bit_for_bit(hash_encoder):
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).logits, tiny_model("llama", attn="eager")(input_ids=ids).logits)
         assert torch.isfinite(model(input_ids=ids, kb=random_kb(3)).logits).all()
+
+
+def test_bfloat16_base_with_float32_adapter(hash_encoder):
+    from kblam import KBLaM
+
+    model = KBLaM.from_base(tiny_model("llama").to(torch.bfloat16), None, encoder=hash_encoder)
+    assert next(model.adapter.parameters()).dtype == torch.float32
+    with torch.no_grad():
+        logits = model(input_ids=_ids(), kb=random_kb(5)).logits
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()
