@@ -24,7 +24,7 @@ demo: install
 	$(BIN)/kblam kb inspect examples/elements.csv
 	$(BIN)/kblam ask --kb examples/elements.csv \
 		"What is the chemical symbol of gold?" \
-		"Who discovered oxygen?" \
+		"Who discovered chlorine?" \
 		"What is the atomic number of iron?"
 
 lint: install

@@ -45,15 +45,20 @@ def _ask(args) -> int:
     if args.max_new_tokens < 1 or args.top_k < 0:
         raise ValueError("--max-new-tokens must be >= 1 and --top-k >= 0")
     kb = _load_kb(args.kb, strict=args.strict)
+    from transformers.utils import logging as hf_logging
+
     from kblam.model import KBLaM, UntrainedAdapterWarning
+
+    hf_logging.disable_progress_bar()  # per-tensor loading bars are noise in a shell
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UntrainedAdapterWarning)
         model = KBLaM.from_pretrained(args.adapter)
     if any(issubclass(w.category, UntrainedAdapterWarning) for w in caught):
         print(
-            "kblam: WARNING: the adapter is untrained. Answers come from the base model alone and the\n"
-            "       sources below are arbitrary; they show the plumbing, not knowledge-base answers.",
+            "kblam: WARNING: the adapter is untrained. Answers do not draw on the knowledge base (its\n"
+            "       random KB values may even disturb the base model's text) and the sources below are\n"
+            "       arbitrary: they show the plumbing, not knowledge-base answers.",
             file=sys.stderr,
         )
     answers = model.ask(args.questions, kb=kb, max_new_tokens=args.max_new_tokens, top_k=args.top_k)

@@ -85,9 +85,8 @@ def hash_encoder():
 
 def random_kb(m: int, dim: int = ENCODER_DIM, seed: int = 0):
     """KBEmbeddings of m synthetic triples with random key/value embeddings."""
-    from kblam.kb import Triple
-
     from kblam.encoder import KBEmbeddings
+    from kblam.kb import Triple
 
     g = torch.Generator().manual_seed(seed)
     triples = tuple(Triple(f"entity {j}", "property", f"value {j}") for j in range(m))

@@ -7,11 +7,11 @@ import json
 import pytest
 import torch
 from conftest import HashEncoder, random_kb, tiny_model, wrap
-from kblam.kb import KnowledgeBase, Triple
 
 from kblam import KBLaM
 from kblam.adapter import CONFIG_NAME, WEIGHTS_NAME
 from kblam.encoder import KBEncoder
+from kblam.kb import KnowledgeBase, Triple
 
 
 def test_changing_one_triple_reencodes_one_text():
