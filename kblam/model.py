@@ -130,8 +130,9 @@ class KBLaM(nn.Module):
         kb_layers: Sequence[int] | None = None,
         kb_layer_frequency: int = 3,
         kb_scale_factor: float | None = 100.0,
+        seed: int = 0,
     ) -> KBLaM:
-        """Wrap an already-loaded causal LM with a fresh (untrained) adapter.
+        """Wrap an already-loaded causal LM with a fresh (untrained) adapter, initialised from `seed`.
 
         KB layers are `kb_layers` if given, else every `kb_layer_frequency`-th layer from 0 (the paper's 3).
         """
@@ -159,7 +160,9 @@ class KBLaM(nn.Module):
             num_hidden_layers=n_layers,
             kb_scale_factor=kb_scale_factor,
         )
-        adapter = KBAdapter(config)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)  # the same fresh adapter every time: reproducible runs and demos
+            adapter = KBAdapter(config)
         adapter.init_query_heads(attention_modules(model))
         return cls(model, tokenizer, encoder, adapter)
 
@@ -329,7 +332,8 @@ class KBLaM(nn.Module):
     ) -> Answer | list[Answer]:
         """Answer one question (-> Answer) or a list (-> list[Answer], generated as one batch).
 
-        Sources are the top_k triples by share of KB attention during the prompt (see KBAttentionRecorder).
+        Sources are the top_k triples by their share of the KB attention paid by the question's own tokens
+        (the chat template around it excluded) during the prompt, averaged over heads and KB layers.
         Generation is greedy unless generate_kwargs say otherwise.
         """
         single = isinstance(question, str)
@@ -341,7 +345,17 @@ class KBLaM(nn.Module):
             tok.pad_token = tok.eos_token
         prompts = [self.format_prompt(q) for q in questions]
         device = next(self.base.parameters()).device
-        inputs = tok(prompts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False).to(device)
+        inputs = tok(
+            prompts,
+            return_tensors="pt",
+            padding=True,
+            padding_side="left",
+            add_special_tokens=False,
+            return_offsets_mapping=bool(getattr(tok, "is_fast", False)),
+        )
+        offsets = inputs.pop("offset_mapping", None)
+        question_tokens = _question_token_mask(prompts, questions, offsets, inputs["attention_mask"])
+        inputs = inputs.to(device)
         generate_kwargs.setdefault("do_sample", False)
         if not generate_kwargs["do_sample"]:
             # Greedy: drop the sampling knobs a generation_config may carry, which transformers warns about.
@@ -354,7 +368,7 @@ class KBLaM(nn.Module):
             output = self.base.generate(**inputs, max_new_tokens=max_new_tokens, **generate_kwargs)
         texts = tok.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
         answers = []
-        scores = recorder.scores(inputs["attention_mask"]) if recorder is not None else None
+        scores = recorder.scores(question_tokens.to(device)) if recorder is not None else None
         for i, (q, text) in enumerate(zip(questions, texts, strict=True)):
             sources = []
             if scores is not None:
@@ -362,6 +376,25 @@ class KBLaM(nn.Module):
                 sources = [(embeddings.triples[j], float(s)) for s, j in zip(best.values, best.indices.tolist(), strict=True)]
             answers.append(Answer(question=q, text=text.strip(), sources=sources))
         return answers[0] if single else answers
+
+
+def _question_token_mask(
+    prompts: list[str], questions: list[str], offsets: torch.Tensor | None, attention_mask: torch.Tensor
+) -> torch.Tensor:
+    """Which prompt tokens belong to the question itself, not the chat template around it.
+
+    Sources are read from these tokens' KB attention; without offsets (slow tokenizers), from all tokens.
+    """
+    if offsets is None:
+        return attention_mask.bool()
+    mask = attention_mask.bool().clone()
+    for i, (prompt, question) in enumerate(zip(prompts, questions, strict=True)):
+        start = prompt.rfind(question)
+        if start < 0:
+            continue
+        inside = (offsets[i, :, 0] < start + len(question)) & (offsets[i, :, 1] > start)
+        mask[i] &= inside
+    return mask
 
 
 class UntrainedAdapterWarning(UserWarning):

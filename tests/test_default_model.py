@@ -71,3 +71,14 @@ def test_attaching_a_kb_changes_the_logits(model, kb):
 def test_empty_question_is_refused(model, kb):
     with pytest.raises(ValueError, match="non-empty question"):
         model.ask("  ", kb=kb)
+
+
+def test_sources_read_the_question_tokens_only(model):
+    from kblam.model import _question_token_mask
+
+    question = "What is the chemical symbol of gold?"
+    prompt = model.format_prompt(question)
+    assert len(prompt) > len(question) + 20  # the chat template adds a system prompt around it
+    enc = model.tokenizer([prompt], return_tensors="pt", return_offsets_mapping=True, add_special_tokens=False)
+    mask = _question_token_mask([prompt], [question], enc["offset_mapping"], enc["attention_mask"])
+    assert model.tokenizer.decode(enc["input_ids"][0][mask[0]]).strip() == question

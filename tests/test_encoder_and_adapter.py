@@ -73,3 +73,13 @@ def test_bfloat16_save_halves_the_file(tmp_path, hash_encoder):
     full = model.save_pretrained(tmp_path / "f32") / WEIGHTS_NAME
     half = model.save_pretrained(tmp_path / "bf16", dtype=torch.bfloat16) / WEIGHTS_NAME
     assert half.stat().st_size < 0.6 * full.stat().st_size
+
+
+def test_fresh_adapters_are_reproducible(hash_encoder):
+    from kblam import KBLaM
+
+    a = KBLaM.from_base(tiny_model("llama"), None, encoder=hash_encoder)
+    b = KBLaM.from_base(tiny_model("llama"), None, encoder=hash_encoder)
+    c = KBLaM.from_base(tiny_model("llama"), None, encoder=hash_encoder, seed=1)
+    assert all(torch.equal(x, y) for x, y in zip(a.adapter.parameters(), b.adapter.parameters(), strict=True))
+    assert not torch.equal(a.adapter.value_proj["0"].weight, c.adapter.value_proj["0"].weight)
