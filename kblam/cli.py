@@ -64,7 +64,7 @@ def _ask(args) -> int:
     answers = model.ask(args.questions, kb=kb, max_new_tokens=args.max_new_tokens, top_k=args.top_k)
     for answer in answers:
         if args.json:
-            sources = [{**t.__dict__, "score": round(s, 4)} for t, s in answer.sources]
+            sources = [{**t.to_record(), "score": round(s, 4)} for t, s in answer.sources]
             print(json.dumps({"question": answer.question, "answer": answer.text, "sources": sources}, ensure_ascii=False))
             continue
         print(f"Q: {answer.question}\nA: {answer.text}")
