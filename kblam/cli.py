@@ -24,7 +24,7 @@ def _parser() -> argparse.ArgumentParser:
     ask.add_argument("--kb", required=True, help="the knowledge base file")
     ask.add_argument("--adapter", default=None, help="an adapter folder (default: the embedded default model)")
     ask.add_argument("--max-new-tokens", type=int, default=48, help="longest answer in tokens (default 48)")
-    ask.add_argument("--top-k", type=int, default=3, help="sources to show per answer (default 3)")
+    ask.add_argument("--sources", type=int, default=3, help="sources to show per answer (default 3)")
     ask.add_argument("--strict", action="store_true", help="refuse a KB with conflicting values")
     ask.add_argument("--json", action="store_true", help="print one JSON object per answer")
 
@@ -42,8 +42,8 @@ def _load_kb(path: str, strict: bool = False):
 
 
 def _ask(args) -> int:
-    if args.max_new_tokens < 1 or args.top_k < 0:
-        raise ValueError("--max-new-tokens must be >= 1 and --top-k >= 0")
+    if args.max_new_tokens < 1 or args.sources < 0:
+        raise ValueError("--max-new-tokens must be >= 1 and --sources >= 0")
     kb = _load_kb(args.kb, strict=args.strict)
     from transformers.utils import logging as hf_logging
 
@@ -61,7 +61,7 @@ def _ask(args) -> int:
             "       arbitrary: they show the plumbing, not knowledge-base answers.",
             file=sys.stderr,
         )
-    answers = model.ask(args.questions, kb=kb, max_new_tokens=args.max_new_tokens, top_k=args.top_k)
+    answers = model.ask(args.questions, kb=kb, max_new_tokens=args.max_new_tokens, max_sources=args.sources)
     for answer in answers:
         if args.json:
             sources = [{**t.to_record(), "score": round(s, 4)} for t, s in answer.sources]

@@ -327,14 +327,15 @@ class KBLaM(nn.Module):
         kb: KnowledgeBase | Sequence[Triple] | KBEmbeddings | None = None,
         *,
         max_new_tokens: int = 48,
-        top_k: int = 5,
+        max_sources: int = 5,
         **generate_kwargs,
     ) -> Answer | list[Answer]:
         """Answer one question (-> Answer) or a list (-> list[Answer], generated as one batch).
 
-        Sources are the top_k triples by their share of the KB attention paid by the question's own tokens
+        Sources are the max_sources triples by their share of the KB attention paid by the question's own tokens
         (the chat template around it excluded) during the prompt, averaged over heads and KB layers.
-        Generation is greedy unless generate_kwargs say otherwise.
+        Generation is greedy unless generate_kwargs (passed to transformers' generate) say otherwise,
+        e.g. do_sample=True, temperature=0.7, top_k=50.
         """
         single = isinstance(question, str)
         questions = [question] if single else list(question)
@@ -372,7 +373,7 @@ class KBLaM(nn.Module):
         for i, (q, text) in enumerate(zip(questions, texts, strict=True)):
             sources = []
             if scores is not None:
-                best = torch.topk(scores[i], k=min(top_k, scores.shape[-1]))
+                best = torch.topk(scores[i], k=min(max_sources, scores.shape[-1]))
                 sources = [(embeddings.triples[j], float(s)) for s, j in zip(best.values, best.indices.tolist(), strict=True)]
             answers.append(Answer(question=q, text=text.strip(), sources=sources))
         return answers[0] if single else answers

@@ -47,7 +47,7 @@ def test_ask_rejects_bad_kb_before_loading_a_model(capsys, tmp_path):
 
 @pytest.mark.slow
 def test_ask_on_the_default_model(capsys):
-    assert main(["ask", "--kb", str(EXAMPLE), "--max-new-tokens", "6", "--top-k", "2", "--json", "Who discovered chlorine?"]) == 0
+    assert main(["ask", "--kb", str(EXAMPLE), "--max-new-tokens", "6", "--sources", "2", "--json", "Who discovered chlorine?"]) == 0
     captured = capsys.readouterr()
     assert "untrained" in captured.err
     record = json.loads(captured.out.strip().splitlines()[-1])

@@ -34,7 +34,7 @@ def test_default_loads_offline(model):
 
 
 def test_ask_returns_answer_with_ranked_sources(model, kb):
-    answer = model.ask("What is the chemical symbol of gold?", kb=kb, max_new_tokens=8, top_k=4)
+    answer = model.ask("What is the chemical symbol of gold?", kb=kb, max_new_tokens=8, max_sources=4)
     assert isinstance(answer.text, str) and answer.text
     assert len(answer.sources) == 4
     scores = [s for _, s in answer.sources]
