@@ -12,7 +12,7 @@ from typing import Any
 
 from kblam.kb import KBFormatError, KnowledgeBase
 
-from .records import RecordReader, resolve_columns
+from .records import RecordReader, read_all, resolve_columns
 from .textio import check_file
 
 # suffix -> (datasets builder, extra builder arguments)
@@ -105,15 +105,7 @@ def load_dataset_kb(dataset_or_path: Any, *, strict: bool = False, columns: Mapp
         ds = ds.select_columns(list(cmap.fields.values()))
         columns = cmap.fields
     reader = RecordReader(columns)
-    items = []
-    rows = 0
-    for i, row in enumerate(ds, start=1):
-        rows += 1
-        try:
-            triples = reader.read(row)
-        except KBFormatError as err:
-            raise KBFormatError(err.reason, path=label, line=i, unit="row") from None
-        items.extend((t, f"{where}#{i}", i) for t in triples)
+    items, rows = read_all(reader, ds, label=label, where=where, unit="row")
     if not rows:
         raise KBFormatError("the dataset has no rows", path=label)
     return KnowledgeBase._assemble(items, source=source, strict=strict, rows_read=rows,

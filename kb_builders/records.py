@@ -150,11 +150,9 @@ class RecordReader:
         return out
 
 
-def load_records(records: Iterable[Any], *, strict: bool = False, columns: Mapping[str, str] | None = None,
-                 source: str | None = None) -> KnowledgeBase:
-    """Build a KnowledgeBase from in-memory records; errors say "record N" (1-based)."""
-    label = source or "<records>"
-    reader = RecordReader(columns)
+def read_all(reader: RecordReader, records: Iterable[Any], *, label: str, where: str,
+             unit: str) -> tuple[list, int]:
+    """Read every record into (triple, location, row) items; an error names `label` and the 1-based row."""
     items = []
     rows = 0
     for i, record in enumerate(records, start=1):
@@ -162,7 +160,16 @@ def load_records(records: Iterable[Any], *, strict: bool = False, columns: Mappi
         try:
             triples = reader.read(record)
         except KBFormatError as err:
-            raise KBFormatError(err.reason, path=label, line=i, unit="record") from None
-        items.extend((t, f"{label}#{i}", i) for t in triples)
+            raise KBFormatError(err.reason, path=label, line=i, unit=unit) from None
+        items.extend((t, f"{where}#{i}", i) for t in triples)
+    return items, rows
+
+
+def load_records(records: Iterable[Any], *, strict: bool = False, columns: Mapping[str, str] | None = None,
+                 source: str | None = None) -> KnowledgeBase:
+    """Build a KnowledgeBase from in-memory records; errors say "record N" (1-based)."""
+    label = source or "<records>"
+    reader = RecordReader(columns)
+    items, rows = read_all(reader, records, label=label, where=label, unit="record")
     return KnowledgeBase._assemble(items, source=source, strict=strict, rows_read=rows,
                                    problems=reader.problems())
