@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from kblam._version import __version__
+from kblam.kb import KEY_TEMPLATE, VALUE_TEMPLATE
 
 CONFIG_NAME = "kblam_config.json"
 WEIGHTS_NAME = "kblam_adapter.safetensors"
@@ -36,8 +37,8 @@ class KBLaMConfig:
     head_dim: int
     num_hidden_layers: int
     kb_scale_factor: float | None = 100.0
-    key_template: str = "The {property} of {name}"
-    value_template: str = "{value}"
+    key_template: str = KEY_TEMPLATE
+    value_template: str = VALUE_TEMPLATE
     trained: bool = False
     kblam_version: str = __version__
     extra: dict = field(default_factory=dict)  # training recipe, scores: for the model card

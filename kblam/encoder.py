@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kblam.kb import KnowledgeBase, Triple
+from kblam.kb import KEY_TEMPLATE, VALUE_TEMPLATE, KnowledgeBase, Triple
 
 
 @dataclass(frozen=True)
@@ -63,12 +63,12 @@ class KBEncoder:
     def encode_kb(
         self,
         kb: KnowledgeBase | Sequence[Triple],
-        key_template: str = "The {property} of {name}",
-        value_template: str = "{value}",
+        key_template: str = KEY_TEMPLATE,
+        value_template: str = VALUE_TEMPLATE,
     ) -> KBEmbeddings:
         triples = tuple(kb)
         if not triples:
             raise ValueError("the knowledge base is empty: add at least one triple before asking")
-        keys = [key_template.format(name=t.name, property=t.property, value=t.value) for t in triples]
-        values = [value_template.format(name=t.name, property=t.property, value=t.value) for t in triples]
+        keys = [t.key_text(key_template) for t in triples]
+        values = [t.value_text(value_template) for t in triples]
         return KBEmbeddings(triples, self.encode(keys), self.encode(values))

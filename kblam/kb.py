@@ -33,6 +33,11 @@ from typing import Any, overload
 
 FIELDS = ("name", "property", "value")
 
+# The texts the sentence encoder embeds for a triple (the KBLaM paper's key sentence); adapters
+# record the templates they were trained with, these are the defaults.
+KEY_TEMPLATE = "The {property} of {name}"
+VALUE_TEMPLATE = "{value}"
+
 # How many examples reports and error messages show before saying "and N more".
 _SHOW = 10
 
@@ -112,12 +117,12 @@ class Triple:
         for f in FIELDS:
             object.__setattr__(self, f, normalize_field(getattr(self, f), f))
 
-    def key_text(self) -> str:
-        """The key sentence KBLaM encodes (from the paper): "The {property} of {name}"."""
-        return f"The {self.property} of {self.name}"
+    def key_text(self, template: str = KEY_TEMPLATE) -> str:
+        """The key sentence KBLaM encodes, by default "The {property} of {name}"."""
+        return template.format(**self.to_record())
 
-    def value_text(self) -> str:
-        return self.value
+    def value_text(self, template: str = VALUE_TEMPLATE) -> str:
+        return template.format(**self.to_record())
 
     def to_record(self) -> dict[str, str]:
         return {"name": self.name, "property": self.property, "value": self.value}
