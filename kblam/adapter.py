@@ -2,13 +2,22 @@
 
 KB key of triple j on layer l:   LayerNorm(W_K^l e_key(j))    e_key = encoder("The {property} of {name}")
 KB value of triple j on layer l: W_V^l e_value(j)             e_value = encoder("{value}")
-Both are sized for the layer's key/value heads. Each KB layer also gets its own query projection,
-initialised from that layer's q_proj, so the KB query can learn without touching the base model.
+Both are sized for the layer's key/value heads. Each KB layer also gets its own query projection:
+a copy of that layer's q_proj (the paper), or, with `query_rank`, the frozen q_proj plus a trainable
+low-rank delta (peft's LoRA idea, kept outside the base so its text attention stays untouched).
+
+Optional parts, off in the paper-faithful configuration (see train/recipes/ for what earned its place):
+- retrieval_prior: the encoder's own question-key cosine, times a learned scale, added to every KB logit.
+  It is per triple, so the attention stays linear in the KB, and retrieval works from step 0.
+- null_slot: one learned knowledge token per layer that a question with no matching triple can attend to.
+- copy_values: a pointer-generator gate (kblam.copying) that lets the decoder copy the tokens of the
+  values the KB attention points at; the null slot's "value" is the refusal sentence.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -17,6 +26,8 @@ from torch import nn
 
 from kblam._version import __version__
 from kblam.kb import KEY_TEMPLATE, VALUE_TEMPLATE
+
+REFUSAL = "I'm sorry, I cannot find that in the knowledge base."
 
 CONFIG_NAME = "kblam_config.json"
 WEIGHTS_NAME = "kblam_adapter.safetensors"
@@ -40,6 +51,14 @@ class KBLaMConfig:
     key_template: str = KEY_TEMPLATE
     value_template: str = VALUE_TEMPLATE
     trained: bool = False
+    query_rank: int | None = None  # None: full-rank KB query heads copied from q_proj
+    retrieval_prior: bool = False
+    prior_scale: float = 20.0  # initial scale of the prior (learned)
+    null_slot: bool = False
+    copy_values: bool = False
+    max_value_tokens: int = 24  # tokens of a value the copy path can reproduce
+    refusal: str = REFUSAL
+    system_prompt: str | None = None  # None: the chat template's default
     kblam_version: str = __version__
     extra: dict = field(default_factory=dict)  # training recipe, scores: for the model card
 
@@ -69,8 +88,29 @@ def query_projection(attn: nn.Module, q_out: int) -> tuple[torch.Tensor, torch.T
     raise TypeError(f"{type(attn).__name__} has neither q_proj nor qkv_proj: kblam cannot find its queries")
 
 
+class LowRankQuery(nn.Module):
+    """q = q_proj(h) + up(down(h)): the layer's frozen query projection plus a trainable low-rank delta."""
+
+    def __init__(self, hidden_size: int, q_dim: int, rank: int):
+        super().__init__()
+        self.down = nn.Linear(hidden_size, rank, bias=False)
+        self.up = nn.Linear(rank, q_dim, bias=False)
+        nn.init.zeros_(self.up.weight)  # starts as q_proj exactly
+        self._attn: list[nn.Module] = []  # a list, so the base's weights stay out of the adapter's state dict
+
+    def bind(self, attn: nn.Module) -> None:
+        self._attn[:] = [attn]
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        if not self._attn:
+            raise RuntimeError("LowRankQuery is not bound to its attention module")
+        weight, bias = query_projection(self._attn[0], self.up.out_features)
+        base = nn.functional.linear(hidden.to(weight.dtype), weight, bias).to(hidden.dtype)
+        return base + self.up(self.down(hidden))
+
+
 class KBAdapter(nn.Module):
-    """Per KB layer: key projection + LayerNorm, value projection, and a KB query head."""
+    """Per KB layer: key projection + LayerNorm, value projection, and a KB query head (+ optional parts)."""
 
     def __init__(self, config: KBLaMConfig):
         super().__init__()
@@ -81,11 +121,39 @@ class KBAdapter(nn.Module):
         self.key_proj = nn.ModuleDict({i: nn.Linear(config.encoder_dim, kv_dim) for i in layers})
         self.key_norm = nn.ModuleDict({i: nn.LayerNorm(kv_dim) for i in layers})
         self.value_proj = nn.ModuleDict({i: nn.Linear(config.encoder_dim, kv_dim) for i in layers})
-        self.query_heads = nn.ModuleDict({i: nn.Linear(config.hidden_size, q_dim) for i in layers})
+        if config.query_rank:
+            self.query_heads = nn.ModuleDict(
+                {i: LowRankQuery(config.hidden_size, q_dim, config.query_rank) for i in layers}
+            )
+        else:
+            self.query_heads = nn.ModuleDict({i: nn.Linear(config.hidden_size, q_dim) for i in layers})
+        if config.retrieval_prior:
+            self.log_prior_scale = nn.Parameter(torch.tensor(math.log(config.prior_scale)))
+        if config.null_slot:
+            self.null_key = nn.Parameter(torch.randn(len(layers), kv_dim) * 0.02)
+            self.null_value = nn.Parameter(torch.zeros(len(layers), kv_dim))
+            self.null_bias = nn.Parameter(torch.zeros(len(layers)))
+        if config.copy_values:
+            # Gate input: the final hidden state, the KB mass on copies in progress, and on the null slot.
+            self.copy_gate = nn.Linear(config.hidden_size + 2, 1)
+            nn.init.zeros_(self.copy_gate.weight)
+            nn.init.constant_(self.copy_gate.bias, -3.0)
+
+    @property
+    def prior_scale(self) -> torch.Tensor:
+        return self.log_prior_scale.exp()
+
+    def bind(self, attention_modules: dict[int, nn.Module]) -> None:
+        """Low-rank query heads read their layer's q_proj at call time."""
+        if self.config.query_rank:
+            for layer in self.config.kb_layers:
+                self.query_heads[str(layer)].bind(attention_modules[layer])
 
     @torch.no_grad()
     def init_query_heads(self, attention_modules: dict[int, nn.Module]) -> None:
-        """Start each KB query head as a copy of its layer's query projection."""
+        """Start each KB query head as its layer's query projection."""
+        if self.config.query_rank:
+            return  # a low-rank head starts as q_proj by construction
         for layer in self.config.kb_layers:
             head = self.query_heads[str(layer)]
             weight, bias = query_projection(attention_modules[layer], head.out_features)
@@ -111,9 +179,15 @@ class KBAdapter(nn.Module):
         b, m, _ = key_embeddings.shape
         shape = (b, m, self.config.num_key_value_heads, self.config.head_dim)
         states = {}
-        for layer in self.config.kb_layers:
+        for n, layer in enumerate(self.config.kb_layers):
             i = str(layer)
             keys = self.key_norm[i](self.key_proj[i](key_embeddings)).view(shape).transpose(1, 2)
             values = self.value_proj[i](value_embeddings).view(shape).transpose(1, 2)
+            if self.config.null_slot:  # the null slot is the last knowledge token of every KB
+                null_shape = (keys.shape[0], self.config.num_key_value_heads, 1, self.config.head_dim)
+                null_k = self.null_key[n].view(1, -1, 1, self.config.head_dim).expand(null_shape)
+                null_v = self.null_value[n].view(1, -1, 1, self.config.head_dim).expand(null_shape)
+                keys = torch.cat([keys, null_k.to(keys.dtype)], dim=2)
+                values = torch.cat([values, null_v.to(values.dtype)], dim=2)
             states[layer] = (keys, values)
         return states

@@ -4,7 +4,8 @@ On a KB layer, prompt token i attends to all M knowledge tokens and to prompt to
 tokens issue no queries and do not attend to one another, so a layer costs O(N*M + N^2), not
 O((N + M)^2). Their logits come from a separate KB query head, carry no rotary position (the answer
 must not depend on the order of the triples) and are shifted by log(C) - log(M) so that the mass the
-KB draws does not grow with M. Text-to-text logits are the base model's own.
+KB draws does not grow with M. That shift, the padding of a batch of KBs and the optional retrieval
+prior all arrive as one additive `bias` per knowledge token. Text-to-text logits are the base model's own.
 
 How it plugs in, without copying any modeling file:
 - `register(base)` adds the function under the name "kblam_<base>" to AttentionInterface, and the
@@ -40,8 +41,7 @@ class KBLayerInputs:
     query_head: nn.Module  # hidden -> (B, N, heads * head_dim)
     keys: torch.Tensor  # (B or 1, kv_heads, M, head_dim)
     values: torch.Tensor  # (B or 1, kv_heads, M, head_dim)
-    log_scale: float  # log(C) - log(M)
-    kb_mask: torch.Tensor | None = None  # (B, M) bool, False for padding entries of a batch of KBs
+    bias: float | torch.Tensor  # added to the KB logits: a float, or (B|1, 1, 1, M) (-inf for padding)
     record: Callable[[torch.Tensor], None] | None = None  # receives KB attention (B, heads, N, M)
 
 
@@ -91,7 +91,7 @@ def kb_query(module: nn.Module, kb: KBLayerInputs, head_dim: int) -> torch.Tenso
     """The KB query (B, H, N, D): the KB query head, the module's own q_norm if it has one, no rotary."""
     b, n, _ = kb.hidden_states.shape
     # The adapter may be float32 over a bfloat16 base: compute in the head's dtype.
-    hidden = kb.hidden_states.to(kb.query_head.weight.dtype)
+    hidden = kb.hidden_states.to(next(kb.query_head.parameters()).dtype)
     q = kb.query_head(hidden).view(b, n, -1, head_dim).to(kb.hidden_states.dtype)
     q_norm = getattr(module, "q_norm", None)  # Qwen3, Gemma3 normalise queries per head
     if q_norm is not None:
@@ -114,9 +114,8 @@ def rectangular_attention(
     n, head_dim = query.shape[2], query.shape[3]
     q_kb = kb_query(module, kb, head_dim).to(query.dtype)
 
-    kb_logits = _softcap(_grouped_scores(q_kb, kb.keys.to(query.dtype)) * scaling, module) + kb.log_scale
-    if kb.kb_mask is not None:
-        kb_logits = kb_logits.masked_fill(~kb.kb_mask[:, None, None, :], torch.finfo(kb_logits.dtype).min)
+    kb_logits = _softcap(_grouped_scores(q_kb, kb.keys.to(query.dtype)) * scaling, module)
+    kb_logits = kb_logits + (kb.bias.to(kb_logits.dtype) if torch.is_tensor(kb.bias) else kb.bias)
     text_logits = _softcap(_grouped_scores(query, key) * scaling, module)
     text_logits = text_logits + _text_bias(attention_mask, n, key.shape[2], text_logits)
 
@@ -125,7 +124,7 @@ def rectangular_attention(
     m = kb.keys.shape[2]
     kb_probs, text_probs = probs[..., :m], probs[..., m:]
     if kb.record is not None:
-        kb.record(kb_probs.detach())
+        kb.record(kb_probs)  # with its graph: the copy path trains through it
     out = _grouped_mix(kb_probs, kb.values.to(query.dtype)) + _grouped_mix(text_probs, value)
     return out.transpose(1, 2).contiguous(), None
 

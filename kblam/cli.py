@@ -10,6 +10,7 @@ import argparse
 import json
 import sys
 import warnings
+from pathlib import Path
 
 from kblam._version import __version__
 
@@ -27,6 +28,20 @@ def _parser() -> argparse.ArgumentParser:
     ask.add_argument("--sources", type=int, default=3, help="sources to show per answer (default 3)")
     ask.add_argument("--strict", action="store_true", help="refuse a KB with conflicting values")
     ask.add_argument("--json", action="store_true", help="print one JSON object per answer")
+
+    train = commands.add_parser("train", help="train an adapter from a YAML recipe (train/recipes/)")
+    train.add_argument("recipe", help="the YAML recipe")
+    train.add_argument("--out", default=None, help="run folder (default: the recipe's); resumes if it has a checkpoint")
+    train.add_argument("--steps", type=int, default=None, help="override the recipe's step count")
+    train.add_argument("--export", default=None, help="after training, save the adapter to this folder")
+
+    evaluate = commands.add_parser("eval", help="measure an adapter on held-out synthetic KBs")
+    evaluate.add_argument("--adapter", default=None, help="an adapter folder (default: the shipped one)")
+    evaluate.add_argument("--sizes", default="100,1000", help="KB sizes, comma separated (default 100,1000)")
+    evaluate.add_argument("--kbs", type=int, default=5, help="KBs per size (default 5)")
+    evaluate.add_argument("--questions", type=int, default=40, help="questions per KB (default 40)")
+    evaluate.add_argument("--seed", type=int, default=1234)
+    evaluate.add_argument("--json", default=None, help="also write the results to this JSON file")
 
     kb = commands.add_parser("kb", help="knowledge base tools")
     kb_commands = kb.add_subparsers(dest="kb_command", required=True, metavar="KB_COMMAND")
@@ -74,6 +89,46 @@ def _ask(args) -> int:
     return 0
 
 
+def _train(args) -> int:
+    from transformers.utils import logging as hf_logging
+
+    from kblam.training.loop import TrainConfig, build_model, train
+
+    hf_logging.disable_progress_bar()
+    cfg = TrainConfig.from_yaml(args.recipe, out=args.out, steps=args.steps)
+    model = build_model(cfg)
+    final = train(cfg, model=model)
+    print(json.dumps(final))
+    if args.export:
+        from kblam.training.export import export_adapter
+
+        print(f"adapter saved to {export_adapter(model, cfg, args.export)}")
+    return 0
+
+
+def _eval(args) -> int:
+    from dataclasses import asdict
+
+    from transformers.utils import logging as hf_logging
+
+    from kblam.model import KBLaM
+    from kblam.training.evaluate import evaluate, format_table
+
+    hf_logging.disable_progress_bar()
+    sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
+    if not sizes or min(sizes) < 1 or args.kbs < 1 or args.questions < 1:
+        raise ValueError("--sizes, --kbs and --questions must be positive")
+    model = KBLaM.from_pretrained(args.adapter)
+    results = evaluate(model, sizes, kbs=args.kbs, questions=args.questions, seed=args.seed)
+    print(format_table(results))
+    for r in results:
+        for example in r.examples:
+            print(f"  [{r.size}] Q: {example['question']}\n        A: {example['answer']}  (gold: {example['gold']})")
+    if args.json:
+        Path(args.json).write_text(json.dumps([asdict(r) for r in results], indent=2) + "\n", encoding="utf-8")
+    return 0
+
+
 def _inspect(args) -> int:
     from kb_builders.inspect import format_inspect, inspect_file
 
@@ -84,9 +139,8 @@ def _inspect(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        if args.command == "ask":
-            return _ask(args)
-        return _inspect(args)
+        commands = {"ask": _ask, "train": _train, "eval": _eval, "kb": _inspect}
+        return commands[args.command](args)
     except KeyboardInterrupt:
         print("kblam: interrupted", file=sys.stderr)
         return 130

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from kblam import attention
+from kblam import attention, copying
 from kblam.adapter import CONFIG_NAME, WEIGHTS_NAME, KBAdapter, KBLaMConfig
 from kblam.encoder import KBEmbeddings, KBEncoder
 from kblam.kb import KnowledgeBase, Triple
@@ -63,16 +63,14 @@ def attention_modules(model: nn.Module) -> dict[int, nn.Module]:
 
 
 class KBAttentionRecorder:
-    """Keeps the KB attention of the first call on each KB layer (the prompt's prefill)."""
+    """Keeps the KB attention on the triples of the first call on each KB layer (the prompt's prefill)."""
 
     def __init__(self):
         self.per_layer: dict[int, torch.Tensor] = {}
 
-    def for_layer(self, layer: int):
-        def record(probs: torch.Tensor) -> None:  # (B, heads, N, M)
-            if layer not in self.per_layer:
-                self.per_layer[layer] = probs.float().mean(dim=1)
-        return record
+    def record(self, layer: int, probs: torch.Tensor) -> None:  # (B, heads, N, M)
+        if layer not in self.per_layer:
+            self.per_layer[layer] = probs.detach().float().mean(dim=1)
 
     def scores(self, token_mask: torch.Tensor | None = None) -> torch.Tensor:
         """(B, M): KB attention averaged over heads, KB layers and (unpadded) prompt tokens, summing to 1."""
@@ -89,9 +87,28 @@ class KBAttentionRecorder:
 @dataclass
 class _AttachedKB:
     states: dict[int, tuple[torch.Tensor, torch.Tensor]]
-    log_scale: float | torch.Tensor
-    kb_mask: torch.Tensor | None
+    bias: dict[int, float | torch.Tensor]  # per layer, (B|1, 1, 1, M') or a float
+    kb_size: int  # M: triples (padded); M' = M + 1 with a null slot
     recorder: KBAttentionRecorder | None
+    value_ids: torch.Tensor | None = None  # (B|1, M', L) for the copy path
+    tap_enabled: bool = False
+    # KB attention of the current forward call, summed over KB layers (head mean), with its graph.
+    tap: torch.Tensor | None = None
+    tapped: int = 0
+
+    def record(self, layer: int, probs: torch.Tensor) -> None:
+        if self.recorder is not None:
+            self.recorder.record(layer, probs[..., : self.kb_size])
+        if self.tap_enabled:
+            mean = probs.float().mean(dim=1)
+            self.tap = mean if self.tap is None else self.tap + mean
+            self.tapped += 1
+
+    def weights(self) -> torch.Tensor:
+        """(B, N, M'): this call's KB attention averaged over KB layers, renormalised over the KB."""
+        if self.tap is None:
+            raise RuntimeError("no KB attention was tapped in this forward call")
+        return self.tap / self.tap.sum(-1, keepdim=True).clamp_min(1e-12)
 
 
 class KBLaM(nn.Module):
@@ -112,10 +129,16 @@ class KBLaM(nn.Module):
             base_impl = "sdpa"
         base_model.set_attn_implementation(attention.register(base_impl))
         modules = attention_modules(base_model)
+        self.adapter.bind(modules)
         self._hooks = [
             modules[layer].register_forward_pre_hook(self._make_hook(layer), with_kwargs=True)
             for layer in self.config.kb_layers
         ]
+        self._lm_input: torch.Tensor | None = None
+        self._hooks.append(base_model.register_forward_pre_hook(self._reset_tap))  # a fresh tap per call
+        if self.config.copy_values:
+            # The copy gate reads what the LM head reads.
+            self._hooks.append(base_model.get_output_embeddings().register_forward_pre_hook(self._keep_lm_input))
         self.adapter.to(next(base_model.parameters()).device)
 
     # --- construction -------------------------------------------------------------------------
@@ -131,10 +154,13 @@ class KBLaM(nn.Module):
         kb_layer_frequency: int = 3,
         kb_scale_factor: float | None = 100.0,
         seed: int = 0,
+        **options,
     ) -> KBLaM:
         """Wrap an already-loaded causal LM with a fresh (untrained) adapter, initialised from `seed`.
 
         KB layers are `kb_layers` if given, else every `kb_layer_frequency`-th layer from 0 (the paper's 3).
+        `options` set the optional parts of KBLaMConfig (query_rank, retrieval_prior, null_slot,
+        copy_values, system_prompt, ...); without them the adapter is the paper's.
         """
         encoder = _as_encoder(encoder)
         cfg = model.config
@@ -159,6 +185,7 @@ class KBLaM(nn.Module):
             head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // heads,
             num_hidden_layers=n_layers,
             kb_scale_factor=kb_scale_factor,
+            **options,
         )
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)  # the same fresh adapter every time: reproducible runs and demos
@@ -250,13 +277,19 @@ class KBLaM(nn.Module):
                 query_head=self.adapter.query_heads[str(layer)],
                 keys=keys,
                 values=values,
-                log_scale=kb.log_scale,
-                kb_mask=kb.kb_mask,
-                record=None if kb.recorder is None else kb.recorder.for_layer(layer),
+                bias=kb.bias[layer],
+                record=lambda probs: kb.record(layer, probs),
             )
             return args, kwargs
 
         return hook
+
+    def _reset_tap(self, module, args):
+        if self._attached is not None:
+            self._attached.tap, self._attached.tapped = None, 0
+
+    def _keep_lm_input(self, module, args):
+        self._lm_input = args[0]
 
     def encode_kb(self, kb: KnowledgeBase | Sequence[Triple] | KBEmbeddings) -> KBEmbeddings:
         if isinstance(kb, KBEmbeddings):
@@ -270,53 +303,164 @@ class KBLaM(nn.Module):
         values: torch.Tensor,
         kb_mask: torch.Tensor | None = None,
         record: bool = False,
+        *,
+        queries: torch.Tensor | None = None,
+        value_ids: torch.Tensor | None = None,
+        tap: bool = False,
     ):
         """Attach a KB given as encoder embeddings (M, d), or a batch of KBs (B, M, d) with kb_mask (B, M).
 
+        queries (B, d): the questions' encoder embeddings, for the retrieval prior.
+        value_ids (B|1, M', L): the values' tokens (and the refusal's, for the null slot), for the copy path.
+        tap=True keeps each call's KB attention (`model.kb_weights()`), as the copy path always does.
         Yields a KBAttentionRecorder when record=True. Gradients flow into the adapter (for training).
         """
         device = next(self.adapter.parameters()).device
         keys, values = keys.to(device, torch.float32), values.to(device, torch.float32)
-        scale = self.config.kb_scale_factor
-        if kb_mask is None:
-            log_scale = attention.kb_logit_shift(keys.shape[-2], scale)
-        else:
+        if kb_mask is not None:
             kb_mask = kb_mask.to(device, torch.bool)
-            # Each KB in the batch is shifted by its own size, not the padded one.
-            sizes = kb_mask.sum(-1).clamp_min(1).float()
-            log_scale = 0.0 if scale is None else (math.log(scale) - torch.log(sizes)).view(-1, 1, 1, 1)
         recorder = KBAttentionRecorder() if record else None
+        if self.config.copy_values and value_ids is None:
+            raise ValueError("this adapter copies values: pass value_ids (or use attach(kb), which makes them)")
         previous = self._attached
-        self._attached = _AttachedKB(self.adapter.kb_states(keys, values), log_scale, kb_mask, recorder)
+        self._attached = _AttachedKB(
+            states=self.adapter.kb_states(keys, values),
+            bias=self._kb_bias(keys, kb_mask, queries),
+            kb_size=keys.shape[-2],
+            recorder=recorder,
+            value_ids=None if value_ids is None else value_ids.to(device),
+            tap_enabled=tap or value_ids is not None,
+        )
         try:
             yield recorder
         finally:
             self._attached = previous
 
+    def _kb_bias(
+        self, keys: torch.Tensor, kb_mask: torch.Tensor | None, queries: torch.Tensor | None
+    ) -> dict[int, float | torch.Tensor]:
+        """Per KB layer, what is added to the KB logits: the size shift, padding, prior and null slot."""
+        cfg, m = self.config, keys.shape[-2]
+        scale = cfg.kb_scale_factor
+        if kb_mask is None:
+            shift = attention.kb_logit_shift(m, scale)
+        else:
+            # Each KB in the batch is shifted by its own size, not the padded one.
+            sizes = kb_mask.sum(-1).clamp_min(1).float()
+            shift = 0.0 if scale is None else (math.log(scale) - torch.log(sizes)).view(-1, 1, 1, 1)
+        bias: float | torch.Tensor = shift
+        if cfg.retrieval_prior and queries is not None:
+            cosine = nn.functional.normalize(queries.to(keys), dim=-1)[:, None, :] @ nn.functional.normalize(
+                keys, dim=-1
+            ).transpose(-1, -2)  # (B, 1, M)
+            bias = bias + self.adapter.prior_scale * cosine[:, None]
+        if kb_mask is not None:
+            bias = bias + torch.zeros(kb_mask.shape, device=keys.device).masked_fill(~kb_mask, float("-inf"))[
+                :, None, None, :
+            ]
+        if not cfg.null_slot:
+            return {layer: bias for layer in cfg.kb_layers}
+        triples = torch.as_tensor(bias, dtype=torch.float32, device=keys.device)
+        triples = triples.expand(*triples.shape[:-1], m) if triples.dim() == 4 else triples.expand(1, 1, 1, m)
+        out = {}
+        for n, layer in enumerate(cfg.kb_layers):
+            # The null slot gets the same size shift as every triple, so null-versus-best-triple
+            # does not move with M.
+            null = torch.as_tensor(shift, dtype=torch.float32, device=keys.device) + self.adapter.null_bias[n]
+            null = null.reshape(-1, 1, 1, 1).expand(triples.shape[0], 1, 1, 1)
+            out[layer] = torch.cat([triples, null], dim=-1)
+        return out
+
+    def value_ids(self, triples: Sequence[Triple]) -> torch.Tensor:
+        """(1, M', L) value tokens for the copy path; the null slot's row is the refusal sentence."""
+        texts = [t.value_text(self.config.value_template) for t in triples]
+        ids = copying.value_token_ids(self.tokenizer, texts, self.config.max_value_tokens)
+        if self.config.null_slot:
+            refusal = copying.value_token_ids(
+                self.tokenizer, [self.config.refusal], self.config.max_value_tokens, leading_space=False
+            )
+            width = max(ids.shape[1], refusal.shape[1])
+            ids = torch.cat([_pad_to(ids, width), _pad_to(refusal, width)])
+        return ids[None]
+
     @contextmanager
-    def attach(self, kb: KnowledgeBase | Sequence[Triple] | KBEmbeddings, record: bool = False):
-        """Attach a KB for the forward passes inside the block: `with model.attach(kb): ...`."""
+    def attach(
+        self,
+        kb: KnowledgeBase | Sequence[Triple] | KBEmbeddings,
+        record: bool = False,
+        *,
+        questions: str | Sequence[str] | None = None,
+    ):
+        """Attach a KB for the forward passes inside the block: `with model.attach(kb): ...`.
+
+        `questions` (one per batch row) feed the retrieval prior, when the adapter has one.
+        """
         embeddings = self.encode_kb(kb)
-        with self.attach_embeddings(embeddings.keys, embeddings.values, record=record) as recorder:
+        queries = None
+        if self.config.retrieval_prior:
+            if questions is None:
+                warnings.warn(
+                    "this adapter's retrieval prior needs the question text (attach(kb, questions=...)); "
+                    "without it retrieval rests on the learned keys alone",
+                    stacklevel=3,
+                )
+            else:
+                questions = [questions] if isinstance(questions, str) else list(questions)
+                queries = self.encoder.encode(questions)
+        value_ids = self.value_ids(embeddings.triples) if self.config.copy_values else None
+        with self.attach_embeddings(
+            embeddings.keys, embeddings.values, record=record, queries=queries, value_ids=value_ids
+        ) as recorder:
             yield recorder
+
+    def kb_weights(self) -> torch.Tensor:
+        """(B, N, M'): the last forward call's KB attention, mean over KB layers and heads, summing to 1."""
+        if self._attached is None:
+            raise RuntimeError("no KB is attached")
+        return self._attached.weights()
+
+    def copy_log_probs(
+        self, logits: torch.Tensor, hidden: torch.Tensor, weights: torch.Tensor, pointer: torch.Tensor,
+        value_ids: torch.Tensor,
+    ) -> torch.Tensor:
+        """log p of the copy mix (kblam.copying) for logits (.., V) with KB weights and pointers (.., M')."""
+        features = copying.gate_features(weights, pointer, self.config.null_slot)
+        gate_input = torch.cat([hidden.float(), features.float()], dim=-1).to(self.adapter.copy_gate.weight.dtype)
+        gate = torch.sigmoid(self.adapter.copy_gate(gate_input).float())
+        return copying.mix(logits, gate, weights, copying.candidates(pointer, value_ids))
 
     # --- running --------------------------------------------------------------------------------
 
-    def forward(self, *args, kb=None, **kwargs):
-        """The base model's forward, reading `kb` (KnowledgeBase, triples or KBEmbeddings) if given."""
-        with self.attach(kb) if kb is not None else nullcontext():
+    def forward(self, *args, kb=None, questions=None, **kwargs):
+        """The base model's forward, reading `kb` (KnowledgeBase, triples or KBEmbeddings) if given.
+
+        The logits are the base LM head's: the copy path's mix is applied in generate/ask (and training).
+        """
+        with self.attach(kb, questions=questions) if kb is not None else nullcontext():
             return self.base(*args, **kwargs)
 
     @torch.no_grad()
-    def generate(self, *args, kb=None, **kwargs):
-        """transformers' generate on the base model, reading `kb` if given."""
-        with self.attach(kb) if kb is not None else nullcontext():
+    def generate(self, *args, kb=None, questions=None, **kwargs):
+        """transformers' generate on the base model, reading `kb` if given (with the copy path, if any)."""
+        with self.attach(kb, questions=questions) if kb is not None else nullcontext():
+            return self._generate(*args, **kwargs)
+
+    def _generate(self, *args, **kwargs):
+        if self._attached is None or self._attached.value_ids is None:
             return self.base.generate(*args, **kwargs)
+        from transformers import LogitsProcessorList
+
+        input_ids = kwargs["input_ids"] if "input_ids" in kwargs else args[0]
+        processors = LogitsProcessorList(kwargs.pop("logits_processor", None) or [])
+        processors.insert(0, _CopyProcessor(self, input_ids.shape[1]))
+        return self.base.generate(*args, logits_processor=processors, **kwargs)
 
     def format_prompt(self, question: str) -> str:
         """The question as the base model expects it: its chat template if it has one."""
         if getattr(self.tokenizer, "chat_template", None):
             messages = [{"role": "user", "content": question}]
+            if self.config.system_prompt is not None:
+                messages.insert(0, {"role": "system", "content": self.config.system_prompt})
             return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return f"Question: {question}\nAnswer:"
 
@@ -364,9 +508,11 @@ class KBLaM(nn.Module):
                 generate_kwargs.setdefault(knob, None)
         generate_kwargs.setdefault("pad_token_id", tok.pad_token_id)
         embeddings = self.encode_kb(kb) if kb is not None else None
-        context = self.attach(embeddings, record=True) if embeddings is not None else nullcontext()
+        context = (
+            self.attach(embeddings, record=True, questions=questions) if embeddings is not None else nullcontext()
+        )
         with context as recorder:
-            output = self.base.generate(**inputs, max_new_tokens=max_new_tokens, **generate_kwargs)
+            output = self._generate(**inputs, max_new_tokens=max_new_tokens, **generate_kwargs)
         texts = tok.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
         answers = []
         scores = recorder.scores(question_tokens.to(device)) if recorder is not None else None
@@ -396,6 +542,29 @@ def _question_token_mask(
         inside = (offsets[i, :, 0] < start + len(question)) & (offsets[i, :, 1] > start)
         mask[i] &= inside
     return mask
+
+
+class _CopyProcessor:
+    """Turns each generation step's logits into the copy mix's log-probabilities (kblam.copying)."""
+
+    def __init__(self, model: KBLaM, prompt_length: int):
+        self.model, self.prompt_length = model, prompt_length
+        self.pointer: torch.Tensor | None = None
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        kb = self.model._attached
+        ids = kb.value_ids
+        if self.pointer is None or input_ids.shape[1] == self.prompt_length:
+            self.pointer = torch.zeros(input_ids.shape[0], ids.shape[1], dtype=torch.long, device=input_ids.device)
+        else:
+            self.pointer = copying.advance(self.pointer, input_ids[:, -1], ids)
+        weights = kb.weights()[:, -1]
+        hidden = self.model._lm_input[:, -1]
+        return self.model.copy_log_probs(scores, hidden, weights, self.pointer, ids).to(scores.dtype)
+
+
+def _pad_to(ids: torch.Tensor, width: int) -> torch.Tensor:
+    return nn.functional.pad(ids, (0, width - ids.shape[1]), value=copying.PAD)
 
 
 class UntrainedAdapterWarning(UserWarning):

@@ -103,3 +103,21 @@ def wrap(family: str, encoder, seed: int = 0, **kwargs):
         for p in model.adapter.parameters():
             p.add_(torch.randn_like(p) * 0.5)
     return model
+
+
+def tiny_tokenizer():
+    """A character-level fast tokenizer of < 128 tokens (fits the tiny models' vocabulary), built offline."""
+    import string
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = sorted(set(string.ascii_letters + string.digits + " .,'?-:!"))
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, **{c: i + 4 for i, c in enumerate(chars)}}
+    assert len(vocab) <= 128
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )

@@ -51,7 +51,7 @@ def _naive_rectangular(mask_2d: torch.Tensor):
         v_kb = kb.values.expand(b, -1, -1, -1).repeat_interleave(groups, dim=1)
         k_txt, v_txt = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
         m, length = k_kb.shape[2], k_txt.shape[2]
-        kb_logits = q_kb @ k_kb.transpose(-1, -2) * scaling + kb.log_scale
+        kb_logits = q_kb @ k_kb.transpose(-1, -2) * scaling + kb.bias
         logits = torch.cat([kb_logits, query @ k_txt.transpose(-1, -2) * scaling], -1)
         cap = getattr(module, "attn_logit_softcapping", None)
         assert cap is None

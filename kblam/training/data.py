@@ -1,0 +1,161 @@
+"""Training data: episodes of (a KB drawn from a pool of synthetic triples, questions over it).
+
+Each example carries its own KB (16 to 64 triples by default, always holding the triples its answer
+uses), as in the paper. The pool's key/value texts and all questions are encoded once and cached on
+disk next to the run, so a resumed run or a second recipe does not pay for the encoder again.
+The examples are a `datasets.Dataset`; a batch is assembled by `collate`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from kblam.kb import Triple
+
+
+@dataclass
+class TrainingData:
+    pool: list[Triple]
+    examples: object  # datasets.Dataset: question, answer, kind, kb (pool indices), sources (positions in kb)
+    key_emb: torch.Tensor  # (P, d)
+    value_emb: torch.Tensor  # (P, d)
+    question_emb: torch.Tensor  # (E, d), row i for example i
+    value_ids: torch.Tensor  # (P, L) value tokens for the copy path
+    refusal_ids: torch.Tensor  # (1, L)
+
+
+def build_examples(
+    n_entities: int, n_examples: int, *, seed: int, split: str, kb_size: tuple[int, int],
+    mix: dict[str, float], heldout_phrasings: bool = False, per_episode: int = 4,
+):
+    """(pool of triples, list of example dicts) for one split."""
+    from kb_builders.questions import make_examples
+    from kb_builders.synthetic import synthetic_triples
+
+    pool = synthetic_triples(n_entities, seed=seed, split=split)
+    index = {t: i for i, t in enumerate(pool)}
+    rng = random.Random(seed)
+    examples = []
+    episode = 0
+    while len(examples) < n_examples:
+        size = rng.randint(*kb_size)
+        members = rng.sample(range(len(pool)), min(size, len(pool)))
+        kb = [pool[i] for i in members]
+        in_kb = set(members)
+        absent = [pool[i] for i in rng.sample(range(len(pool)), min(64, len(pool))) if i not in in_kb]
+        for qa in make_examples(
+            kb, per_episode, seed=seed * 1_000_003 + episode, mix=mix, heldout_phrasings=heldout_phrasings,
+            absent=absent,
+        ):
+            examples.append({
+                "question": qa.question, "answer": qa.answer, "kind": qa.kind,
+                "kb": [index[t] for t in kb], "sources": list(qa.sources),
+            })
+        episode += 1
+    rng.shuffle(examples)
+    return pool, examples[:n_examples]
+
+
+def _cached_encode(encoder, texts: list[str], cache: Path | None, what: str) -> torch.Tensor:
+    if cache is not None:
+        digest = hashlib.sha256(("\n".join(texts) + encoder.name).encode()).hexdigest()[:16]
+        path = cache / f"{what}-{digest}.pt"
+        if path.is_file():
+            return torch.load(path)
+    vectors = encoder.encode(texts)
+    if cache is not None:
+        cache.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save(vectors, tmp)
+        tmp.replace(path)
+    return vectors
+
+
+def prepare(model, pool: list[Triple], examples: list[dict], cache: Path | None = None) -> TrainingData:
+    """Encode the pool and the questions (cached) and tokenise the values once."""
+    import datasets
+
+    from kblam import copying
+
+    cfg = model.config
+    keys = _cached_encode(model.encoder, [t.key_text(cfg.key_template) for t in pool], cache, "keys")
+    values = _cached_encode(model.encoder, [t.value_text(cfg.value_template) for t in pool], cache, "values")
+    questions = _cached_encode(model.encoder, [e["question"] for e in examples], cache, "questions")
+    value_ids = copying.value_token_ids(
+        model.tokenizer, [t.value_text(cfg.value_template) for t in pool], cfg.max_value_tokens
+    )
+    refusal = copying.value_token_ids(model.tokenizer, [cfg.refusal], cfg.max_value_tokens, leading_space=False)
+    return TrainingData(pool, datasets.Dataset.from_list(examples), keys, values, questions, value_ids, refusal)
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor  # (B, T), right padded
+    attention_mask: torch.Tensor
+    answer_start: torch.Tensor  # (B,) index of the first answer token
+    answer_length: torch.Tensor  # (B,) answer tokens, the end-of-turn token included
+    keys: torch.Tensor  # (B, M, d)
+    values: torch.Tensor
+    kb_mask: torch.Tensor  # (B, M)
+    queries: torch.Tensor  # (B, d)
+    value_ids: torch.Tensor  # (B, M', L) (M' = M + 1 with the null slot)
+    gold: torch.Tensor  # (B,) KB column of the asked triple (M for the null slot), -1 when none applies
+    kinds: list[str]
+
+    def to(self, device) -> Batch:
+        moved = {k: v.to(device) if torch.is_tensor(v) else v for k, v in self.__dict__.items()}
+        return Batch(**moved)
+
+
+def collate(model, data: TrainingData, rows: list[int]) -> Batch:
+    """Assemble examples `rows` into a padded batch with their KBs."""
+    from kblam import copying
+
+    tok, cfg = model.tokenizer, model.config
+    items = [data.examples[i] for i in rows]
+    m = max(len(it["kb"]) for it in items)
+    b = len(items)
+    d = data.key_emb.shape[1]
+    keys, values = torch.zeros(b, m, d), torch.zeros(b, m, d)
+    kb_mask = torch.zeros(b, m, dtype=torch.bool)
+    width = max(data.value_ids.shape[1], data.refusal_ids.shape[1])
+    vid = torch.full((b, m + int(cfg.null_slot), width), copying.PAD, dtype=torch.long)
+    gold = torch.full((b,), -1, dtype=torch.long)
+    prompts, answers = [], []
+    for r, it in enumerate(items):
+        kb = torch.tensor(it["kb"], dtype=torch.long)
+        n = len(kb)
+        keys[r, :n], values[r, :n], kb_mask[r, :n] = data.key_emb[kb], data.value_emb[kb], True
+        vid[r, :n, : data.value_ids.shape[1]] = data.value_ids[kb]
+        if cfg.null_slot:
+            vid[r, m, : data.refusal_ids.shape[1]] = data.refusal_ids[0]
+        if it["kind"] == "simple" and it["sources"]:
+            gold[r] = it["sources"][0]
+        elif it["kind"] == "unanswerable" and cfg.null_slot:
+            gold[r] = m
+        prompts.append(model.format_prompt(it["question"]))
+        answers.append(it["answer"] + (tok.eos_token or ""))
+    prompt_ids = tok(prompts, add_special_tokens=False)["input_ids"]
+    answer_ids = tok(answers, add_special_tokens=False)["input_ids"]
+    seqs = [p + a for p, a in zip(prompt_ids, answer_ids, strict=True)]
+    t = max(len(s) for s in seqs)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    input_ids = torch.full((b, t), pad, dtype=torch.long)
+    attention_mask = torch.zeros(b, t, dtype=torch.long)
+    for r, s in enumerate(seqs):
+        input_ids[r, : len(s)] = torch.tensor(s)
+        attention_mask[r, : len(s)] = 1
+    return Batch(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        answer_start=torch.tensor([len(p) for p in prompt_ids]),
+        answer_length=torch.tensor([len(a) for a in answer_ids]),
+        keys=keys, values=values, kb_mask=kb_mask,
+        queries=data.question_emb[torch.tensor(rows)],
+        value_ids=vid, gold=gold, kinds=[it["kind"] for it in items],
+    )
