@@ -1,0 +1,1212 @@
+"""A persistent knowledge-base store: triples and their key/value embeddings in one folder.
+
+    store = KBStore.create("facts.kbstore", encoder)      # or KBStore.open(path, encoder)
+    store.add(kb)                                         # encodes only what is new or changed
+    store.update("gold", "symbol", "Au")                  # re-encodes one value text
+    emb = store.embeddings()                              # KBEmbeddings for the model
+    index = KBPrefilter(store.key_matrix())               # zero-copy float16 view for FAISS
+
+The store holds one value per (name, property): adding a triple whose (name, property) is already
+stored with another value *updates* it, in place (its index is kept, as ``KnowledgeBase.update``).
+A multi-valued fact (a JSON list value in a KnowledgeBase) therefore keeps its last value, with a
+warning. Each ``add()`` is atomic, however many batches it streams.
+
+Layout (every file name is referenced from the manifest; ``<G>`` is the generation that started it)::
+
+    manifest.json          the single commit point: format/version, generation, count, dim, encoder
+                           name, templates, dtype, and for each data file its name, committed byte
+                           length and a sha256 per block of 4096 rows; plus a checksum of itself
+    triples-<G>.jsonl      one {"name", "property", "value"} object per physical row (append-only)
+    keys-<G>.f16           raw little-endian float16 rows (rows, dim): row i belongs to line i
+    values-<G>.f16         the same for value embeddings
+    overlay-<G>.i64        only while rows are updated/removed and not yet compacted: int64 "hidden"
+                           physical rows, then (slot, row) pairs saying which newer row now holds a slot
+    writer.lock            flock()ed by the single writer; holds its pid
+
+Why not fixed names (``keys.f16``)? Appends can go to the same file, but a rewrite (``compact()``,
+``rebuild()``) must not touch files the committed manifest still names, so it writes new files and
+the manifest switches to them in one atomic step; the generation in the name keeps them apart.
+Physical rows only ever grow until ``compact()``, which writes fresh, dense files under new names.
+Logical order (the order of ``triples()``, ``embeddings()`` and ``key_matrix()``) is the physical
+order of the live *slots* (rows not hidden), each slot showing the newest row that replaced it.
+Without an overlay (a fresh or compacted store) logical rows are physical rows, so ``key_matrix()``
+is a read-only memmap with no copy.
+
+Durability. A mutation appends rows to the three data files (and/or writes a new overlay file under
+a new name), fsyncs them and the folder, then commits by writing ``manifest.json`` atomically (temp
+file in the folder, fsync, ``os.replace``, fsync of the folder). Nothing a committed manifest refers
+to is ever modified: appends land past its committed lengths, and compaction writes new files and
+deletes the old ones only after the new manifest is durable. So a crash at any point leaves either
+the previous manifest (the appended tail is uncommitted garbage: ignored, reported by a warning and
+truncated by the next writer) or the new one (all its data fsynced before it). A call that returned
+was committed. Readers take no lock: they read the manifest, open its files and read only the
+committed prefix; if a writer deleted a file in between (compaction), they re-read the manifest.
+
+Checksums: sha256 per block of 4096 rows (for the JSONL file, per 4096 lines) lets an append re-hash
+only the last partial block; ``verify()`` re-reads everything. ``open()`` checks sizes only (cheap):
+a truncated embedding file is reported with the rows still intact and the way out,
+``KBStore.rebuild(path, encoder)``, which re-encodes every embedding from ``triples-<G>.jsonl``.
+
+Encoding bypasses ``KBEncoder``'s per-text cache (at a million triples it would hold gigabytes):
+the store itself is the cache. New triples are encoded in batches of 4096 with texts de-duplicated,
+an update re-encodes only its value text (its key row is copied), and a value text already stored
+(e.g. a year or a country shared by many facts) is copied from its stored row instead of encoded.
+
+One writer at a time (``fcntl.flock``; POSIX only). A ``KBStore`` object is not thread-safe.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import sys
+import warnings
+import weakref
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from kblam.kb import (
+    KEY_TEMPLATE,
+    VALUE_TEMPLATE,
+    KBFormatError,
+    KnowledgeBase,
+    Triple,
+    _atomic_write,
+    normalize_field,
+)
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None
+
+if TYPE_CHECKING:
+    from kblam.encoder import KBEmbeddings, KBEncoder
+
+FORMAT = "kblam-kb-store"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+LOCK_FILE = "writer.lock"
+BLOCK_ROWS = 4096  # rows per checksum block
+BATCH_SIZE = 4096  # triples encoded and appended per step of add()/rebuild()
+
+_F16 = np.dtype("<f2")
+_I64 = np.dtype("<i8")
+_DATA = ("triples", "keys", "values")
+_SUFFIX = {"triples": "jsonl", "keys": "f16", "values": "f16"}
+_OWN_FILE = re.compile(r"^(?:(?:triples|keys|values)-\d+\.(?:jsonl|f16)|overlay-\d+\.i64|\.manifest\.json\..+\.tmp)$")
+_OPEN_RETRIES = 50
+
+
+class KBStoreError(RuntimeError):
+    """The store cannot be used as asked. The message says what is wrong and what can still be recovered."""
+
+
+# --------------------------------------------------------------------------------------------- helpers
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _file_name(kind: str, generation: int) -> str:
+    return f"{kind}-{generation:08d}.{_SUFFIX.get(kind, 'i64')}"
+
+
+def _canonical(body: dict) -> bytes:
+    return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def _manifest_text(body: dict) -> str:
+    body = {k: v for k, v in body.items() if k != "checksum"}
+    body["checksum"] = hashlib.sha256(_canonical(body)).hexdigest()
+    text = json.dumps(body, indent=1, ensure_ascii=False)
+    # One line per checksum block ([end, "sha256"]) keeps the manifest readable.
+    return re.sub(r'\[\s+(\d+),\s+("[0-9a-f]{64}")\s+\]', r"[\1, \2]", text) + "\n"
+
+
+def _triple_line(t: Triple) -> bytes:
+    return (json.dumps(t.to_record(), ensure_ascii=False, separators=(",", ":")) + "\n").encode()
+
+
+def _as_triple(item: Any, number: int) -> Triple:
+    try:
+        if isinstance(item, Triple):
+            return item
+        if isinstance(item, dict):
+            missing = [f for f in ("name", "property", "value") if f not in item]
+            if missing:
+                raise KBFormatError(f"record {item!r:.80} has no {', '.join(map(repr, missing))} key "
+                                    "(KnowledgeBase.from_records understands other column names)")
+            return Triple(item["name"], item["property"], item["value"])
+        if isinstance(item, (tuple, list)) and len(item) == 3:
+            return Triple(*item)
+        raise KBFormatError(f"expected a Triple, a (name, property, value) tuple or a dict, got "
+                            f"{type(item).__name__} {item!r:.80}")
+    except KBFormatError as err:
+        raise KBFormatError(err.reason, path="<KBStore.add>", line=number, unit="item") from None
+
+
+def _batched(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    batch: list[Any] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _progress(total: int | None, show: bool | None, desc: str):
+    from tqdm.auto import tqdm
+
+    if show is None:
+        show = sys.stderr.isatty()
+    return tqdm(total=total, unit="triple", desc=desc, disable=not show, dynamic_ncols=True)
+
+
+def _encode_texts(encoder: KBEncoder, texts: list[str]) -> np.ndarray:
+    """(n, dim) float32 for distinct texts, straight from the sentence encoder (no per-text cache)."""
+    if not texts:
+        return np.empty((0, encoder.dim), np.float32)
+    out = encoder.model.encode(texts, batch_size=encoder.batch_size, convert_to_tensor=True,
+                               show_progress_bar=False)
+    if hasattr(out, "detach"):
+        out = out.detach().float().cpu().numpy()
+    arr = np.asarray(out, dtype=np.float32)
+    if arr.shape != (len(texts), encoder.dim):
+        raise KBStoreError(f"encoder {encoder.name!r} returned shape {arr.shape} for {len(texts)} texts, "
+                           f"expected ({len(texts)}, {encoder.dim})")
+    return arr
+
+
+def _to_f16(arr: np.ndarray, what: str) -> np.ndarray:
+    out = arr.astype(_F16)
+    if not np.isfinite(out).all():
+        raise KBStoreError(f"{what} embeddings hold values outside the float16 range (or NaN); "
+                           "the store keeps float16, so this encoder cannot be stored as is")
+    return out
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _read_lock_pid(folder: Path) -> int | None:
+    try:
+        text = (folder / LOCK_FILE).read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+class _Blocks:
+    """The committed extent of one append-only data file and a sha256 per block of BLOCK_ROWS rows."""
+
+    def __init__(self, name: str, nbytes: int, blocks: list[list[Any]], block_rows: int):
+        self.name = name
+        self.block_rows = int(block_rows)
+        self.bytes = nbytes
+        self.blocks = [[int(end), str(sha)] for end, sha in blocks]
+        self._tail: Any = None  # hasher of the partial last block, loaded on the first append
+
+    @classmethod
+    def from_meta(cls, meta: dict, block_rows: int) -> _Blocks:
+        return cls(meta["name"], meta["bytes"], meta["blocks"], block_rows)
+
+    def meta(self) -> dict:
+        return {"name": self.name, "bytes": self.bytes, "blocks": [list(b) for b in self.blocks]}
+
+    def start(self, i: int) -> int:
+        return self.blocks[i - 1][0] if i else 0
+
+    def append(self, fh, folder: Path, rows_before: int, data: bytes, ends: np.ndarray) -> None:
+        """Write rows (``data``, cumulative row ``ends``) at the committed end, updating block hashes."""
+        view = memoryview(data)
+        rows, pos, n = rows_before, 0, len(ends)
+        fh.seek(self.bytes)
+        while pos < n:
+            in_block = rows % self.block_rows
+            take = min(self.block_rows - in_block, n - pos)
+            b0 = int(ends[pos - 1]) if pos else 0
+            b1 = int(ends[pos + take - 1])
+            if in_block == 0:
+                hasher = hashlib.sha256()
+            else:
+                hasher = self._tail if self._tail is not None else self._load_tail(folder)
+            chunk = view[b0:b1]
+            fh.write(chunk)
+            hasher.update(chunk)
+            self.bytes += b1 - b0
+            entry = [self.bytes, hasher.hexdigest()]
+            if in_block == 0:
+                self.blocks.append(entry)
+            else:
+                self.blocks[-1] = entry
+            rows += take
+            pos += take
+            self._tail = hasher if rows % self.block_rows else None
+
+    def _load_tail(self, folder: Path):
+        i = len(self.blocks) - 1
+        start, (end, sha) = self.start(i), self.blocks[i]
+        with open(folder / self.name, "rb") as fh:
+            fh.seek(start)
+            data = fh.read(end - start)
+        hasher = hashlib.sha256(data)
+        if len(data) != end - start or hasher.hexdigest() != sha:
+            raise KBStoreError(f"{folder / self.name}: its last block (bytes {start}-{end}) does not match its "
+                               "checksum, so nothing is appended to it; run KBStore.open(path).verify() for "
+                               "the damage and KBStore.rebuild(path, encoder) to re-encode")
+        return hasher
+
+    def damaged_blocks(self, fh) -> list[int]:
+        bad = []
+        for i, (end, sha) in enumerate(self.blocks):
+            start = self.start(i)
+            data = _pread_all(fh.fileno(), end - start, start)
+            if len(data) != end - start or hashlib.sha256(data).hexdigest() != sha:
+                bad.append(i)
+        return bad
+
+
+def _row_ranges(blocks: list[int], rows: int, block_rows: int) -> str:
+    spans = [f"{b * block_rows}-{min((b + 1) * block_rows, rows) - 1}" for b in blocks[:10]]
+    return ", ".join(spans) + (f" and {len(blocks) - 10} more blocks" if len(blocks) > 10 else "")
+
+
+# --------------------------------------------------------------------------------------- the snapshot
+
+
+def _read_manifest(folder: Path) -> dict:
+    path = folder / MANIFEST
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        if not folder.is_dir():
+            raise KBStoreError(f"no KB store at {folder}: the folder does not exist "
+                               "(KBStore.create makes one)") from None
+        own = sorted(f for f in os.listdir(folder) if _OWN_FILE.match(f) and not f.startswith("."))
+        extra = (f"; its data files are here ({', '.join(own[:6])}), so the manifest was deleted or the "
+                 "folder was copied incompletely: restore manifest.json from where it came") if own else ""
+        raise KBStoreError(f"no KB store at {folder}: {MANIFEST} is missing{extra}") from None
+    try:
+        body = json.loads(raw)
+        if not isinstance(body, dict):
+            raise ValueError("not an object")
+    except ValueError as err:
+        raise KBStoreError(f"{path} is not valid JSON ({err}); the manifest is damaged, the data files "
+                           "alone cannot say which rows are committed: restore it from a backup") from None
+    if body.get("format") != FORMAT:
+        raise KBStoreError(f"{path} is not a KB store manifest (format {body.get('format')!r}, "
+                           f"expected {FORMAT!r})")
+    if not isinstance(body.get("version"), int) or body["version"] > FORMAT_VERSION:
+        raise KBStoreError(f"{path} has store format version {body.get('version')!r}; this kblam reads "
+                           f"up to version {FORMAT_VERSION}: upgrade kblam")
+    checksum = body.pop("checksum", None)
+    if checksum != hashlib.sha256(_canonical(body)).hexdigest():
+        raise KBStoreError(f"{path} does not match its own checksum: the manifest was edited or damaged; "
+                           "restore it from a backup")
+    if body.get("dtype") != "float16" or body.get("byte_order") != "little":
+        raise KBStoreError(f"{path}: unsupported embedding dtype {body.get('dtype')!r}/{body.get('byte_order')!r}")
+    try:
+        problem = _layout_problem(body)
+    except (KeyError, TypeError, ValueError, IndexError) as err:
+        problem = f"missing or malformed field ({err!r})"
+    if problem:
+        raise KBStoreError(f"{path} is inconsistent: {problem}; restore it from a backup")
+    return body
+
+
+def _layout_problem(m: dict) -> str | None:
+    """What is structurally wrong with a manifest (sizes, block tables), or None."""
+    rows, dim, br = int(m["rows"]), int(m["dim"]), int(m["block_rows"])
+    if rows < 0 or dim <= 0 or br <= 0 or not 0 <= int(m["count"]) <= rows or int(m["generation"]) < 0:
+        return "negative or zero sizes"
+    n_blocks = -(-rows // br)
+    for kind in _DATA:
+        meta = m["files"][kind]
+        ends = [int(end) for end, _ in meta["blocks"]]
+        if not isinstance(meta["name"], str) or not _OWN_FILE.match(meta["name"]):
+            return f"bad file name {meta['name']!r}"
+        if len(ends) != n_blocks or (ends and ends[-1] != meta["bytes"]) or (not ends and meta["bytes"]):
+            return f"the block table of {meta['name']} does not cover its {rows} rows"
+        if kind != "triples" and ends != [min((i + 1) * br, rows) * dim * 2 for i in range(n_blocks)]:
+            return f"{meta['name']} block ends do not match {rows} rows of {dim} float16"
+        if any(b <= a for a, b in zip([0, *ends], ends, strict=False)):
+            return f"{meta['name']} block ends are not increasing"
+    ov = m["files"].get("overlay")
+    if ov is not None and (int(ov["bytes"]) != 8 * (int(ov["hidden"]) + 2 * int(ov["moves"]))
+                           or not _OWN_FILE.match(ov["name"])):
+        return "the overlay entry is malformed"
+    return None
+
+
+class _Snapshot:
+    """One committed generation, read from disk: manifest, open data files, triples, overlay."""
+
+    def __init__(self, folder: Path, manifest: dict, handles: dict[str, Any], overlay: bytes):
+        self.folder = folder
+        self.manifest = manifest
+        self.handles = handles
+        self.overlay = overlay
+
+    @classmethod
+    def read(cls, folder: Path, kinds: tuple[str, ...] = _DATA) -> _Snapshot:
+        """Open the files of the current manifest; retry if a writer replaced them meanwhile."""
+        for _ in range(_OPEN_RETRIES):
+            manifest = _read_manifest(folder)
+            handles: dict[str, Any] = {}
+            try:
+                for kind in kinds:
+                    handles[kind] = open(folder / manifest["files"][kind]["name"], "rb")
+                ov = manifest["files"].get("overlay")
+                overlay = (folder / ov["name"]).read_bytes() if ov else b""
+            except FileNotFoundError as err:
+                for fh in handles.values():
+                    fh.close()
+                if _read_manifest(folder)["generation"] != manifest["generation"]:
+                    continue  # a writer committed and removed the old files: read the new generation
+                missing = Path(err.filename).name
+                way_out = (f"; {manifest['files']['triples']['name']} holds the triples, so "
+                           f"KBStore.rebuild({str(folder)!r}, encoder) can re-encode them"
+                           if missing.startswith(("keys-", "values-")) else
+                           "; restore the folder from a backup")
+                raise KBStoreError(f"{folder / missing} is missing but {MANIFEST} (generation "
+                                   f"{manifest['generation']}) needs it{way_out}") from None
+            return cls(folder, manifest, handles, overlay)
+        raise KBStoreError(f"{folder} changed {_OPEN_RETRIES} times while being opened; try again")
+
+    def close(self) -> None:
+        for fh in self.handles.values():
+            fh.close()
+
+
+class _State:
+    """In-memory view of a snapshot: physical triples, live slots, overlay, lookup index."""
+
+    def __init__(self, snap: _Snapshot):
+        m = snap.manifest
+        self.rows = int(m["rows"])
+        self.phys = _read_triples(snap)
+        self.hidden, self.moves = _read_overlay(snap, self.rows)
+        mask = np.ones(self.rows, dtype=bool)
+        if self.hidden:
+            mask[np.fromiter(self.hidden, _I64, len(self.hidden))] = False
+        self.base = np.flatnonzero(mask).astype(_I64)
+        if len(self.base) != m["count"]:
+            raise KBStoreError(f"{snap.folder / MANIFEST} says {m['count']} triples but its rows and overlay "
+                               f"give {len(self.base)}; the manifest is inconsistent")
+        self.slot_of: dict[str, dict[str, int]] = {}
+        for slot in self.base.tolist():
+            t = self.phys[self.moves.get(slot, slot)]
+            props = self.slot_of.setdefault(t.name, {})
+            if t.property in props:
+                raise KBStoreError(f"{snap.folder}: ({t.name!r}, {t.property!r}) is stored twice; the overlay "
+                                   "file is inconsistent with the triples")
+            props[t.property] = slot
+        self.value_rows: dict[str, int] | None = None  # value text -> a row holding its embedding
+
+    def current(self, slot: int) -> int:
+        return self.moves.get(slot, slot)
+
+    def order(self) -> np.ndarray:
+        order = self.base.copy()
+        if self.moves:
+            slots = np.fromiter(self.moves.keys(), _I64, len(self.moves))
+            rows = np.fromiter(self.moves.values(), _I64, len(self.moves))
+            order[np.searchsorted(self.base, slots)] = rows
+        return order
+
+    def identity(self) -> bool:
+        return not self.hidden and not self.moves
+
+    def find(self, name: str, prop: str) -> int | None:
+        return self.slot_of.get(name, {}).get(prop)
+
+
+def _read_triples(snap: _Snapshot) -> list[Triple]:
+    meta = snap.manifest["files"]["triples"]
+    rows = int(snap.manifest["rows"])
+    fh = snap.handles["triples"]
+    data = _pread_all(fh.fileno(), meta["bytes"], 0)
+    name = snap.folder / meta["name"]
+    if len(data) < meta["bytes"]:
+        lines = data.count(b"\n")
+        raise KBStoreError(f"{name} is truncated: {min(lines, rows)} of {rows} rows intact ({len(data)} of "
+                           f"{meta['bytes']} bytes); the triples after that are lost from this file, so "
+                           "restore the folder from a backup (the embeddings alone cannot give them back)")
+    if rows == 0:
+        return []
+    try:
+        text = data.decode("utf-8")
+        if not text.endswith("\n"):
+            raise ValueError("no final newline")
+        records = json.loads("[" + text[:-1].replace("\n", ",") + "]")
+        if len(records) != rows:
+            raise ValueError(f"{len(records)} lines")
+        return [Triple(r["name"], r["property"], r["value"]) for r in records]
+    except (ValueError, KeyError, TypeError, KBFormatError):
+        pass
+    bad = next((i for i, line in enumerate(data.split(b"\n")[:rows]) if not _good_line(line)), rows)
+    raise KBStoreError(f"{name}, line {bad + 1}: damaged (not a triple record; the {bad} rows before it "
+                       "parse); verify() names the damaged blocks; restore the folder from a backup")
+
+
+def _pread_all(fd: int, size: int, offset: int) -> bytes:
+    """Up to ``size`` bytes at ``offset`` (fewer only at end of file); one pread is capped near 2 GiB."""
+    parts = []
+    while size > 0:
+        part = os.pread(fd, min(size, 1 << 30), offset)
+        if not part:
+            break
+        parts.append(part)
+        size -= len(part)
+        offset += len(part)
+    return b"".join(parts)
+
+
+def _good_line(line: bytes) -> bool:
+    try:
+        r = json.loads(line)
+        Triple(r["name"], r["property"], r["value"])
+    except (ValueError, KeyError, TypeError, KBFormatError):
+        return False
+    return True
+
+
+def _read_overlay(snap: _Snapshot, rows: int) -> tuple[set[int], dict[int, int]]:
+    ov = snap.manifest["files"].get("overlay")
+    if not ov:
+        return set(), {}
+    name = snap.folder / ov["name"]
+    if len(snap.overlay) != ov["bytes"] or hashlib.sha256(snap.overlay).hexdigest() != ov["sha256"]:
+        raise KBStoreError(f"{name} does not match its size/checksum in the manifest: which rows are "
+                           "updated or removed is unknown; restore the folder from a backup")
+    arr = np.frombuffer(snap.overlay, dtype=_I64)
+    h, k = int(ov["hidden"]), int(ov["moves"])
+    if len(arr) != h + 2 * k or (len(arr) and (arr.min() < 0 or arr.max() >= rows)):
+        raise KBStoreError(f"{name} is inconsistent with the manifest ({rows} rows)")
+    hidden = set(arr[:h].tolist())
+    moves = dict(zip(arr[h:h + k].tolist(), arr[h + k:].tolist(), strict=True))
+    if any(s in hidden or r not in hidden for s, r in moves.items()):
+        raise KBStoreError(f"{name} is inconsistent: a moved slot is hidden or its new row is not")
+    return hidden, moves
+
+
+def _check_sizes(snap: _Snapshot, kinds: tuple[str, ...] = _DATA) -> dict[str, int]:
+    """Raise on truncation (naming the file and the intact rows); return trailing uncommitted bytes."""
+    m = snap.manifest
+    rows, row_bytes = int(m["rows"]), int(m["dim"]) * 2
+    trailing, problems = {}, []
+    for kind in kinds:
+        meta = m["files"][kind]
+        size = os.fstat(snap.handles[kind].fileno()).st_size
+        if size > meta["bytes"]:
+            trailing[kind] = size - meta["bytes"]
+        elif size < meta["bytes"] and kind == "triples":
+            _read_triples(snap)  # raises, saying how many lines are intact
+        elif size < meta["bytes"]:
+            problems.append(f"{snap.folder / meta['name']} is truncated: {size // row_bytes} of {rows} rows "
+                            f"intact ({size} of {meta['bytes']} bytes)")
+    if problems:
+        raise KBStoreError("; ".join(problems) + f". {m['files']['triples']['name']} still holds all "
+                           f"{m['count']} triples, so the embeddings can be re-encoded: "
+                           f"KBStore.rebuild({str(snap.folder)!r}, encoder)")
+    return trailing
+
+
+# ------------------------------------------------------------------------------------------- the store
+
+
+class KBStore:
+    """A folder holding a KB's triples and float16 key/value embeddings, safe against crashes.
+
+    Make one with ``KBStore.create(path, encoder)``, open one with ``KBStore.open(path[, encoder])``.
+    Use it as a context manager (or call ``close()``) to release the writer lock promptly.
+    """
+
+    def __init__(self, folder: Path, encoder: KBEncoder | None, readonly: bool, lock_fd: int | None):
+        # Internal: use create() / open() / rebuild().
+        self.path = folder
+        self.encoder = encoder
+        self.readonly = readonly
+        self._lock_fd = lock_fd
+        self._release = weakref.finalize(self, os.close, lock_fd) if lock_fd is not None else None
+        self._snap: _Snapshot | None = None
+        self._state: _State | None = None
+        self._blocks: dict[str, _Blocks] = {}
+        self._maps: dict[str, np.ndarray] = {}
+        self._logical: list[Triple] | None = None
+
+    # ------------------------------------------------------------------------------ opening
+
+    @classmethod
+    def create(cls, path: str | os.PathLike, encoder: KBEncoder, *, key_template: str = KEY_TEMPLATE,
+               value_template: str = VALUE_TEMPLATE, exist_ok: bool = False) -> KBStore:
+        """A new, empty store at ``path`` (the folder is made if needed), opened for writing.
+
+        With ``exist_ok=True`` an existing store is opened instead, provided its encoder and
+        templates are the ones given.
+        """
+        folder = Path(path)
+        for tpl, what in ((key_template, "key_template"), (value_template, "value_template")):
+            try:
+                Triple("n", "p", "v").key_text(tpl)
+            except (KeyError, IndexError, ValueError, AttributeError) as err:
+                raise ValueError(f"{what} {tpl!r} is not a template over name/property/value: {err}") from None
+        if (folder / MANIFEST).exists():
+            if not exist_ok:
+                raise KBStoreError(f"a KB store already exists at {folder}; open it with KBStore.open, "
+                                   "or pass exist_ok=True")
+            store = cls.open(folder, encoder)
+            stored = (store.key_template, store.value_template)
+            if stored != (key_template, value_template):
+                store.close()
+                raise KBStoreError(f"the store at {folder} uses templates {stored[0]!r} / {stored[1]!r}, "
+                                   f"not {key_template!r} / {value_template!r}")
+            return store
+        folder.mkdir(parents=True, exist_ok=True)
+        store = cls(folder, encoder, False, _lock(folder))
+        try:
+            if (folder / MANIFEST).exists():
+                raise KBStoreError(f"another process created a KB store at {folder} just now; open it instead")
+            files: dict[str, Any] = {}
+            for kind in _DATA:
+                name = _file_name(kind, 0)
+                with open(folder / name, "wb") as fh:
+                    os.fsync(fh.fileno())
+                files[kind] = {"name": name, "bytes": 0, "blocks": []}
+            files["overlay"] = None
+            _fsync_dir(folder)
+            body = {
+                "format": FORMAT, "version": FORMAT_VERSION, "generation": 0, "count": 0, "rows": 0,
+                "dim": int(encoder.dim), "encoder": encoder.name, "key_template": key_template,
+                "value_template": value_template, "dtype": "float16", "byte_order": "little",
+                "block_rows": BLOCK_ROWS, "files": files,
+            }
+            _atomic_write(folder / MANIFEST, _manifest_text(body))
+            _fsync_dir(folder)
+            store._reload()
+        except BaseException:
+            store.close()
+            raise
+        return store
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, encoder: KBEncoder | None = None, *,
+             readonly: bool = False) -> KBStore:
+        """Open an existing store. ``encoder`` is needed only to add or update triples; if given, it
+        must be the one the store was built with. ``readonly=True`` takes no lock and never blocks;
+        it sees the generation committed when it opened (``reload()`` moves it to the newest)."""
+        folder = Path(path)
+        manifest = _read_manifest(folder)  # clear errors before taking the lock
+        if encoder is not None:
+            _check_encoder(folder, manifest, encoder)
+        store = cls(folder, encoder, readonly, None if readonly else _lock(folder))
+        try:
+            store._reload(first=True)
+        except BaseException:
+            store.close()
+            raise
+        return store
+
+    @classmethod
+    def rebuild(cls, path: str | os.PathLike, encoder: KBEncoder, *, progress: bool | None = None) -> KBStore:
+        """Re-encode every embedding from the triples file and write fresh, compact data files.
+
+        The way back from damaged, truncated or missing embedding files (the triples file, the
+        overlay and the manifest must be intact), and the way to move a store to another encoder.
+        Returns the store, open for writing.
+        """
+        folder = Path(path)
+        _read_manifest(folder)
+        store = cls(folder, encoder, False, _lock(folder))
+        try:
+            snap = _Snapshot.read(folder, kinds=("triples",))
+            try:
+                meta = snap.manifest["files"]["triples"]
+                block_rows = snap.manifest["block_rows"]
+                bad = _Blocks.from_meta(meta, block_rows).damaged_blocks(snap.handles["triples"])
+                if bad:
+                    raise KBStoreError(f"{folder / meta['name']}: rows "
+                                       f"{_row_ranges(bad, snap.manifest['rows'], block_rows)} "
+                                       "do not match their checksums, so the triples cannot be trusted to "
+                                       "re-encode; restore the folder from a backup")
+                state = _State(snap)
+                triples = [state.phys[r] for r in state.order().tolist()]
+                manifest = dict(snap.manifest, encoder=encoder.name, dim=int(encoder.dim))
+            finally:
+                snap.close()
+            kt, vt = manifest["key_template"], manifest["value_template"]
+            with _progress(len(triples), progress, "re-encoding KB") as bar:
+                def chunks():
+                    for batch in _batched(triples, BATCH_SIZE):
+                        keys = [t.key_text(kt) for t in batch]
+                        values = [t.value_text(vt) for t in batch]
+                        texts = list(dict.fromkeys(keys + values))
+                        emb = dict(zip(texts, _encode_texts(encoder, texts), strict=True))
+                        bar.update(len(batch))
+                        yield batch, np.stack([emb[k] for k in keys]), np.stack([emb[v] for v in values])
+
+                store._write_fresh(manifest, chunks())
+        except BaseException:
+            store.close()
+            raise
+        return store
+
+    def _reload(self, first: bool = False) -> None:
+        """(Re)read the committed generation from disk; a writer also drops uncommitted tails."""
+        snap = _Snapshot.read(self.path)
+        try:
+            if self.encoder is not None:
+                _check_encoder(self.path, snap.manifest, self.encoder)
+            trailing = _check_sizes(snap)
+            state = _State(snap)
+        except BaseException:
+            snap.close()
+            raise
+        files = snap.manifest["files"]
+        if trailing and first:
+            writer = _read_lock_pid(self.path)
+            # A live writer's append in progress looks the same as a crash's leftovers: readers stay quiet then.
+            if not self.readonly or writer is None or not _pid_alive(writer):
+                shown = ", ".join(f"{files[k]['name']} ({n} bytes)" for k, n in trailing.items())
+                warnings.warn(f"{self.path}: ignoring uncommitted bytes at the end of {shown}, left by an "
+                              f"interrupted write; the store is at generation {snap.manifest['generation']} "
+                              f"with {snap.manifest['count']} triples"
+                              + ("" if self.readonly else "; the bytes were removed"), UserWarning, stacklevel=3)
+        if trailing and not self.readonly:
+            for kind in trailing:
+                os.truncate(self.path / files[kind]["name"], files[kind]["bytes"])
+        if self._snap is not None:
+            self._snap.close()
+        self._snap, self._state = snap, state
+        self._blocks = {k: _Blocks.from_meta(files[k], snap.manifest["block_rows"]) for k in _DATA}
+        self._maps = {}
+        self._logical = None
+        if first and not self.readonly:
+            self._remove_strays()
+
+    def reload(self) -> bool:
+        """Move to the newest committed generation (for long-lived readers). True if it changed."""
+        self._st()
+        if _read_manifest(self.path)["generation"] == self.generation:
+            return False
+        self._reload()
+        return True
+
+    def close(self) -> None:
+        """Release the writer lock and the open files (memmaps already handed out stay valid)."""
+        if self._snap is not None:
+            self._snap.close()
+            self._snap = None
+        if self._lock_fd is not None:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._lock_fd, 0)
+            self._release()
+            self._lock_fd = None
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.close()
+
+    def __enter__(self) -> KBStore:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        if self._snap is None:
+            return f"KBStore({str(self.path)!r}, closed)"
+        mode = "read-only" if self.readonly else "writer"
+        return (f"KBStore({str(self.path)!r}, {len(self)} triples, generation {self.generation}, "
+                f"encoder {self.encoder_name!r}, {mode})")
+
+    # ------------------------------------------------------------------------------ reading
+
+    def _st(self) -> _State:
+        if self._snap is None or self._state is None:
+            raise KBStoreError(f"the KBStore for {self.path} is closed")
+        return self._state
+
+    @property
+    def _manifest(self) -> dict:
+        self._st()
+        return self._snap.manifest
+
+    @property
+    def generation(self) -> int:
+        return int(self._manifest["generation"])
+
+    @property
+    def dim(self) -> int:
+        return int(self._manifest["dim"])
+
+    @property
+    def encoder_name(self) -> str:
+        return self._manifest["encoder"]
+
+    @property
+    def key_template(self) -> str:
+        return self._manifest["key_template"]
+
+    @property
+    def value_template(self) -> str:
+        return self._manifest["value_template"]
+
+    def __len__(self) -> int:
+        return len(self._st().base)
+
+    def __iter__(self) -> Iterator[Triple]:
+        return iter(self.triples())
+
+    def __contains__(self, item: object) -> bool:
+        try:
+            t = _as_triple(item, 1)
+        except KBFormatError:
+            return False
+        return self.get(t.name, t.property) == t
+
+    def triples(self) -> list[Triple]:
+        """The live triples, in index order (the row order of embeddings() and key_matrix())."""
+        st = self._st()
+        if self._logical is None:
+            self._logical = [st.phys[r] for r in st.order().tolist()]
+        return list(self._logical)
+
+    def get(self, name: str, property: str) -> Triple | None:
+        """The stored triple for (name, property), or None."""
+        st = self._st()
+        slot = st.find(normalize_field(name, "name"), normalize_field(property, "property"))
+        return None if slot is None else st.phys[st.current(slot)]
+
+    def index_of(self, name: str, property: str) -> int | None:
+        """The row of (name, property) in triples()/embeddings()/key_matrix(), or None."""
+        st = self._st()
+        slot = st.find(normalize_field(name, "name"), normalize_field(property, "property"))
+        return None if slot is None else int(np.searchsorted(st.base, slot))
+
+    def _map(self, kind: str) -> np.ndarray:
+        """Read-only memmap of the committed physical rows of keys or values."""
+        mm = self._maps.get(kind)
+        if mm is None:
+            rows = int(self._manifest["rows"])
+            if rows == 0:
+                mm = np.zeros((0, self.dim), _F16)
+            else:
+                mm = np.memmap(self._snap.handles[kind], dtype=_F16, mode="r", shape=(rows, self.dim))
+            self._maps[kind] = mm
+        return mm
+
+    def _logical_rows(self, kind: str) -> np.ndarray:
+        st = self._st()
+        mm = self._map(kind)
+        return mm if st.identity() else mm[st.order()]
+
+    def key_matrix(self) -> np.ndarray:
+        """The keys as float16 (M, dim), rows in triples() order.
+
+        A read-only memmap (no copy) when nothing was updated or removed since the last compaction
+        (always true after ``compact()``); otherwise the live rows gathered into a new array.
+        """
+        return self._logical_rows("keys")
+
+    def value_matrix(self) -> np.ndarray:
+        """The values as float16 (M, dim); a memmap under the same condition as key_matrix()."""
+        return self._logical_rows("values")
+
+    def embeddings(self) -> KBEmbeddings:
+        """The live triples with float32 key/value tensors (M, dim), row j for triple j."""
+        import torch
+
+        from kblam.encoder import KBEmbeddings
+
+        triples = tuple(self.triples())
+        keys = torch.from_numpy(np.asarray(self._logical_rows("keys"), dtype=np.float32))
+        values = torch.from_numpy(np.asarray(self._logical_rows("values"), dtype=np.float32))
+        return KBEmbeddings(triples, keys, values)
+
+    def to_kb(self) -> KnowledgeBase:
+        return KnowledgeBase(self.triples(), source=str(self.path))
+
+    def verify(self) -> None:
+        """Re-read every committed byte of this generation and compare with the manifest's checksums.
+
+        Raises KBStoreError naming each damaged file and row range, and what can be recovered."""
+        m = self._manifest
+        rows = int(m["rows"])
+        problems, embeddings_bad, triples_bad = [], False, False
+        for kind in _DATA:
+            blocks = _Blocks.from_meta(m["files"][kind], m["block_rows"])
+            fh = self._snap.handles[kind]
+            size = os.fstat(fh.fileno()).st_size
+            bad = blocks.damaged_blocks(fh)
+            if size < blocks.bytes:
+                problems.append(f"{blocks.name} is truncated ({size} of {blocks.bytes} bytes)")
+            elif bad:
+                problems.append(f"{blocks.name}: rows {_row_ranges(bad, rows, m['block_rows'])} do not match their checksums")
+            if bad or size < blocks.bytes:
+                embeddings_bad |= kind != "triples"
+                triples_bad |= kind == "triples"
+        ov = m["files"].get("overlay")
+        if ov and (len(self._snap.overlay) != ov["bytes"]
+                   or hashlib.sha256(self._snap.overlay).hexdigest() != ov["sha256"]):
+            problems.append(f"{ov['name']} does not match its checksum")
+            triples_bad = True
+        if not problems:
+            return
+        if triples_bad:
+            advice = ("the triples (or the record of which are live) are damaged: restore the folder from a "
+                      "backup; the embedding files are " + ("damaged too" if embeddings_bad else "intact"))
+        else:
+            advice = (f"{m['files']['triples']['name']} is intact and holds all {m['count']} triples, so "
+                      f"the embeddings can be re-encoded: KBStore.rebuild({str(self.path)!r}, encoder)")
+        raise KBStoreError(f"{self.path} (generation {m['generation']}): " + "; ".join(problems) + f". {advice}")
+
+    # ------------------------------------------------------------------------------ writing
+
+    def add(self, triples: Iterable[Triple | tuple | dict], *, progress: bool | None = None) -> int:
+        """Add triples (Triples, (name, property, value) tuples or dicts); returns how many were new
+        or changed. A stored (name, property) given another value is updated in place; exact
+        duplicates are skipped. Atomic: nothing is committed unless the whole call succeeds.
+        Streams in batches of 4096 with a progress bar (``progress=None``: when stderr is a tty)."""
+        encoder = self._writable(need_encoder="add")
+        st = self._state
+        total = len(triples) if hasattr(triples, "__len__") else None
+        numbered = (_as_triple(item, i) for i, item in enumerate(triples, start=1))
+        changed, repeated = 0, []
+        with self._transaction() as tx, _progress(total, progress, "encoding KB") as bar:
+            call_start = st.rows
+            for batch in _batched(numbered, BATCH_SIZE):
+                latest: dict[tuple[str, str], Triple] = {}
+                for t in batch:
+                    key = (t.name, t.property)
+                    earlier = latest.get(key)
+                    if earlier is None:
+                        slot = st.find(*key)
+                        if slot is not None and st.current(slot) >= call_start:
+                            earlier = st.phys[st.current(slot)]  # set by an earlier batch of this call
+                    if earlier is not None and earlier != t:
+                        repeated.append(key)
+                    latest[key] = t
+                changed += self._append(list(latest.values()), encoder, tx)
+                bar.update(len(batch))
+            if changed:
+                self._commit(tx)
+        if repeated:
+            shown = ", ".join(f"{n!r}/{p!r}" for n, p in dict.fromkeys(repeated[:5]))
+            warnings.warn(f"{len(set(repeated))} (name, property) pair(s) were given several values in one add() "
+                          f"({shown}{' ...' if len(repeated) > 5 else ''}); a store keeps one value per pair: "
+                          "the last one given was kept", UserWarning, stacklevel=2)
+        return changed
+
+    def update(self, name: str, property: str, value: Any) -> None:
+        """Replace the value of a stored (name, property) in place; re-encodes only the new value
+        text. Raises KeyError if the store has no such pair."""
+        encoder = self._writable(need_encoder="update")
+        new = Triple(name, property, value)
+        if self._state.find(new.name, new.property) is None:
+            raise KeyError(f"no ({new.name!r}, {new.property!r}) in {self.path}; use add() for new triples")
+        with self._transaction() as tx:
+            if self._append([new], encoder, tx):
+                self._commit(tx)
+
+    def remove(self, name: str, property: str | None = None) -> int:
+        """Remove one (name, property), or with ``property=None`` every triple of the entity.
+        Returns the number removed; raises KeyError if nothing matches. Later indices shift down."""
+        self._writable()
+        st = self._state
+        n = normalize_field(name, "name")
+        props = st.slot_of.get(n, {})
+        if property is None:
+            slots = list(props.values())
+        else:
+            p = normalize_field(property, "property")
+            slots = [props[p]] if p in props else []
+        if not slots:
+            what = repr(n) if property is None else f"({n!r}, {property!r})"
+            raise KeyError(f"nothing to remove: no {what} in {self.path}")
+        with self._transaction() as tx:
+            for slot in slots:
+                t = st.phys[st.current(slot)]
+                del st.slot_of[t.name][t.property]
+                if not st.slot_of[t.name]:
+                    del st.slot_of[t.name]
+                st.moves.pop(slot, None)  # the row that replaced it is hidden already
+                st.hidden.add(slot)
+            st.base = st.base[~np.isin(st.base, np.asarray(slots, dtype=_I64))]
+            self._logical = None
+            tx["overlay"] = True
+            self._commit(tx)
+        return len(slots)
+
+    def compact(self) -> None:
+        """Rewrite the data files with only the live rows, in index order: new files, then an atomic
+        manifest switch, then the old files are deleted. Afterwards key_matrix() is zero-copy."""
+        self._writable()
+        st = self._state
+        if st.identity():
+            return
+        order = st.order()
+
+        def chunks():
+            keys, values = self._map("keys"), self._map("values")
+            for start in range(0, len(order), BLOCK_ROWS):
+                rows = order[start:start + BLOCK_ROWS]
+                yield [st.phys[r] for r in rows.tolist()], keys[rows], values[rows]
+
+        self._write_fresh(dict(self._manifest), chunks())
+
+    # ------------------------------------------------------------------------------ internals
+
+    def _writable(self, need_encoder: str | None = None) -> KBEncoder | None:
+        self._st()
+        if self.readonly:
+            raise KBStoreError(f"{self.path} was opened read-only; KBStore.open(path, encoder) to change it")
+        if need_encoder and self.encoder is None:
+            raise KBStoreError(f"{self.path} was opened without an encoder, so it cannot {need_encoder} "
+                               f"triples; KBStore.open(path, encoder) with the {self.encoder_name!r} encoder")
+        return self.encoder
+
+    @contextlib.contextmanager
+    def _transaction(self):
+        """One mutation; on any failure before the commit, go back to the committed state on disk."""
+        tx: dict[str, Any] = {"handles": {}, "overlay": False, "appended": False, "new_files": []}
+        try:
+            yield tx
+        except BaseException:
+            for fh in tx["handles"].values():
+                fh.close()
+            try:
+                self._reload()
+                self._remove_strays(tx["new_files"])
+            except Exception as err:  # keep the original error; say that recovery failed too
+                self._state = None
+                warnings.warn(f"{self.path}: could not re-read the committed state after a failed change "
+                              f"({err}); reopen the store", UserWarning, stacklevel=3)
+            raise
+        finally:
+            for fh in tx["handles"].values():
+                fh.close()
+
+    def _append(self, triples: list[Triple], encoder: KBEncoder, tx: dict) -> int:
+        """Append rows for new or changed triples (uncommitted) and update the in-memory state."""
+        st = self._state
+        kt, vt = self.key_template, self.value_template
+        entries = [(slot, t) for t in triples
+                   if (slot := st.find(t.name, t.property)) is None or st.phys[st.current(slot)] != t]
+        if not entries:
+            return 0
+        n, d = len(entries), self.dim
+        keys, values = np.empty((n, d), np.float32), np.empty((n, d), np.float32)
+        if st.value_rows is None:
+            st.value_rows = {}
+            for row, t in enumerate(st.phys):
+                st.value_rows.setdefault(t.value_text(vt), row)
+        need: dict[str, list[tuple[np.ndarray, int]]] = {}
+        copy_keys, copy_values = [], []
+        for i, (slot, t) in enumerate(entries):
+            key_text = t.key_text(kt)
+            if slot is not None and st.phys[st.current(slot)].key_text(kt) == key_text:
+                copy_keys.append((i, st.current(slot)))
+            else:
+                need.setdefault(key_text, []).append((keys, i))
+            value_text = t.value_text(vt)
+            row = st.value_rows.get(value_text)
+            if row is not None:
+                copy_values.append((i, row))
+            else:
+                need.setdefault(value_text, []).append((values, i))
+        texts = list(need)
+        for text, vector in zip(texts, _encode_texts(encoder, texts), strict=True):
+            for target, i in need[text]:
+                target[i] = vector
+        for target, kind, copies in ((keys, "keys", copy_keys), (values, "values", copy_values)):
+            if copies:
+                idx, rows = np.asarray(copies, dtype=_I64).T
+                target[idx] = self._read_rows(kind, rows, tx)
+        keys16, values16 = _to_f16(keys, "key"), _to_f16(values, "value")
+
+        r0 = st.rows
+        lines = [_triple_line(t) for _, t in entries]
+        row_ends = np.arange(1, n + 1, dtype=_I64) * (d * 2)
+        for kind, data, ends in (("triples", b"".join(lines), np.cumsum([len(x) for x in lines])),
+                                 ("keys", keys16.tobytes(), row_ends), ("values", values16.tobytes(), row_ends)):
+            fh = tx["handles"].get(kind)
+            if fh is None:
+                fh = tx["handles"][kind] = open(self.path / self._blocks[kind].name, "r+b")
+            self._blocks[kind].append(fh, self.path, r0, data, ends)
+            fh.flush()
+        new_slots = []
+        for i, (slot, t) in enumerate(entries):
+            row = r0 + i
+            st.phys.append(t)
+            st.value_rows.setdefault(t.value_text(vt), row)
+            if slot is None:
+                new_slots.append(row)
+                st.slot_of.setdefault(t.name, {})[t.property] = row
+            else:
+                st.moves[slot] = row
+                st.hidden.add(row)
+                tx["overlay"] = True
+        st.rows += n
+        if new_slots:
+            st.base = np.concatenate([st.base, np.asarray(new_slots, dtype=_I64)])
+        tx["appended"] = True
+        self._logical = None
+        return n
+
+    def _read_rows(self, kind: str, rows: np.ndarray, tx: dict) -> np.ndarray:
+        """Stored embedding rows (float32), committed or appended earlier in this transaction."""
+        if (rows < int(self._manifest["rows"])).all():
+            return np.asarray(self._map(kind)[rows], dtype=np.float32)
+        row_bytes = self.dim * 2
+        fd = tx["handles"][kind].fileno()  # flushed after each append
+        out = [np.frombuffer(os.pread(fd, row_bytes, r * row_bytes), dtype=_F16) for r in rows.tolist()]
+        return np.stack(out).astype(np.float32)
+
+    def _commit(self, tx: dict) -> None:
+        """fsync appended rows, write a changed overlay under a new name, then switch the manifest."""
+        st, old = self._state, self._manifest
+        generation = int(old["generation"]) + 1
+        for fh in tx["handles"].values():
+            fh.flush()
+            os.fsync(fh.fileno())
+        files = {k: self._blocks[k].meta() for k in _DATA}
+        files["overlay"] = old["files"].get("overlay")
+        overlay = self._snap.overlay
+        if tx["overlay"]:
+            files["overlay"], overlay = None, b""
+            if st.hidden or st.moves:
+                slots = np.sort(np.fromiter(st.moves.keys(), _I64, len(st.moves)))
+                overlay = np.concatenate([
+                    np.sort(np.fromiter(st.hidden, _I64, len(st.hidden))), slots,
+                    np.fromiter((st.moves[s] for s in slots.tolist()), _I64, len(slots)),
+                ]).astype(_I64).tobytes()
+                name = _file_name("overlay", generation)
+                tx["new_files"].append(name)
+                with open(self.path / name, "wb") as fh:
+                    fh.write(overlay)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                files["overlay"] = {"name": name, "bytes": len(overlay), "sha256": hashlib.sha256(overlay).hexdigest(),
+                                    "hidden": len(st.hidden), "moves": len(slots)}
+                _fsync_dir(self.path)
+        body = dict(old, generation=generation, rows=st.rows, count=len(st.base), files=files)
+        _atomic_write(self.path / MANIFEST, _manifest_text(body))  # the commit point
+        _fsync_dir(self.path)
+        # Same data files, longer: the in-memory state is already this generation's.
+        self._snap.manifest, self._snap.overlay = body, overlay
+        self._maps = {}
+        if tx["overlay"] and old["files"].get("overlay"):
+            with contextlib.suppress(OSError):
+                os.unlink(self.path / old["files"]["overlay"]["name"])
+
+    def _write_fresh(self, manifest: dict, chunks: Iterable[tuple[list[Triple], np.ndarray, np.ndarray]]) -> None:
+        """Write the given live rows into new data files (compact/rebuild), commit, delete the old ones."""
+        generation = int(manifest["generation"]) + 1
+        # A rewrite may change the block size (the manifest records it); BLOCK_ROWS is the current default.
+        manifest = dict(manifest, block_rows=BLOCK_ROWS)
+        blocks = {k: _Blocks(_file_name(k, generation), 0, [], BLOCK_ROWS) for k in _DATA}
+        d = int(manifest["dim"])
+        committed = False
+        try:
+            rows = 0
+            with contextlib.ExitStack() as stack:
+                handles = {k: stack.enter_context(open(self.path / blocks[k].name, "w+b")) for k in _DATA}
+                for batch, keys, values in chunks:
+                    lines = [_triple_line(t) for t in batch]
+                    row_ends = np.arange(1, len(batch) + 1, dtype=_I64) * (d * 2)
+                    for kind, data, ends in (
+                            ("triples", b"".join(lines), np.cumsum([len(x) for x in lines])),
+                            ("keys", _to_f16(np.asarray(keys), "key").tobytes(), row_ends),
+                            ("values", _to_f16(np.asarray(values), "value").tobytes(), row_ends)):
+                        blocks[kind].append(handles[kind], self.path, rows, data, ends)
+                    rows += len(batch)
+                for fh in handles.values():
+                    fh.flush()
+                    os.fsync(fh.fileno())
+            _fsync_dir(self.path)
+            files = {k: blocks[k].meta() for k in _DATA}
+            files["overlay"] = None
+            body = dict(manifest, generation=generation, rows=rows, count=rows, files=files)
+            _atomic_write(self.path / MANIFEST, _manifest_text(body))  # the commit point
+            committed = True
+            _fsync_dir(self.path)
+        except BaseException:
+            if not committed:
+                with contextlib.suppress(Exception):
+                    committed = _read_manifest(self.path)["generation"] == generation
+            if not committed:  # the new files are garbage; the old generation stands
+                for b in blocks.values():
+                    with contextlib.suppress(OSError):
+                        os.unlink(self.path / b.name)
+            if self._snap is not None:
+                with contextlib.suppress(Exception):
+                    self._reload()
+            raise
+        self._reload()
+        # The old files (and any crash leftovers) go; readers holding them open keep reading them.
+        self._remove_strays()
+
+    def _remove_strays(self, names: Iterable[str] | None = None) -> None:
+        """Delete store files (all, or ``names``) that the manifest does not refer to: left by a crash
+        or a failed change. Only a writer does this."""
+        m = self._manifest
+        keep = {m["files"][k]["name"] for k in _DATA}
+        if m["files"].get("overlay"):
+            keep.add(m["files"]["overlay"]["name"])
+        for name in os.listdir(self.path) if names is None else names:
+            if _OWN_FILE.match(name) and name not in keep:
+                with contextlib.suppress(OSError):
+                    os.unlink(self.path / name)
+
+
+def _check_encoder(folder: Path, manifest: dict, encoder: KBEncoder) -> None:
+    if encoder.name != manifest["encoder"]:
+        raise KBStoreError(f"{folder} was encoded with {manifest['encoder']!r}, but the encoder given is "
+                           f"{encoder.name!r}; open it with the {manifest['encoder']!r} encoder, or re-encode "
+                           f"everything with KBStore.rebuild(path, encoder)")
+    if int(encoder.dim) != int(manifest["dim"]):
+        raise KBStoreError(f"{folder} holds {manifest['dim']}-dim embeddings from {manifest['encoder']!r}, but "
+                           f"the encoder given ({encoder.name!r}) makes {encoder.dim}-dim ones")
+
+
+def _lock(folder: Path) -> int:
+    """Take the single-writer lock (non-blocking); returns its fd, held until close()."""
+    if fcntl is None:  # pragma: no cover
+        raise KBStoreError("writing a KB store needs fcntl.flock (POSIX); open it with readonly=True")
+    fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        pid = _read_lock_pid(folder)
+        who = f"process {pid}" if pid else "another process"
+        raise KBStoreError(f"{folder} is open for writing by {who} (or by another KBStore in this one); "
+                           "open it with readonly=True to read, or close the other writer first") from None
+    except BaseException:
+        os.close(fd)
+        raise
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
