@@ -121,11 +121,17 @@ def _eval(args) -> int:
     model = KBLaM.from_pretrained(args.adapter)
     results = evaluate(model, sizes, kbs=args.kbs, questions=args.questions, seed=args.seed)
     print(format_table(results))
+    from kblam.training.evaluate import no_kb_matches_base
+
+    probes = [e["question"] for r in results for e in r.examples][:6] or ["What is the capital of France?"]
+    equal, total = no_kb_matches_base(model, probes)
+    print(f"no KB attached: the answer equals the base model's (loaded separately) on {equal}/{total} questions")
     for r in results:
         for example in r.examples:
             print(f"  [{r.size}] Q: {example['question']}\n        A: {example['answer']}  (gold: {example['gold']})")
     if args.json:
-        Path(args.json).write_text(json.dumps([asdict(r) for r in results], indent=2) + "\n", encoding="utf-8")
+        report = {"sizes": [asdict(r) for r in results], "no_kb_equals_base": [equal, total]}
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     return 0
 
 

@@ -103,3 +103,19 @@ def test_recipes_load(tmp_path):
     bad.write_text("stepz: 3\n")
     with pytest.raises(ValueError, match="unknown recipe keys"):
         TrainConfig.from_yaml(bad)
+
+
+def test_every_kind_of_question_is_in_the_training_data():
+    """Guards a bug: drawing 4 examples per KB with a 10% kind once rounded that kind away."""
+    from collections import Counter
+
+    mix = {"simple": 0.7, "multi": 0.1, "open": 0.1, "unanswerable": 0.1}
+    pool, examples = build_examples(60, 1000, seed=0, split="train", kb_size=(16, 32), mix=mix)
+    counts = Counter(e["kind"] for e in examples)
+    assert counts["unanswerable"] > 60 and counts["open"] > 60 and counts["multi"] > 30
+    names = {t.name for t in pool}
+    unanswerable = [e for e in examples if e["kind"] == "unanswerable"]
+    kb_names = [{pool[i].name for i in e["kb"]} for e in unanswerable]
+    about_kb_entities = sum(any(n in e["question"] for n in kn) for e, kn in zip(unanswerable, kb_names, strict=True))
+    assert 0.2 * len(unanswerable) < about_kb_entities < 0.9 * len(unanswerable)  # both kinds of absent fact
+    assert names

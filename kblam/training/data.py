@@ -39,6 +39,9 @@ def build_examples(
 
     pool = synthetic_triples(n_entities, seed=seed, split=split)
     index = {t: i for i, t in enumerate(pool)}
+    by_name: dict[str, list[int]] = {}
+    for i, t in enumerate(pool):
+        by_name.setdefault(t.name, []).append(i)
     rng = random.Random(seed)
     examples = []
     episode = 0
@@ -47,15 +50,22 @@ def build_examples(
         members = rng.sample(range(len(pool)), min(size, len(pool)))
         kb = [pool[i] for i in members]
         in_kb = set(members)
-        absent = [pool[i] for i in rng.sample(range(len(pool)), min(64, len(pool))) if i not in in_kb]
-        for qa in make_examples(
-            kb, per_episode, seed=seed * 1_000_003 + episode, mix=mix, heldout_phrasings=heldout_phrasings,
-            absent=absent,
-        ):
-            examples.append({
-                "question": qa.question, "answer": qa.answer, "kind": qa.kind,
-                "kb": [index[t] for t in kb], "sources": list(qa.sources),
-            })
+        # Unanswerable questions ask both about entities the KB lacks and about missing properties of
+        # entities it has (the harder kind: the name matches a key, the property does not).
+        siblings = [j for i in members for j in by_name[pool[i].name] if j not in in_kb]
+        strangers = [i for i in rng.sample(range(len(pool)), min(64, len(pool))) if i not in in_kb]
+        absent = [pool[i] for i in rng.sample(siblings, min(32, len(siblings))) + strangers[:32]]
+        # Each example draws its kind from the mix (make_examples rounds per call: 10% of 4 would be 0).
+        kinds = rng.choices(list(mix), weights=list(mix.values()), k=per_episode)
+        for j, kind in enumerate(kinds):
+            for qa in make_examples(
+                kb, 1, seed=(seed * 1_000_003 + episode) * 8 + j, mix={kind: 1.0},
+                heldout_phrasings=heldout_phrasings, absent=absent,
+            ):
+                examples.append({
+                    "question": qa.question, "answer": qa.answer, "kind": qa.kind,
+                    "kb": [index[t] for t in kb], "sources": list(qa.sources),
+                })
         episode += 1
     rng.shuffle(examples)
     return pool, examples[:n_examples]

@@ -149,3 +149,25 @@ def quick_check(model, cfg) -> dict:
     model.train(was_training)
     return {"eval_top1": round(r.top1, 3), "eval_contains": round(r.contains, 3),
             "eval_refusal_recall": None if r.refusal_recall != r.refusal_recall else round(r.refusal_recall, 3)}
+
+
+def no_kb_matches_base(model, questions: list[str], max_new_tokens: int = 24) -> tuple[int, int]:
+    """(equal, total): greedy answers with no KB attached against a separately loaded copy of the base."""
+    from kblam import defaults
+
+    if model.config.base_model == defaults.DEFAULT_BASE_MODEL:
+        reference, _ = defaults.load_default_base()
+    else:
+        from transformers import AutoModelForCausalLM
+
+        reference = AutoModelForCausalLM.from_pretrained(model.config.base_model)
+    reference.to(next(model.base.parameters()).device).eval()
+    tok = model.tokenizer
+    equal = 0
+    for question in questions:
+        ours = model.ask(question, max_new_tokens=max_new_tokens).text
+        inputs = tok(model.format_prompt(question), return_tensors="pt", add_special_tokens=False).to(reference.device)
+        out = reference.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, temperature=None,
+                                 top_p=None, top_k=None, pad_token_id=tok.pad_token_id)
+        equal += ours == tok.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    return equal, len(questions)

@@ -60,6 +60,7 @@ class TrainConfig:
     eval_kb_size: int = 100
     eval_questions: int = 32
     device: str = "auto"
+    cache_dir: str | None = None  # encoder cache; default <out>/cache (runs with the same data can share one)
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides) -> TrainConfig:
@@ -142,7 +143,7 @@ def train(cfg: TrainConfig, *, model=None, data=None, progress: bool = True, log
             cfg.train_entities, cfg.train_examples, seed=cfg.seed, split="train",
             kb_size=tuple(cfg.kb_size), mix=cfg.mix,
         )
-        data = prepare(model, pool, examples, cache=out / "cache")
+        data = prepare(model, pool, examples, cache=Path(cfg.cache_dir) if cfg.cache_dir else out / "cache")
     params = [p for p in model.adapter.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     start = 0
