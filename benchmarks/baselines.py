@@ -75,7 +75,10 @@ class _Baseline:
 
     @classmethod
     def from_kblam(cls, model, **kwargs):
-        """The baseline over a loaded KBLaM's base model and tokenizer (its adapter is not used)."""
+        """The baseline over a loaded KBLaM's base model and tokenizer (its adapter is not used).
+
+        It takes the same system prompt as kblam's prompts, so every method sees the same frame."""
+        kwargs.setdefault("system_prompt", model.config.system_prompt)
         return cls(model.base, model.tokenizer, **kwargs)
 
     # --- prompts ------------------------------------------------------------------------------
@@ -227,6 +230,7 @@ class RAGBaseline(_Baseline):
     @classmethod
     def from_kblam(cls, model, **kwargs):
         """RAG over a loaded KBLaM's base model, tokenizer and sentence encoder (its adapter is not used)."""
+        kwargs.setdefault("system_prompt", model.config.system_prompt)
         return cls(model.base, model.tokenizer, model.encoder, **kwargs)
 
     def index(self, kb: Sequence[Triple]):

@@ -57,6 +57,7 @@ class KBLaMConfig:
     null_slot: bool = False
     copy_values: bool = False
     max_value_tokens: int = 24  # tokens of a value the copy path can reproduce
+    copy_commit_after: int | None = 2  # copied this many tokens of a value: finish it (None: the gate decides)
     refusal: str = REFUSAL
     system_prompt: str | None = None  # None: the chat template's default
     kblam_version: str = __version__

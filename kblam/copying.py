@@ -10,7 +10,8 @@ where a_i is the KB attention at this position (averaged over KB layers and head
 the knowledge tokens) and g a small learned gate. Each value keeps a pointer into its own tokens:
 after emitting value i's k-th token the pointer moves to k+1, otherwise it falls back to 0 (or 1 if the
 token just emitted starts the value). A value already emitted in full proposes nothing. The null slot's
-"value" is the refusal sentence, so refusing is copying too.
+"value" is the refusal sentence, so refusing is copying too. Once a value has been copied for
+`copy_commit_after` tokens, the gate is held open until it is complete (`commit`).
 """
 
 from __future__ import annotations
@@ -67,6 +68,17 @@ def gate_features(weights: torch.Tensor, pointer: torch.Tensor, null_slot: bool)
     in_progress = (weights * (pointer > 0)).sum(-1)
     null = weights[..., -1] if null_slot else torch.zeros_like(in_progress)
     return torch.stack([in_progress, null], dim=-1)
+
+
+def commit(gate: torch.Tensor, weights: torch.Tensor, pointer: torch.Tensor, tokens: torch.Tensor,
+           after: int) -> torch.Tensor:
+    """A value copied for `after` tokens is finished: the gate stays at least at the KB weight of such values.
+
+    The learned gate reads the LM's hidden state, which after "is 4" may well believe a number has
+    ended; a copy that far along is no coincidence, so it is completed (gate (.., 1)).
+    """
+    committed = (weights * ((pointer >= after) & (tokens != PAD))).sum(-1, keepdim=True)
+    return torch.maximum(gate, committed.to(gate.dtype))
 
 
 def mix(logits: torch.Tensor, gate: torch.Tensor, weights: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:

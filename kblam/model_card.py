@@ -7,7 +7,8 @@ from pathlib import Path
 from kblam.adapter import KBLaMConfig
 
 
-def write_model_card(folder: str | Path, config: KBLaMConfig, body: str | None = None) -> Path:
+def write_model_card(folder: str | Path, config: KBLaMConfig, body: str | None = None,
+                     load_path: str | None = None) -> Path:
     """Write README.md: what the adapter is for, how to load it, and `body` (training and scores)."""
     status = "trained" if config.trained else "UNTRAINED: the knowledge base cannot inform answers yet"
     layers = ", ".join(str(i) for i in config.kb_layers)
@@ -32,7 +33,7 @@ Status: **{status}**.
 
 ```python
 from kblam import KBLaM, KnowledgeBase
-model = KBLaM.from_pretrained("{Path(folder).name}")
+model = KBLaM.from_pretrained({'' if load_path == '' else repr(load_path or Path(folder).name)})
 print(model.ask("...", kb=KnowledgeBase.from_csv("facts.csv")).text)
 ```
 

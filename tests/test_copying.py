@@ -144,3 +144,15 @@ def test_low_rank_query_heads_start_as_q_proj_and_stay_small(family, hash_encode
     n_full = sum(p.numel() for n, p in full.adapter.named_parameters() if n.startswith("query_heads"))
     assert n_low < n_full / 3
     assert not any("q_proj" in k or "qkv" in k for k in low.adapter.state_dict())
+
+
+def test_a_copy_two_tokens_along_is_finished():
+    gate = torch.tensor([[0.05], [0.05]])
+    weights = torch.tensor([[0.9, 0.1], [0.9, 0.1]])
+    ids = torch.tensor([[[7, 8, 9], [5, 6, PAD]]])
+    pointer = torch.tensor([[2, 0], [1, 0]])  # row 0: value 0 copied for two tokens; row 1: only one
+    tokens = copying.candidates(pointer, ids)
+    committed = copying.commit(gate, weights, pointer, tokens, after=2)
+    assert committed[0].item() == pytest.approx(0.9) and committed[1].item() == pytest.approx(0.05)
+    done = copying.commit(gate, weights, torch.tensor([[3, 0]]), copying.candidates(torch.tensor([[3, 0]]), ids), 2)
+    assert done[0].item() == pytest.approx(0.05)  # a finished value holds nothing open

@@ -16,13 +16,44 @@ EXAMPLE = Path(__file__).parents[1] / "examples" / "elements.csv"
 
 @pytest.fixture(scope="module")
 def model():
-    with pytest.warns(UntrainedAdapterWarning):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UntrainedAdapterWarning)  # the shipped adapter is trained
         return KBLaM.from_pretrained()
 
 
 @pytest.fixture(scope="module")
 def kb():
     return KnowledgeBase.from_csv(EXAMPLE)
+
+
+def test_the_shipped_adapter_is_trained_and_small(model):
+    from kblam.model import SHIPPED_ADAPTER
+
+    assert model.config.trained
+    assert model.config.copy_values and model.config.retrieval_prior and model.config.null_slot
+    weights = SHIPPED_ADAPTER / "kblam_adapter.safetensors"
+    assert weights.stat().st_size < 5_000_000
+    assert (SHIPPED_ADAPTER / "README.md").read_text().count("| 100 |") >= 1  # the card has its eval table
+
+
+def test_updating_a_value_changes_the_top_source_and_the_answer(model, kb):
+    """No retraining: the same question over an edited KB follows the edit."""
+    question = "What is the atomic number of iron?"
+    before = model.ask(question, kb=kb, max_new_tokens=16, max_sources=1)
+    assert before.sources[0][0] == Triple("Iron", "atomic number", "26")
+    assert "26" in before.text
+    edited = KnowledgeBase(kb.triples)
+    edited.update("Iron", "atomic number", "47")
+    after = model.ask(question, kb=edited, max_new_tokens=16, max_sources=1)
+    assert after.sources[0][0] == Triple("Iron", "atomic number", "47")
+    assert "47" in after.text and "26" not in after.text
+
+
+def test_a_question_the_kb_cannot_answer_is_refused(model, kb):
+    answer = model.ask("What is the population of Atlantis?", kb=kb, max_new_tokens=24)
+    assert answer.text == model.config.refusal
 
 
 def test_default_loads_offline(model):
@@ -64,7 +95,7 @@ def test_attaching_a_kb_changes_the_logits(model, kb):
     inputs = model.tokenizer("The symbol of gold is", return_tensors="pt")
     with torch.no_grad():
         plain = model(**inputs).logits
-        read = model(**inputs, kb=kb).logits
+        read = model(**inputs, kb=kb, questions=["What is the symbol of gold?"]).logits
     assert (plain - read).abs().max() > 1e-3
 
 

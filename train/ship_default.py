@@ -4,8 +4,9 @@
 
 1. exports runs/smollm2-135m (train/recipes/smollm2-135m.yaml) to kblam/adapters/smollm2-135m-instruct/
    in bfloat16, with loss.png;
-2. runs the held-out evaluation (`kblam eval` at 100 and 1,000 triples) and keeps eval.json there;
-3. writes the model card: recipe, steps, wall time, machine, loss curve, ablation and evaluation tables.
+2. calibrates the null slot's bias on validation KBs (train-split entities; see calibrate_null_slot);
+3. runs the held-out evaluation (`kblam eval` at 100 and 1,000 triples) and keeps eval.json there;
+4. writes the model card: recipe, steps, wall time, machine, loss curve, ablation and evaluation tables.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ ROOT = Path(__file__).parents[1]
 RECIPE = ROOT / "train" / "recipes" / "smollm2-135m.yaml"
 TARGET = ROOT / "kblam" / "adapters" / "smollm2-135m-instruct"
 ABLATIONS = ROOT / "train" / "recipes" / "ablations" / "results.md"
+CALIBRATION = ROOT / "train" / "results" / "null_slot_calibration.txt"
 
 
 def machine() -> str:
@@ -34,6 +36,7 @@ def machine() -> str:
 def card(cfg, log: list[dict], results, table: str, questions: int) -> str:
     tail = log[-50:]
     ablation = ABLATIONS.read_text() if ABLATIONS.is_file() else "(not run)"
+    calibration = CALIBRATION.read_text().strip() if CALIBRATION.is_file() else "(not run)"
     examples = "\n".join(
         f"- ({r.size} triples) Q: {e['question']}  \n  A: {e['answer']}  (gold: {e['gold']})"
         for r in results for e in r.examples
@@ -62,6 +65,17 @@ about 20% of the questions ask about triples that are not in the KB (the answer 
 
 Examples:
 {examples}
+
+## Null-slot calibration (validation KBs from the train split, 2 KBs x 30 questions per size)
+
+The refusal threshold is the null slot's learned bias plus an offset chosen on validation KBs by
+`kblam.training.evaluate.calibrate_null_slot` (mean over sizes of (refusal F1 + answer contains) / 2;
+ties keep the smaller offset). It kept +0.0. Measured before the copy-commit rule
+(`copy_commit_after`) was added:
+
+```
+{calibration}
+```
 
 ## Ablation (the same recipe with parts switched off; shorter runs, KBs of 100 triples)
 
@@ -100,6 +114,7 @@ def main(argv=None) -> int:
     parser.add_argument("--kbs", type=int, default=5)
     parser.add_argument("--questions", type=int, default=40)
     parser.add_argument("--card-only", action="store_true", help="rewrite the card from the saved eval.json")
+    parser.add_argument("--no-calibration", action="store_true", help="keep the null slot's bias as trained")
     args = parser.parse_args(argv)
     hf_logging.disable_progress_bar()
     cfg = TrainConfig.from_yaml(RECIPE)
@@ -112,6 +127,12 @@ def main(argv=None) -> int:
         model.adapter.load_state_dict(state["adapter"])
         export_adapter(model, cfg, TARGET)
         model = KBLaM.from_pretrained(TARGET)  # measure what ships: the bfloat16 weights, loaded as users load them
+        if model.config.null_slot and not args.no_calibration:
+            from kblam.training.evaluate import calibrate_null_slot
+
+            offset = calibrate_null_slot(model)
+            model.config.extra["null_bias_offset"] = offset
+            model.save_pretrained(TARGET, dtype=torch.bfloat16)
         results = evaluate(model, (100, 1000), kbs=args.kbs, questions=args.questions)
         from kblam.training.evaluate import no_kb_matches_base
 
@@ -126,7 +147,8 @@ def main(argv=None) -> int:
     print(table)
     from kblam.adapter import KBLaMConfig
 
-    write_model_card(TARGET, KBLaMConfig.load(TARGET), body=card(cfg, log, results, table, args.questions))
+    write_model_card(TARGET, KBLaMConfig.load(TARGET), body=card(cfg, log, results, table, args.questions),
+                     load_path="")  # the shipped adapter: KBLaM.from_pretrained()
     return 0
 
 

@@ -48,12 +48,12 @@ class SizeResult:
     examples: list = field(default_factory=list)
 
 
-def _test_kb(size: int, seed: int):
+def _test_kb(size: int, seed: int, split: str = "test"):
     from kb_builders.synthetic import synthetic_triples
 
     entities = max(4, size // 3)  # every entity type has at least 4 properties
     while True:
-        pool = synthetic_triples(entities, seed=seed, split="test")
+        pool = synthetic_triples(entities, seed=seed, split=split)
         if len(pool) >= size + 64:
             break
         entities *= 2
@@ -65,7 +65,7 @@ def _test_kb(size: int, seed: int):
 
 def evaluate_size(model, size: int, *, kbs: int = 5, questions: int = 40, unanswerable: float = 0.2,
                   seed: int = 1234, batch_size: int = 8, max_new_tokens: int = 32, keep_examples: int = 3,
-                  progress=None) -> SizeResult:
+                  progress=None, split: str = "test") -> SizeResult:
     import time
 
     from kb_builders.questions import question_for
@@ -75,7 +75,7 @@ def evaluate_size(model, size: int, *, kbs: int = 5, questions: int = 40, unansw
     refused_right = refused = should_refuse = 0
     began = time.perf_counter()
     for k in range(kbs):
-        kb, absent = _test_kb(size, seed + 7919 * k + size)
+        kb, absent = _test_kb(size, seed + 7919 * k + size, split)
         rng = random.Random(seed + k)
         items = []
         for _ in range(questions):
@@ -122,6 +122,39 @@ def evaluate(model, sizes=(100, 1000), *, kbs: int = 5, questions: int = 40, see
     total = len(sizes) * kbs * questions
     with tqdm(total=total, desc="eval", disable=not progress) as bar:
         return [evaluate_size(model, s, kbs=kbs, questions=questions, seed=seed, progress=bar) for s in sizes]
+
+
+def calibrate_null_slot(model, offsets=(0.0, 0.5, 1.0, 2.0, 3.0), sizes=(100, 1000), *, kbs: int = 2,
+                        questions: int = 30, seed: int = 777, log=print) -> float:
+    """Shift the null slot's learned bias by the offset that scores best on VALIDATION KBs.
+
+    Validation KBs come from the train split (entities `kblam eval` never uses), with the held-out
+    phrasings. The score is the mean over sizes of (refusal F1 + answer-contains-gold) / 2, so
+    refusing more is only worth it while answerable questions still get answered. Ties keep the
+    smaller shift. Returns the offset, already applied to model.adapter.null_bias.
+    """
+    import torch
+
+    def f1(p: float, r: float) -> float:
+        p, r = (0.0 if x != x else x for x in (p, r))
+        return 0.0 if p + r == 0 else 2 * p * r / (p + r)
+
+    base = model.adapter.null_bias.detach().clone()
+    best, best_score = 0.0, -1.0
+    for offset in offsets:
+        with torch.no_grad():
+            model.adapter.null_bias.copy_(base + offset)
+        runs = [evaluate_size(model, s, kbs=kbs, questions=questions, seed=seed, split="train", max_new_tokens=24)
+                for s in sizes]
+        score = sum((f1(r.refusal_precision, r.refusal_recall) + r.contains) / 2 for r in runs) / len(runs)
+        log(f"null offset {offset:+.1f}: score {score:.3f} " + " ".join(
+            f"[{r.size}: contains {r.contains:.2f} refusal P {r.refusal_precision:.2f} R {r.refusal_recall:.2f}]"
+            for r in runs))
+        if score > best_score + 1e-9:
+            best, best_score = offset, score
+    with torch.no_grad():
+        model.adapter.null_bias.copy_(base + best)
+    return best
 
 
 def format_table(results: list[SizeResult]) -> str:
