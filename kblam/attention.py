@@ -7,6 +7,13 @@ must not depend on the order of the triples) and are shifted by log(C) - log(M) 
 KB draws does not grow with M. That shift, the padding of a batch of KBs and the optional retrieval
 prior all arrive as one additive `bias` per knowledge token. Text-to-text logits are the base model's own.
 
+A large KB can be read in chunks (`KBLayerInputs.chunk_size`): the same joint softmax computed the
+flash-attention way, carrying a running max, sum and unnormalised KB output per (batch, head, query)
+over chunks of knowledge tokens, then combining them with the text part. Peak memory is then
+O(N * chunk) per layer instead of O(N * M), and the result equals the single pass (to float rounding).
+Whoever wants the KB attention itself (sources, the copy path) gets it through `record`, one chunk of
+normalised probabilities at a time, so nothing of size (B, heads, N, M) is ever materialised.
+
 How it plugs in, without copying any modeling file:
 - `register(base)` adds the function under the name "kblam_<base>" to AttentionInterface, and the
   base's mask function under the same name to AttentionMaskInterface (without a mask function of its
@@ -21,7 +28,7 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -42,7 +49,10 @@ class KBLayerInputs:
     keys: torch.Tensor  # (B or 1, kv_heads, M, head_dim)
     values: torch.Tensor  # (B or 1, kv_heads, M, head_dim)
     bias: float | torch.Tensor  # added to the KB logits: a float, or (B|1, 1, 1, M) (-inf for padding)
-    record: Callable[[torch.Tensor], None] | None = None  # receives KB attention (B, heads, N, M)
+    # Receives the KB attention as (first knowledge token, probs (B, heads, N, chunk)) pairs, normalised
+    # jointly with the text; to be iterated (at most once) during the call. Unchunked: one pair, (0, all).
+    record: Callable[[Iterable[tuple[int, torch.Tensor]]], None] | None = None
+    chunk_size: int | None = None  # knowledge tokens per chunk; None: one pass over the whole KB
 
 
 def kb_logit_shift(kb_size: int, kb_scale_factor: float | None) -> float:
@@ -113,9 +123,10 @@ def rectangular_attention(
     """Joint softmax over [KB keys | text keys]; returns (B, N, H, D) like every attention function."""
     n, head_dim = query.shape[2], query.shape[3]
     q_kb = kb_query(module, kb, head_dim).to(query.dtype)
+    if kb.chunk_size is not None:
+        return _chunked_attention(module, q_kb, query, key, value, attention_mask, scaling, dropout, kb)
 
-    kb_logits = _softcap(_grouped_scores(q_kb, kb.keys.to(query.dtype)) * scaling, module)
-    kb_logits = kb_logits + (kb.bias.to(kb_logits.dtype) if torch.is_tensor(kb.bias) else kb.bias)
+    kb_logits = _kb_logits(module, q_kb, kb, scaling, 0, kb.keys.shape[2])
     text_logits = _softcap(_grouped_scores(query, key) * scaling, module)
     text_logits = text_logits + _text_bias(attention_mask, n, key.shape[2], text_logits)
 
@@ -124,9 +135,58 @@ def rectangular_attention(
     m = kb.keys.shape[2]
     kb_probs, text_probs = probs[..., :m], probs[..., m:]
     if kb.record is not None:
-        kb.record(kb_probs)  # with its graph: the copy path trains through it
+        kb.record([(0, kb_probs)])  # with its graph: the copy path trains through it
     out = _grouped_mix(kb_probs, kb.values.to(query.dtype)) + _grouped_mix(text_probs, value)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _kb_logits(module: nn.Module, q_kb: torch.Tensor, kb: KBLayerInputs, scaling: float, start: int, stop: int):
+    """Logits (B, H, N, stop - start) of knowledge tokens start..stop-1, their bias included."""
+    logits = _softcap(_grouped_scores(q_kb, kb.keys[:, :, start:stop].to(q_kb.dtype)) * scaling, module)
+    if not torch.is_tensor(kb.bias):
+        return logits + kb.bias
+    return logits + kb.bias[..., start:stop].to(logits.dtype)
+
+
+def _chunked_attention(module, q_kb, query, key, value, attention_mask, scaling, dropout, kb: KBLayerInputs):
+    """The joint softmax of rectangular_attention, reading the KB kb.chunk_size knowledge tokens at a time.
+
+    Per (B, H, N): a running max `top` and sum of exp(logit - top) over the chunks seen so far, and the
+    KB output accumulated unnormalised (rescaled whenever `top` grows); then the text part joins the
+    same max and sum, and the two outputs are added and divided by the total. Computed in float32.
+    """
+    m, step = kb.keys.shape[2], kb.chunk_size
+
+    def drop(p):  # dropout on the numerators = dropout on the normalised probabilities
+        return nn.functional.dropout(p, p=dropout, training=module.training)
+
+    top = torch.full((*query.shape[:3], 1), float("-inf"), device=query.device)
+    total = torch.zeros_like(top)
+    kb_out = torch.zeros(query.shape, device=query.device)
+    for start in range(0, m, step):
+        logits = _kb_logits(module, q_kb, kb, scaling, start, start + step).float()
+        new_top = torch.maximum(top, logits.amax(-1, keepdim=True))
+        safe = new_top.clamp_min(torch.finfo(torch.float32).min)  # an all-padding (-inf) chunk gives 0, not NaN
+        rescale, p = torch.exp(top - safe), torch.exp(logits - safe)
+        total = total * rescale + p.sum(-1, keepdim=True)
+        kb_out = kb_out * rescale + _grouped_mix(drop(p), kb.values[:, :, start:start + step].float())
+        top = new_top
+
+    text_logits = _softcap(_grouped_scores(query, key) * scaling, module)
+    text_logits = (text_logits + _text_bias(attention_mask, query.shape[2], key.shape[2], text_logits)).float()
+    joint = torch.maximum(top, text_logits.amax(-1, keepdim=True))  # finite: each row sees a token or the KB
+    kb_share, text_p = torch.exp(top - joint), torch.exp(text_logits - joint)
+    total = total * kb_share + text_p.sum(-1, keepdim=True)
+    out = (kb_out * kb_share + _grouped_mix(drop(text_p), value.float())) / total
+
+    def kb_probs() -> Iterator[tuple[int, torch.Tensor]]:  # a second pass, with the final max and sum
+        for start in range(0, m, step):
+            logits = _kb_logits(module, q_kb, kb, scaling, start, start + step).float()
+            yield start, (torch.exp(logits - joint) / total).to(query.dtype)
+
+    if kb.record is not None:
+        kb.record(kb_probs())
+    return out.to(query.dtype).transpose(1, 2).contiguous(), None
 
 
 def _base_function(base: str, module: nn.Module) -> Callable:

@@ -1,11 +1,23 @@
-"""KBLaM: a frozen Hugging Face causal LM that reads a knowledge base through a trained adapter."""
+"""KBLaM: a frozen Hugging Face causal LM that reads a knowledge base through a trained adapter.
+
+Large knowledge bases (issue 5, docs/scale.md):
+- `kb_chunk_size` (default 8192): a KB of more knowledge tokens than this is read in chunks of this
+  many by the rectangular attention (kblam.attention), so a layer's attention memory is bounded by
+  the chunk, not by the KB. The result equals the single pass. In that mode the copy path's tap keeps
+  the KB attention of the last position only (all that generation reads).
+- `prefilter_above` (default 20,000 triples) and `prefilter_k` (256): above that size `ask` first
+  picks each question's top-k triples by key cosine with FAISS (kblam.prefilter) and reads only those.
+- `ask` and `attach` take a KBStore as well; with the pre-filter, only the candidates' rows are read
+  from the store's memory-mapped float16 embeddings.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import math
 import warnings
-from collections.abc import Sequence
+import weakref
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +31,8 @@ from kblam.adapter import CONFIG_NAME, WEIGHTS_NAME, KBAdapter, KBLaMConfig
 from kblam.encoder import KBEmbeddings, KBEncoder
 from kblam.kb import KnowledgeBase, Triple
 from kblam.model_card import write_model_card
+from kblam.prefilter import KBPrefilter
+from kblam.store import KBStore
 
 SHIPPED_ADAPTER = Path(__file__).parent / "adapters" / "smollm2-135m-instruct"
 
@@ -63,24 +77,32 @@ def attention_modules(model: nn.Module) -> dict[int, nn.Module]:
 
 
 class KBAttentionRecorder:
-    """Keeps the KB attention on the triples of the first call on each KB layer (the prompt's prefill)."""
+    """Keeps the KB attention on the triples of the first call on each KB layer (the prompt's prefill).
 
-    def __init__(self):
-        self.per_layer: dict[int, torch.Tensor] = {}
+    It is aggregated as it arrives (chunk by chunk for a chunked KB): per layer only (B, M), the
+    head-mean attention summed over the prompt tokens of `token_mask` (B, N), or over all of them.
+    """
 
-    def record(self, layer: int, probs: torch.Tensor) -> None:  # (B, heads, N, M)
-        if layer not in self.per_layer:
-            self.per_layer[layer] = probs.detach().float().mean(dim=1)
+    def __init__(self, token_mask: torch.Tensor | None = None):
+        self.token_mask = token_mask
+        self.per_layer: dict[int, torch.Tensor] = {}  # layer -> (B, M)
 
-    def scores(self, token_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, M): KB attention averaged over heads, KB layers and (unpadded) prompt tokens, summing to 1."""
+    def wants(self, layer: int) -> bool:
+        return layer not in self.per_layer
+
+    def token_sum(self, head_mean: torch.Tensor) -> torch.Tensor:
+        """(B, N, chunk) head-mean attention -> (B, chunk), summed over the recorded prompt tokens."""
+        head_mean = head_mean.detach().float()
+        if self.token_mask is None:
+            return head_mean.sum(dim=1)
+        weights = self.token_mask[:, -head_mean.shape[1]:].to(head_mean)
+        return torch.einsum("bnm,bn->bm", head_mean, weights)
+
+    def scores(self) -> torch.Tensor:
+        """(B, M): KB attention averaged over heads and KB layers, summed over the tokens, summing to 1."""
         if not self.per_layer:
             raise RuntimeError("no KB attention was recorded: was a KB attached during the forward pass?")
-        probs = torch.stack(list(self.per_layer.values())).mean(dim=0)  # (B, N, M)
-        if token_mask is not None:
-            weights = token_mask[:, -probs.shape[1]:].to(probs)
-            probs = probs * weights[..., None]
-        per_triple = probs.sum(dim=1)
+        per_triple = torch.stack(list(self.per_layer.values())).mean(dim=0)
         return per_triple / per_triple.sum(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
@@ -95,17 +117,34 @@ class _AttachedKB:
     # KB attention of the current forward call, summed over KB layers (head mean), with its graph.
     tap: torch.Tensor | None = None
     tapped: int = 0
+    # Knowledge tokens per chunk of the attention, None for a single pass. When chunked, the tap keeps
+    # only the last position (B, 1, M'): what generation's copy path reads, without an (N, M') tensor.
+    chunk_size: int | None = None
 
-    def record(self, layer: int, probs: torch.Tensor) -> None:
-        if self.recorder is not None:
-            self.recorder.record(layer, probs[..., : self.kb_size])
-        if self.tap_enabled:
-            mean = probs.float().mean(dim=1)
-            self.tap = mean if self.tap is None else self.tap + mean
+    def record(self, layer: int, chunks: Iterable[tuple[int, torch.Tensor]]) -> None:
+        """Consume one layer's KB attention, (start, probs (B, heads, N, chunk)) chunk by chunk."""
+        sources = self.recorder is not None and self.recorder.wants(layer)
+        if not (sources or self.tap_enabled):
+            return  # nobody reads it: a chunked layer skips its second pass
+        sums, taps = [], []
+        for _, probs in chunks:
+            mean = probs.float().mean(dim=1)  # (B, N, chunk)
+            if sources:
+                sums.append(self.recorder.token_sum(mean))
+            if self.tap_enabled:
+                taps.append(mean if self.chunk_size is None else mean[:, -1:])
+        if sources:
+            self.recorder.per_layer[layer] = torch.cat(sums, dim=-1)[:, : self.kb_size]  # no null slot
+        if taps:
+            tap = torch.cat(taps, dim=-1)
+            self.tap = tap if self.tap is None else self.tap + tap
             self.tapped += 1
 
     def weights(self) -> torch.Tensor:
-        """(B, N, M'): this call's KB attention averaged over KB layers, renormalised over the KB."""
+        """(B, N, M'): this call's KB attention averaged over KB layers, renormalised over the KB.
+
+        (B, 1, M'), the last position only, when the KB is read in chunks.
+        """
         if self.tap is None:
             raise RuntimeError("no KB attention was tapped in this forward call")
         return self.tap / self.tap.sum(-1, keepdim=True).clamp_min(1e-12)
@@ -122,6 +161,16 @@ class KBLaM(nn.Module):
         self.adapter = adapter
         self.config = adapter.config
         self._attached: _AttachedKB | None = None
+        # Scale settings (docs/scale.md). A KB of more knowledge tokens than kb_chunk_size is read in
+        # chunks of that many: 8192 keeps one chunk's float32 logits near 20 MB for a 64-token prompt
+        # on a 9-head model, while KBs up to that size keep the single pass (same result, one kernel
+        # call). None: never chunk.
+        self.kb_chunk_size: int | None = 8192
+        # ask() pre-filters KBs of more than prefilter_above triples to each question's prefilter_k
+        # best by key cosine (None: never). Exact FAISS search at 20,000 x 384 takes ~1 ms.
+        self.prefilter_above: int | None = 20_000
+        self.prefilter_k: int = 256
+        self._prefilters: dict[int, tuple[weakref.ref, object, object]] = {}  # id(keys) -> (ref, version, index)
         # A base wrapped before keeps its original implementation behind the "kblam_" prefix.
         base_impl = base_model.config._attn_implementation.removeprefix("kblam_")
         if base_impl not in attention.SUPPORTED_BASES:
@@ -278,7 +327,8 @@ class KBLaM(nn.Module):
                 keys=keys,
                 values=values,
                 bias=kb.bias[layer],
-                record=lambda probs: kb.record(layer, probs),
+                record=lambda chunks: kb.record(layer, chunks),
+                chunk_size=kb.chunk_size,
             )
             return args, kwargs
 
@@ -291,10 +341,31 @@ class KBLaM(nn.Module):
     def _keep_lm_input(self, module, args):
         self._lm_input = args[0]
 
-    def encode_kb(self, kb: KnowledgeBase | Sequence[Triple] | KBEmbeddings) -> KBEmbeddings:
+    def encode_kb(self, kb: KnowledgeBase | Sequence[Triple] | KBEmbeddings | KBStore) -> KBEmbeddings:
         if isinstance(kb, KBEmbeddings):
             return kb
+        if isinstance(kb, KBStore):
+            return self._check_store(kb).embeddings()
         return self.encoder.encode_kb(kb, self.config.key_template, self.config.value_template)
+
+    def _check_store(self, store: KBStore) -> KBStore:
+        if store.encoder_name != self.encoder.name or store.dim != self.encoder.dim:
+            raise ValueError(
+                f"the KB store {store.path} was encoded with {store.encoder_name!r} ({store.dim}-d), but this "
+                f"model reads {self.encoder.name!r} ({self.encoder.dim}-d) embeddings: rebuild it with "
+                "KBStore.rebuild(path, model.encoder)"
+            )
+        if (store.key_template, store.value_template) != (self.config.key_template, self.config.value_template):
+            warnings.warn(
+                f"the KB store {store.path} encodes keys/values with templates {store.key_template!r} / "
+                f"{store.value_template!r}, the adapter was trained on {self.config.key_template!r} / "
+                f"{self.config.value_template!r}", stacklevel=3,
+            )
+        return store
+
+    def _chunking(self, kb_tokens: int, chunk_size: int | None) -> int | None:
+        size = self.kb_chunk_size if chunk_size is None else chunk_size
+        return size if size and kb_tokens > size else None
 
     @contextmanager
     def attach_embeddings(
@@ -302,34 +373,41 @@ class KBLaM(nn.Module):
         keys: torch.Tensor,
         values: torch.Tensor,
         kb_mask: torch.Tensor | None = None,
-        record: bool = False,
+        record: bool | KBAttentionRecorder = False,
         *,
         queries: torch.Tensor | None = None,
         value_ids: torch.Tensor | None = None,
         tap: bool = False,
+        chunk_size: int | None = None,
+        full_size: int | None = None,
     ):
         """Attach a KB given as encoder embeddings (M, d), or a batch of KBs (B, M, d) with kb_mask (B, M).
 
         queries (B, d): the questions' encoder embeddings, for the retrieval prior.
         value_ids (B|1, M', L): the values' tokens (and the refusal's, for the null slot), for the copy path.
         tap=True keeps each call's KB attention (`model.kb_weights()`), as the copy path always does.
-        Yields a KBAttentionRecorder when record=True. Gradients flow into the adapter (for training).
+        chunk_size: knowledge tokens per chunk of the attention if the KB has more (default: kb_chunk_size;
+        0: never chunk). Chunked, `kb_weights()` holds the last position only.
+        full_size: the size of the KB these rows were picked from (a pre-filter's candidates): the size
+        shift of the logits is then that of the full KB, not of the rows attached.
+        Yields a KBAttentionRecorder when record=True (or the one given). Gradients flow into the adapter.
         """
         device = next(self.adapter.parameters()).device
         keys, values = keys.to(device, torch.float32), values.to(device, torch.float32)
         if kb_mask is not None:
             kb_mask = kb_mask.to(device, torch.bool)
-        recorder = KBAttentionRecorder() if record else None
+        recorder = record if isinstance(record, KBAttentionRecorder) else (KBAttentionRecorder() if record else None)
         if self.config.copy_values and value_ids is None:
             raise ValueError("this adapter copies values: pass value_ids (or use attach(kb), which makes them)")
         previous = self._attached
         self._attached = _AttachedKB(
             states=self.adapter.kb_states(keys, values),
-            bias=self._kb_bias(keys, kb_mask, queries),
+            bias=self._kb_bias(keys, kb_mask, queries, full_size),
             kb_size=keys.shape[-2],
             recorder=recorder,
             value_ids=None if value_ids is None else value_ids.to(device),
             tap_enabled=tap or value_ids is not None,
+            chunk_size=self._chunking(keys.shape[-2] + int(self.config.null_slot), chunk_size),
         )
         try:
             yield recorder
@@ -337,12 +415,15 @@ class KBLaM(nn.Module):
             self._attached = previous
 
     def _kb_bias(
-        self, keys: torch.Tensor, kb_mask: torch.Tensor | None, queries: torch.Tensor | None
+        self, keys: torch.Tensor, kb_mask: torch.Tensor | None, queries: torch.Tensor | None,
+        full_size: int | None = None,
     ) -> dict[int, float | torch.Tensor]:
         """Per KB layer, what is added to the KB logits: the size shift, padding, prior and null slot."""
         cfg, m = self.config, keys.shape[-2]
         scale = cfg.kb_scale_factor
-        if kb_mask is None:
+        if full_size is not None:
+            shift = attention.kb_logit_shift(full_size, scale)
+        elif kb_mask is None:
             shift = attention.kb_logit_shift(m, scale)
         else:
             # Each KB in the batch is shifted by its own size, not the padded one.
@@ -386,14 +467,16 @@ class KBLaM(nn.Module):
     @contextmanager
     def attach(
         self,
-        kb: KnowledgeBase | Sequence[Triple] | KBEmbeddings,
-        record: bool = False,
+        kb: KnowledgeBase | Sequence[Triple] | KBEmbeddings | KBStore,
+        record: bool | KBAttentionRecorder = False,
         *,
         questions: str | Sequence[str] | None = None,
+        chunk_size: int | None = None,
     ):
         """Attach a KB for the forward passes inside the block: `with model.attach(kb): ...`.
 
         `questions` (one per batch row) feed the retrieval prior, when the adapter has one.
+        `chunk_size`: see attach_embeddings (default: the model's kb_chunk_size).
         """
         embeddings = self.encode_kb(kb)
         queries = None
@@ -409,7 +492,8 @@ class KBLaM(nn.Module):
                 queries = self.encoder.encode(questions)
         value_ids = self.value_ids(embeddings.triples) if self.config.copy_values else None
         with self.attach_embeddings(
-            embeddings.keys, embeddings.values, record=record, queries=queries, value_ids=value_ids
+            embeddings.keys, embeddings.values, record=record, queries=queries, value_ids=value_ids,
+            chunk_size=chunk_size,
         ) as recorder:
             yield recorder
 
@@ -427,7 +511,10 @@ class KBLaM(nn.Module):
         features = copying.gate_features(weights, pointer, self.config.null_slot)
         gate_input = torch.cat([hidden.float(), features.float()], dim=-1).to(self.adapter.copy_gate.weight.dtype)
         gate = torch.sigmoid(self.adapter.copy_gate(gate_input).float())
-        return copying.mix(logits, gate, weights, copying.candidates(pointer, value_ids))
+        tokens = copying.candidates(pointer, value_ids)
+        if self.config.copy_commit_after:
+            gate = copying.commit(gate, weights, pointer, tokens, self.config.copy_commit_after)
+        return copying.mix(logits, gate, weights, tokens)
 
     # --- running --------------------------------------------------------------------------------
 
@@ -468,10 +555,13 @@ class KBLaM(nn.Module):
     def ask(
         self,
         question: str | Sequence[str],
-        kb: KnowledgeBase | Sequence[Triple] | KBEmbeddings | None = None,
+        kb: KnowledgeBase | Sequence[Triple] | KBEmbeddings | KBStore | None = None,
         *,
         max_new_tokens: int = 48,
         max_sources: int = 5,
+        prefilter: bool | KBPrefilter | None = None,
+        prefilter_above: int | None = None,
+        prefilter_k: int | None = None,
         **generate_kwargs,
     ) -> Answer | list[Answer]:
         """Answer one question (-> Answer) or a list (-> list[Answer], generated as one batch).
@@ -480,6 +570,13 @@ class KBLaM(nn.Module):
         (the chat template around it excluded) during the prompt, averaged over heads and KB layers.
         Generation is greedy unless generate_kwargs (passed to transformers' generate) say otherwise,
         e.g. do_sample=True, temperature=0.7, top_k=50.
+
+        The pre-filter: a KB of more than `prefilter_above` triples (default: the model's, 20,000) is
+        narrowed to each question's `prefilter_k` (default 256) triples whose keys are closest (cosine)
+        to the question's encoder embedding; the attention then reads those only. `prefilter=True`/`False`
+        forces it on/off; a KBPrefilter is used as the index (its rows must be the KB's rows). Otherwise
+        the index is built once per KB and cached (`prefilter_index`): pass the same KBEmbeddings or
+        KBStore again to reuse it (a KnowledgeBase is re-encoded, hence re-indexed, on every call).
         """
         single = isinstance(question, str)
         questions = [question] if single else list(question)
@@ -507,22 +604,115 @@ class KBLaM(nn.Module):
             for knob in ("temperature", "top_p", "top_k"):
                 generate_kwargs.setdefault(knob, None)
         generate_kwargs.setdefault("pad_token_id", tok.pad_token_id)
-        embeddings = self.encode_kb(kb) if kb is not None else None
-        context = (
-            self.attach(embeddings, record=True, questions=questions) if embeddings is not None else nullcontext()
-        )
-        with context as recorder:
+
+        recorder = KBAttentionRecorder(question_tokens.to(device))
+        context, source_of = nullcontext(), None
+        if kb is not None:
+            if not isinstance(kb, KBStore):
+                kb = self.encode_kb(kb)
+            above = self.prefilter_above if prefilter_above is None else prefilter_above
+            if isinstance(prefilter, bool):
+                narrow = prefilter
+            else:
+                narrow = prefilter is not None or (above is not None and len(kb) > above)
+            if narrow:
+                index = prefilter if isinstance(prefilter, KBPrefilter) else None
+                context, source_of = self._attach_candidates(
+                    kb, questions, recorder, prefilter_k or self.prefilter_k, index
+                )
+            else:
+                embeddings = self.encode_kb(kb)
+                context = self.attach(embeddings, record=recorder, questions=questions)
+                source_of = lambda i, j: embeddings.triples[j]  # noqa: E731
+        with context:
             output = self._generate(**inputs, max_new_tokens=max_new_tokens, **generate_kwargs)
         texts = tok.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+        scores = recorder.scores() if source_of is not None else None
         answers = []
-        scores = recorder.scores(question_tokens.to(device)) if recorder is not None else None
         for i, (q, text) in enumerate(zip(questions, texts, strict=True)):
             sources = []
             if scores is not None:
                 best = torch.topk(scores[i], k=min(max_sources, scores.shape[-1]))
-                sources = [(embeddings.triples[j], float(s)) for s, j in zip(best.values, best.indices.tolist(), strict=True)]
+                for s, j in zip(best.values.tolist(), best.indices.tolist(), strict=True):
+                    triple = source_of(i, j)
+                    if triple is not None:
+                        sources.append((triple, s))
             answers.append(Answer(question=q, text=text.strip(), sources=sources))
         return answers[0] if single else answers
+
+    def prefilter_index(self, kb: KBEmbeddings | KBStore, **options) -> KBPrefilter:
+        """The KBPrefilter (kblam.prefilter) over a KB's key embeddings, built on first use and cached.
+
+        Cached per KB: per keys tensor of a KBEmbeddings, per KBStore object and generation (a change to
+        the store is a new generation, hence a new index). A few KBs are kept (weakly: an index goes when
+        its KB does). `options` go to KBPrefilter (kind, nlist, nprobe, ...) and force a rebuild.
+        """
+        return self._prefiltered(kb, **options)[0]
+
+    def _prefiltered(
+        self, kb: KBEmbeddings | KBStore, index: KBPrefilter | None = None, **options
+    ) -> tuple[KBPrefilter, tuple]:
+        """(index, (keys, values, triples)) of a KB; the index given, else the cached one (built if need be).
+
+        For a store the rows are its memory maps (no copy once compacted; with updates pending,
+        key_matrix() gathers the live rows: once per generation here, not on every ask).
+        """
+        store = isinstance(kb, KBStore)
+        owner = kb if store else kb.keys
+        version = (kb.generation, len(kb)) if store else (tuple(kb.keys.shape), kb.keys._version)
+        entry = self._prefilters.get(id(owner))
+        if not options and entry is not None and entry[0]() is owner and entry[1] == version:
+            return index or entry[2], entry[3] or (kb.keys, kb.values, kb.triples)
+        if store:
+            view = (self._check_store(kb).key_matrix(), kb.value_matrix(), kb.triples())
+        else:
+            view = (kb.keys, kb.values, kb.triples)
+        if index is not None:
+            return index, view
+        index = KBPrefilter(view[0], **options)
+        live = [(i, e) for i, e in self._prefilters.items() if e[0]() is not None and i != id(owner)]
+        self._prefilters = dict(live[-3:])  # a FAISS index over 1M keys holds 1.5 GB: keep a few
+        # Not a KBEmbeddings' own tensors: the entry must not keep its owner alive.
+        self._prefilters[id(owner)] = (weakref.ref(owner), version, index, view if store else None)
+        return index, view
+
+    def _attach_candidates(
+        self, kb: KBEmbeddings | KBStore, questions: list[str], recorder: KBAttentionRecorder, k: int,
+        index: KBPrefilter | None,
+    ) -> tuple[object, Callable[[int, int], Triple | None]]:
+        """Attach each question's top-k triples (by key cosine) as a batch of KBs; map sources back.
+
+        The logits keep the size shift of the FULL KB (full_size): the shift log(C) - log(M) is what
+        the adapter was trained with so that the KB's total pull on the text stays level as M grows.
+        Shifting by log(k) instead would raise every candidate's logit by log(M / k) (+8.3 at 1M
+        triples) and let 256 triples draw as much mass as the whole KB should. With the full shift each
+        candidate gets exactly the logit it has in the full attention, so the result is the full
+        attention minus the tail the pre-filter cut (mass that low-cosine keys would barely draw).
+        """
+        queries = self.encoder.encode(questions)  # (B, d): the question in the keys' encoder space
+        index, (all_keys, all_values, triples) = self._prefiltered(kb, index)
+        _, rows = index.search(queries.numpy(), k)
+        rows = torch.from_numpy(rows)  # (B, k'), -1 where an approximate index found fewer
+        mask, take = rows >= 0, rows.clamp_min(0)
+        if isinstance(kb, KBStore):
+            # Only the candidates' rows are read from the memory-mapped float16 files.
+            flat = take.reshape(-1).numpy()
+            keys = torch.from_numpy(all_keys[flat]).float().view(*take.shape, -1)
+            values = torch.from_numpy(all_values[flat]).float().view(*take.shape, -1)
+        else:
+            keys, values = all_keys[take], all_values[take]
+        candidates = [[triples[j] for j in row] for row in take.tolist()]
+        value_ids = None
+        if self.config.copy_values:
+            per_row = [self.value_ids(row)[0] for row in candidates]  # (k' [+ 1], L) each
+            width = max(ids.shape[-1] for ids in per_row)
+            value_ids = torch.stack([_pad_to(ids, width) for ids in per_row])
+        context = self.attach_embeddings(
+            keys, values, mask, record=recorder,
+            queries=queries if self.config.retrieval_prior else None,
+            value_ids=value_ids, full_size=len(kb),
+        )
+        return context, lambda i, j: candidates[i][j] if mask[i, j] else None
 
 
 def _question_token_mask(
