@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import random
 import sys
 import time
@@ -26,14 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 
 def synthetic_kb(n: int, seed: int):
-    from kb_builders.synthetic import synthetic_triples
+    from kb_builders.synthetic import synthetic_triples_exactly
 
-    entities = max(1, math.ceil(n / 6))
-    while True:
-        triples = synthetic_triples(entities, seed=seed, split="test")
-        if len(triples) >= n:
-            return triples[:n]
-        entities = math.ceil(entities * 1.25) + 1
+    return synthetic_triples_exactly(n, seed=seed, split="test")
 
 
 def main() -> None:

@@ -33,7 +33,6 @@ import argparse
 import contextlib
 import hashlib
 import json
-import math
 import os
 import platform
 import shutil
@@ -91,14 +90,9 @@ class FixedRandomVectors:
 
 
 def _synthetic(n: int, seed: int = 0):
-    from kb_builders.synthetic import synthetic_triples
+    from kb_builders.synthetic import synthetic_triples_exactly
 
-    entities = max(1, math.ceil(n / 6))
-    while True:
-        triples = synthetic_triples(entities, seed=seed, split="all")
-        if len(triples) >= n:
-            return triples[:n]
-        entities = math.ceil(entities * 1.25) + 1
+    return synthetic_triples_exactly(n, seed=seed, split="all")
 
 
 def _peak_rss_mb() -> float:

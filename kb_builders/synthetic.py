@@ -690,3 +690,13 @@ def synthetic_kb(n_entities: int, *, seed: int = 0, split: str = "train", **kw) 
     """``synthetic_triples`` as a ``KnowledgeBase`` (source "synthetic(seed=..., split=...)")."""
     triples = synthetic_triples(n_entities, seed=seed, split=split, **kw)
     return KnowledgeBase(triples, source=f"synthetic(n={n_entities}, seed={seed}, split={split})")
+
+
+def synthetic_triples_exactly(n_triples: int, *, seed: int = 0, split: str = "train") -> list[Triple]:
+    """The first `n_triples` triples of a synthetic KB just large enough to hold them (for benchmarks)."""
+    entities = max(1, math.ceil(n_triples / 6))
+    while True:
+        triples = synthetic_triples(entities, seed=seed, split=split)
+        if len(triples) >= n_triples:
+            return triples[:n_triples]
+        entities = math.ceil(entities * 1.25) + 1

@@ -99,7 +99,10 @@ def test_add_and_remove_follow_kb_rows(kind):
     assert pre.ntotal == len(expected)
     _, rows = pre.search(queries, 5)
     _, want = brute_force(expected, queries, 5)
-    assert (rows == want).mean() > 0.95
+    # Row numbering is what this checks (a shifted row would miss almost always); IVF's 8-bit codes
+    # may swap near-ties, so compare the top-5 as sets.
+    found = np.mean([len(set(r) & set(w)) / 5 for r, w in zip(rows, want, strict=True)])
+    assert found > 0.95
     with pytest.raises(IndexError):
         pre.remove([len(expected)])
 

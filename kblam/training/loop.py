@@ -187,7 +187,7 @@ def train(cfg: TrainConfig, *, model=None, data=None, progress: bool = True, log
                    "grad_norm": round(float(grad_norm), 4), "lr": learning_rate(cfg, step),
                    "seconds": round(time.perf_counter() - began, 3)}
         if cfg.retrieval_prior:
-            metrics["prior_scale"] = round(float(model.adapter.prior_scale), 3)
+            metrics["prior_scale"] = round(float(model.adapter.prior_scale.detach()), 3)
         bar.set_postfix(loss=f"{totals['loss']:.3f}", s_per_step=f"{metrics['seconds']:.2f}")
         if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and rank == 0:
             from kblam.training.evaluate import quick_check
