@@ -116,7 +116,6 @@ class _AttachedKB:
     tap_enabled: bool = False
     # KB attention of the current forward call, summed over KB layers (head mean), with its graph.
     tap: torch.Tensor | None = None
-    tapped: int = 0
     # Knowledge tokens per chunk of the attention, None for a single pass. When chunked, the tap keeps
     # only the last position (B, 1, M'): what generation's copy path reads, without an (N, M') tensor.
     chunk_size: int | None = None
@@ -138,7 +137,6 @@ class _AttachedKB:
         if taps:
             tap = torch.cat(taps, dim=-1)
             self.tap = tap if self.tap is None else self.tap + tap
-            self.tapped += 1
 
     def weights(self) -> torch.Tensor:
         """(B, N, M'): this call's KB attention averaged over KB layers, renormalised over the KB.
@@ -336,7 +334,7 @@ class KBLaM(nn.Module):
 
     def _reset_tap(self, module, args):
         if self._attached is not None:
-            self._attached.tap, self._attached.tapped = None, 0
+            self._attached.tap = None
 
     def _keep_lm_input(self, module, args):
         self._lm_input = args[0]
