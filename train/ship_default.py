@@ -33,7 +33,23 @@ def machine() -> str:
             f"torch {torch.__version__} (float32, no GPU)")
 
 
-def card(cfg, log: list[dict], results, table: str, questions: int) -> str:
+def stages(cfg, recipe: Path) -> tuple[list[dict], str]:
+    """The whole training log (a second stage continues the first's step count) and a line per stage."""
+    from kblam.training.export import read_log
+
+    log = read_log(cfg.out)
+    line = (f"`{recipe.relative_to(ROOT)}`: {len(log)} steps, peak learning rate {cfg.lr}, question mix "
+            f"{cfg.mix}")
+    if not cfg.init_from:
+        return log, line
+    run = Path(cfg.init_from).parent
+    first = read_log(run)
+    head = (f"stage 1, the run `{run}` (its recipe.json; `{RECIPE.relative_to(ROOT)}`): {len(first)} steps; "
+            f"stage 2, {line}, from stage 1's checkpoint")
+    return first + [dict(r, step=r["step"] + len(first)) for r in log], head
+
+
+def card(cfg, log: list[dict], results, table: str, questions: int, stage_line: str = "") -> str:
     tail = log[-50:]
     ablation = ABLATIONS.read_text() if ABLATIONS.is_file() else "(not run)"
     calibration = CALIBRATION.read_text().strip() if CALIBRATION.is_file() else "(not run)"
@@ -44,11 +60,11 @@ def card(cfg, log: list[dict], results, table: str, questions: int) -> str:
     options = ", ".join(f"{k}={v}" for k, v in cfg.adapter_options().items())
     return f"""## Training
 
-- Recipe: `train/recipes/smollm2-135m.yaml` ({options}); retrieval loss weight {cfg.retrieval_loss}.
+- Recipe: {stage_line} ({options}); retrieval loss weight {cfg.retrieval_loss}.
 - Data: synthetic KBs from `kb_builders.synthetic` (Faker, train-split entities only: {cfg.train_entities}
-  entities, {cfg.train_examples} examples, KBs of {cfg.kb_size[0]} to {cfg.kb_size[1]} triples; 70% single-fact,
-  10% multi-fact, 10% open-ended, 10% unanswerable questions).
-- {log[-1]['step']} steps of batch {cfg.batch_size}, AdamW, peak learning rate {cfg.lr}, {cfg.warmup} warm-up steps, cosine decay.
+  entities, {cfg.train_examples} examples, KBs of {cfg.kb_size[0]} to {cfg.kb_size[1]} triples; kinds of
+  question as in the mix above: single-fact, multi-fact, open-ended and unanswerable).
+- {log[-1]['step']} steps of batch {cfg.batch_size} in all, AdamW, linear warm-up, cosine decay.
 - Wall time {sum(r['seconds'] for r in log) / 60:.0f} minutes of steps ({sum(r['seconds'] for r in log) / len(log):.2f} s per step
   on average) on a {machine()}. The machine was shared with other work, so some steps were slower.
 - Answer loss, mean of the last 50 steps: {sum(r['answer_loss'] for r in tail) / len(tail):.3f}.
@@ -107,18 +123,19 @@ def main(argv=None) -> int:
     from kblam.model import KBLaM
     from kblam.model_card import write_model_card
     from kblam.training.evaluate import evaluate, format_table
-    from kblam.training.export import export_adapter, read_log
+    from kblam.training.export import export_adapter
     from kblam.training.loop import CHECKPOINT, TrainConfig, build_model
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--kbs", type=int, default=5)
     parser.add_argument("--questions", type=int, default=40)
     parser.add_argument("--card-only", action="store_true", help="rewrite the card from the saved eval.json")
+    parser.add_argument("--recipe", type=Path, default=RECIPE, help="the run to ship (its recipe)")
     parser.add_argument("--no-calibration", action="store_true", help="keep the null slot's bias as trained")
     args = parser.parse_args(argv)
     hf_logging.disable_progress_bar()
-    cfg = TrainConfig.from_yaml(RECIPE)
-    log = read_log(cfg.out)
+    cfg = TrainConfig.from_yaml(args.recipe)
+    log, stage_line = stages(cfg, args.recipe.resolve())
     from kblam.training.evaluate import SizeResult
 
     if not args.card_only:
@@ -126,6 +143,9 @@ def main(argv=None) -> int:
         state = torch.load(Path(cfg.out) / CHECKPOINT, map_location="cpu", weights_only=False)
         model.adapter.load_state_dict(state["adapter"])
         export_adapter(model, cfg, TARGET)
+        from kblam.training.export import plot_loss
+
+        plot_loss(log, TARGET / "loss.png")  # both stages, if there are two
         model = KBLaM.from_pretrained(TARGET)  # measure what ships: the bfloat16 weights, loaded as users load them
         if model.config.null_slot and not args.no_calibration:
             from kblam.training.evaluate import calibrate_null_slot
@@ -147,7 +167,7 @@ def main(argv=None) -> int:
     print(table)
     from kblam.adapter import KBLaMConfig
 
-    write_model_card(TARGET, KBLaMConfig.load(TARGET), body=card(cfg, log, results, table, args.questions),
+    write_model_card(TARGET, KBLaMConfig.load(TARGET), body=card(cfg, log, results, table, args.questions, stage_line),
                      load_path="")  # the shipped adapter: KBLaM.from_pretrained()
     return 0
 

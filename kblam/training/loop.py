@@ -61,6 +61,7 @@ class TrainConfig:
     eval_questions: int = 32
     device: str = "auto"
     cache_dir: str | None = None  # encoder cache; default <out>/cache (runs with the same data can share one)
+    init_from: str | None = None  # start from another run's checkpoint.pt (a second stage), unless resuming
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides) -> TrainConfig:
@@ -155,6 +156,9 @@ def train(cfg: TrainConfig, *, model=None, data=None, progress: bool = True, log
         torch.set_rng_state(state["torch_rng"])
         start = state["step"]
         log(f"resumed {out} at step {start}")
+    elif cfg.init_from:
+        model.adapter.load_state_dict(torch.load(cfg.init_from, map_location=device, weights_only=False)["adapter"])
+        log(f"started from the adapter in {cfg.init_from}")
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
     model.base.eval()  # no dropout in the frozen base; the adapter has none
     metrics: dict = {}
