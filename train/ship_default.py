@@ -49,7 +49,8 @@ def stages(cfg, recipe: Path) -> tuple[list[dict], str]:
     return first + [dict(r, step=r["step"] + len(first)) for r in log], head
 
 
-def card(cfg, log: list[dict], results, table: str, questions: int, stage_line: str = "") -> str:
+def card(cfg, log: list[dict], results, table: str, questions: int, stage_line: str = "",
+         offset: float | None = None) -> str:
     tail = log[-50:]
     ablation = ABLATIONS.read_text() if ABLATIONS.is_file() else "(not run)"
     calibration = CALIBRATION.read_text().strip() if CALIBRATION.is_file() else "(not run)"
@@ -86,8 +87,7 @@ Examples:
 
 The refusal threshold is the null slot's learned bias plus an offset chosen on validation KBs by
 `kblam.training.evaluate.calibrate_null_slot` (mean over sizes of (refusal F1 + answer contains) / 2;
-ties keep the smaller offset). It kept +0.0. Measured before the copy-commit rule
-(`copy_commit_after`) was added:
+ties keep the smaller offset). Offset applied: {offset}.
 
 ```
 {calibration}
@@ -132,6 +132,8 @@ def main(argv=None) -> int:
     parser.add_argument("--card-only", action="store_true", help="rewrite the card from the saved eval.json")
     parser.add_argument("--recipe", type=Path, default=RECIPE, help="the run to ship (its recipe)")
     parser.add_argument("--no-calibration", action="store_true", help="keep the null slot's bias as trained")
+    parser.add_argument("--offsets", type=float, nargs="+", default=[0.0, 0.5, 1.0, 2.0, 3.0],
+                        help="null-slot bias offsets to try on validation KBs")
     args = parser.parse_args(argv)
     hf_logging.disable_progress_bar()
     cfg = TrainConfig.from_yaml(args.recipe)
@@ -150,7 +152,10 @@ def main(argv=None) -> int:
         if model.config.null_slot and not args.no_calibration:
             from kblam.training.evaluate import calibrate_null_slot
 
-            offset = calibrate_null_slot(model)
+            lines = []
+            offset = calibrate_null_slot(model, offsets=args.offsets, log=lambda line: (lines.append(line),
+                                                                                         print(line, flush=True)))
+            CALIBRATION.write_text(f"# {args.recipe.name}\n" + "\n".join(lines) + "\n")
             model.config.extra["null_bias_offset"] = offset
             model.save_pretrained(TARGET, dtype=torch.bfloat16)
         results = evaluate(model, (100, 1000), kbs=args.kbs, questions=args.questions)
@@ -167,7 +172,8 @@ def main(argv=None) -> int:
     print(table)
     from kblam.adapter import KBLaMConfig
 
-    write_model_card(TARGET, KBLaMConfig.load(TARGET), body=card(cfg, log, results, table, args.questions, stage_line),
+    write_model_card(TARGET, KBLaMConfig.load(TARGET), body=card(cfg, log, results, table, args.questions, stage_line,
+                               KBLaMConfig.load(TARGET).extra.get("null_bias_offset")),
                      load_path="")  # the shipped adapter: KBLaM.from_pretrained()
     return 0
 
