@@ -39,15 +39,17 @@ _WORD = re.compile(r"\w+", re.UNICODE)
 
 
 def _edit_distance(a: str, b: str) -> int:
-    """Levenshtein distance (names are short; the standard library has no edit distance)."""
-    if len(a) < len(b):
-        a, b = b, a
-    previous = list(range(len(b) + 1))
-    for i, ca in enumerate(a, 1):
+    """Edit distance with adjacent transpositions (optimal string alignment): a typo such as "Gadoilnium"
+    costs 1. Names are short, and the standard library has no edit distance."""
+    before, previous = None, list(range(len(b) + 1))
+    for i in range(1, len(a) + 1):
         current = [i]
-        for j, cb in enumerate(b, 1):
-            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (ca != cb)))
-        previous = current
+        for j in range(1, len(b) + 1):
+            cost = min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (a[i - 1] != b[j - 1]))
+            if before is not None and i > 1 and j > 1 and a[i - 1] == b[j - 2] and a[i - 2] == b[j - 1]:
+                cost = min(cost, before[j - 2] + 1)
+            current.append(cost)
+        before, previous = previous, current
     return previous[-1]
 
 

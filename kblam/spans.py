@@ -92,13 +92,30 @@ def candidate_weights(weights: torch.Tensor, quoted: torch.Tensor, kinds: Sequen
     return torch.stack(rows, dim=-2)
 
 
+_GLUE: dict[int, torch.Tensor] = {}
+
+
+def glue_tokens(tokenizer, vocab: int) -> torch.Tensor:
+    """(vocab,) bool: tokens that begin with a letter or digit, which would fuse onto a span just emitted
+    ("Nd" + "E"). Computed once per tokenizer."""
+    key = id(tokenizer)
+    if key not in _GLUE or _GLUE[key].shape[0] != vocab:
+        mask = torch.zeros(vocab, dtype=torch.bool)
+        for i in range(min(vocab, len(tokenizer))):
+            text = tokenizer.decode([i])
+            mask[i] = bool(text) and text[0].isalnum()
+        _GLUE[key] = mask
+    return _GLUE[key]
+
+
 class SpanDecoder:
     """A transformers logits processor that makes each step either the LM's token or a whole span.
 
     `triples(row, column)` gives the triple of a knowledge-token column (None for the null slot).
     `on_prefill(input_ids) -> (B,) bool` is called once, after the prompt's forward pass, and names
     rows to refuse without generating (the calibrated decision in kblam.answer); they end at once.
-    Rows stop at `budget` new tokens, except that a span under way always completes.
+    Rows stop at `budget` new tokens, except that a span under way always completes. Right after a
+    span, the LM may not glue letters or digits onto it: the value reads exactly as the KB holds it.
     After generation, `quotes[row]` lists the (column, kind) quoted, in order.
     """
 
@@ -116,6 +133,7 @@ class SpanDecoder:
         self.refused: torch.Tensor | None = None
         self.quoted: torch.Tensor | None = None
         self.done: list[bool] = []
+        self.after_span: list[bool] = []
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         b, step = input_ids.shape[0], input_ids.shape[1] - self.prompt_length
@@ -125,6 +143,7 @@ class SpanDecoder:
             self.queue = [[] for _ in range(b)]
             self.quotes = [[] for _ in range(b)]
             self.done = [False] * b
+            self.after_span = [False] * b
             width = 0 if kb is None or kb.tap is None else kb.tap.shape[-1]
             self.quoted = torch.zeros(b, width, dtype=torch.bool, device=scores.device)
             refuse = self.on_prefill(input_ids) if self.on_prefill is not None else torch.zeros(b, dtype=torch.bool)
@@ -138,8 +157,16 @@ class SpanDecoder:
                 forced[row] = self.eos[0]
             elif self.queue[row]:
                 forced[row] = self.queue[row].pop(0)
+                self.after_span[row] = not self.queue[row]
+                continue
             elif step >= self.budget:
                 forced[row] = self.eos[0]
+        glued = [row for row in range(b) if row not in forced and self.after_span[row]]
+        if glued:
+            scores[glued] = scores[glued].masked_fill(glue_tokens(self.model.tokenizer, scores.shape[-1]).to(
+                scores.device), float("-inf"))
+        for row in glued:
+            self.after_span[row] = False
         free = [row for row in range(b) if row not in forced]
         if free and self.spans and kb is not None and kb.tap is not None:
             forced.update(self._choose(input_ids, scores, free, kb))
@@ -188,5 +215,6 @@ class SpanDecoder:
             self.quoted[row, column] = True
             self.quotes[row].append((column, kind))
             self.queue[row] = list(ids[1:])
+            self.after_span[row] = len(ids) == 1
             chosen[row] = ids[0]
         return chosen

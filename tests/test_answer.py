@@ -55,6 +55,17 @@ def test_a_started_span_completes_past_the_token_budget(hash_encoder):
     assert answer.quoted == kb and answer.text == "all that glitters is gold"
 
 
+def test_nothing_is_glued_onto_a_span(hash_encoder):
+    model = span_model(hash_encoder)
+    for seed in range(6):  # the LM's next token after the only span, for several random LMs
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            model.base.lm_head.weight.normal_()
+        answer = model.ask("What is the symbol of Gold?", kb=KB[:1], max_new_tokens=4, min_confidence=0.0)
+        assert answer.text.startswith("Au") and answer.quoted == KB[:1]
+        assert len(answer.text) == 2 or not answer.text[2].isalnum(), answer.text
+
+
 def test_fact_spans_state_the_whole_triple(hash_encoder):
     model = span_model(hash_encoder, value=-30.0, fact=0.0)
     answer = model.ask("Tell me about Gold.", kb=KB[:1], max_new_tokens=4, min_confidence=0.0)

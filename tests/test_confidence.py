@@ -17,6 +17,7 @@ def test_name_match_tolerates_a_typo_not_another_name():
     assert name_match("New York City", "what is the population of new york city")[0] == 1.0
     assert name_match("Iron", "What is the symbol of iridium?")[0] < 0.6
     assert name_match("Niger", "What is the capital of Nigeria?")[0] < name_match("Nigeria", "capital of Nigera")[0]
+    assert name_match("Gadolinium", "How dense is Gadoilnium?")[0] == pytest.approx(0.9)  # a swap is one edit
     assert name_match("Gold", "")[0] == 0.0
 
 

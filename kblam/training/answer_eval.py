@@ -70,11 +70,15 @@ def states(answer: str, value: str, mention: str | None) -> bool:
     return bool(want) and f" {want} " in f" {got} "
 
 
-def exact(answer: str, value: str, question: str, mention: str | None) -> bool:
-    """states(), and the answer adds no word but the value's (beyond the question's and function words)."""
+def exact(answer: str, value: str, question: str, mention: str | None, triple: Triple | None = None) -> bool:
+    """states(), and the answer adds no word but the value's, beyond the question's and function words
+    (and, given the asked `triple`, the words of its own name and property: restating the KB's key is
+    not new information; without it, the strict form of the metric)."""
     if not states(answer, value, mention):
         return False
     known = set(words(question)) | FUNCTION_WORDS
+    if triple is not None:
+        known |= set(words(f"{triple.name} {triple.property}")) - set(words(value))
     return [w for w in words(answer) if w not in known] == [w for w in words(value) if w not in known]
 
 
@@ -287,7 +291,8 @@ def correct(r: Record, threshold: float) -> bool:
     if r.refused(threshold):
         return False
     if r.item.kind in ("simple", "counterfactual"):
-        return exact(r.text, r.item.facts[0].value, r.item.question, r.item.mention)
+        fact = r.item.facts[0]
+        return exact(r.text, fact.value, r.item.question, r.item.mention, fact)
     if r.item.kind == "multi":
         return all(states(r.text, t.value, r.item.mention) for t in r.item.facts)
     return open_invented(r) is False
@@ -314,6 +319,8 @@ def score(records: Sequence[Record], threshold: float) -> dict[str, float | int]
     out: dict[str, float | int] = {
         "questions": len(records),
         "exact": share([correct(r, threshold) for r in simple]),
+        "exact_strict": share([not r.refused(threshold) and exact(r.text, r.item.facts[0].value, r.item.question,
+                                                                 r.item.mention) for r in simple]),
         "contains": share([not r.refused(threshold) and states(r.text, r.item.facts[0].value, r.item.mention)
                            for r in simple]),
         "top1": share([r.top == r.item.facts[0] for r in simple]),
@@ -381,3 +388,42 @@ def evaluate(model, names: Sequence[str], sizes: Sequence[int], *, kbs: int = 2,
                     records += run(model, cf_kb, cf_items, batch_size=batch_size, dataset_name=name)
                 log(f"{name} {size} #{k}: {len(got)} questions in {time.perf_counter() - began:.0f} s")
     return records
+
+
+# The floors of issue 9 (docs/benchmarks.md): size -> metric -> (floor, at least / at most).
+FLOORS = {
+    100: {"exact": (0.95, ">="), "refusal_recall": (0.90, ">="), "false_refusals": (0.05, "<=")},
+    1000: {"exact": (0.92, ">="), "refusal_recall": (0.90, ">="), "false_refusals": (0.05, "<=")},
+    10000: {"exact": (0.90, ">=")},
+    "any": {"multi_all_values": (0.85, ">="), "open_fact_precision": (0.85, ">="),
+            "counterfactual_follows": (0.95, ">=")},
+}
+COLUMNS = ("exact", "exact_strict", "contains", "top1", "refusal_recall", "false_refusals", "multi_all_values",
+           "open_fact_precision", "open_no_invented", "counterfactual_follows")
+
+
+def floor_mark(size: int, metric: str, value: float) -> str:
+    rule = FLOORS.get(size, {}).get(metric) or FLOORS["any"].get(metric)
+    if rule is None or value != value:
+        return ""
+    floor, how = rule
+    return " ok" if (value >= floor if how == ">=" else value <= floor) else " MISS"
+
+
+def table(records: Sequence[Record], threshold: float) -> tuple[str, list[dict]]:
+    """A markdown table per (dataset, size), floors marked, and its rows as dicts."""
+    groups: dict[tuple[str, int], list[Record]] = {}
+    for r in records:
+        groups.setdefault((r.dataset, r.size), []).append(r)
+    header = "| dataset | triples | questions | " + " | ".join(COLUMNS) + " |"
+    lines = [header, "|" + "---|" * (3 + len(COLUMNS))]
+    rows = []
+    for (name, size), group in groups.items():
+        metrics = score(group, threshold)
+        cells = []
+        for c in COLUMNS:
+            v = metrics[c]
+            cells.append("-" if v != v else f"{v:.2f}{floor_mark(size, c, v)}")
+        lines.append(f"| {name} | {size:,} | {metrics['questions']} | " + " | ".join(cells) + " |")
+        rows.append({"dataset": name, "size": size, **metrics})
+    return "\n".join(lines), rows
