@@ -52,6 +52,8 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--counterfactual", type=int, default=20,
                           help="questions per KB over a copy with values swapped among entities (smallest size)")
     evaluate.add_argument("--min-confidence", type=float, default=None, help="default: the adapter's threshold")
+    evaluate.add_argument("--tokens", action="store_true",
+                          help="answer with the token-level copy mix instead of spans (adapters with a copy gate)")
     evaluate.add_argument("--seed", type=int, default=1234)
     evaluate.add_argument("--json", default=None, help="also write the results to this JSON file")
 
@@ -160,7 +162,7 @@ def _eval(args) -> int:
         threshold = model.calibrator.threshold if model.calibrator is not None else 0.0
     records = answer_eval.evaluate(
         model, names, sizes, kbs=args.kbs, seed=args.seed, simple=args.simple, unknown=args.unknown,
-        multi=args.multi, opened=args.open, counterfactual=args.counterfactual,
+        multi=args.multi, opened=args.open, counterfactual=args.counterfactual, spans=False if args.tokens else None,
     )
     text, rows = answer_eval.table(records, threshold)
     print(f"refusing below confidence {threshold:.2f}\n{text}")
