@@ -121,7 +121,7 @@ def check_field(value: Any, field_name: str, max_chars: int | None = MAX_FIELD_C
         raise KBFormatError(f"'{field_name}' cannot be converted to text ({err})") from None
     if max_chars is not None and len(text) > max_chars:
         raise KBFormatError(f"'{field_name}' is {len(text):,} characters long, over the limit of "
-                            f"{max_chars:,} (max_field_chars=)")
+                            f"{max_chars:,} (the loaders' max_field_chars= changes it)")
     return text
 
 
