@@ -6,28 +6,16 @@ import json
 
 import pytest
 import torch
+from conftest import TINY_ADAPTER, save_tiny_adapter
 from safetensors.torch import load_file, save_file
 
 from kblam import AdapterLoadError
 from kblam.adapter import CONFIG_NAME, WEIGHTS_NAME, KBAdapter, KBLaMConfig, load_weights
 
-TINY = dict(base_model="test/tiny", base_fingerprint="0123456789abcdef", encoder="test/hash-encoder",
-            encoder_dim=8, kb_layers=[0, 2], hidden_size=16, num_attention_heads=4, num_key_value_heads=2,
-            head_dim=4, num_hidden_layers=3, query_rank=2, retrieval_prior=True, null_slot=True,
-            copy_values=True, trained=True)
-
-
-def save_adapter(folder, config: KBLaMConfig, seed: int = 0):
-    folder.mkdir(parents=True, exist_ok=True)
-    config.save(folder)
-    torch.manual_seed(seed)
-    save_file({k: v.contiguous() for k, v in KBAdapter(config).state_dict().items()}, str(folder / WEIGHTS_NAME))
-    return folder
-
 
 @pytest.fixture
 def adapter(tmp_path):
-    return save_adapter(tmp_path / "adapter", KBLaMConfig(**TINY))
+    return save_tiny_adapter(tmp_path / "adapter")
 
 
 def load(folder):
@@ -56,7 +44,7 @@ def test_a_good_folder_and_the_shipped_adapter_load(adapter):
     from kblam.model import SHIPPED_ADAPTER
 
     config, state = load(adapter)
-    assert config == KBLaMConfig(**TINY) and set(state) == set(KBAdapter(config).state_dict())
+    assert config == KBLaMConfig(**TINY_ADAPTER) and set(state) == set(KBAdapter(config).state_dict())
     config, state = load(SHIPPED_ADAPTER)
     assert config.trained and config.kb_layers == [15, 18, 21, 24, 27]
 
@@ -189,7 +177,7 @@ def test_every_config_field_has_a_type_the_checker_knows():
     from kblam.adapter_check import _type_problem
 
     hints = typing.get_type_hints(KBLaMConfig)
-    defaults = KBLaMConfig(**TINY)
+    defaults = KBLaMConfig(**TINY_ADAPTER)
     for f in dataclasses.fields(KBLaMConfig):
         assert _type_problem(getattr(defaults, f.name), hints[f.name]) is None, f.name
 

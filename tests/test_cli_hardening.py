@@ -9,15 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from conftest import save_tiny_adapter
+from safetensors.torch import load_file, save_file
 
-from kblam.adapter import CONFIG_NAME, WEIGHTS_NAME, KBAdapter, KBLaMConfig
+from kblam.adapter import CONFIG_NAME, WEIGHTS_NAME
 from kblam.cli import main
 
 EXAMPLE = Path(__file__).parents[1] / "examples" / "elements.csv"
-TINY = dict(base_model="test/tiny", base_fingerprint="0123456789abcdef", encoder="test/hash-encoder",
-            encoder_dim=8, kb_layers=[0, 2], hidden_size=16, num_attention_heads=4, num_key_value_heads=2,
-            head_dim=4, num_hidden_layers=3, trained=True)
 
 
 def bad_files(tmp: Path) -> dict[str, Path]:
@@ -50,14 +48,11 @@ def bad_files(tmp: Path) -> dict[str, Path]:
 
 def bad_adapters(tmp: Path) -> dict[str, Path]:
     def make(name, config_changes=(), weights_change=None, raw_config=None):
-        folder = tmp / name
-        folder.mkdir()
-        config = KBLaMConfig(**TINY)
-        config.save(folder)
-        state = {k: v.contiguous() for k, v in KBAdapter(config).state_dict().items()}
+        folder = save_tiny_adapter(tmp / name)
         if weights_change:
+            state = load_file(str(folder / WEIGHTS_NAME))
             weights_change(state)
-        save_file(state, str(folder / WEIGHTS_NAME))
+            save_file(state, str(folder / WEIGHTS_NAME))
         data = json.loads((folder / CONFIG_NAME).read_text())
         for key, value in dict(config_changes).items():
             data.pop(key) if value is ... else data.__setitem__(key, value)

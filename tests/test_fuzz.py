@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import save_tiny_adapter
 from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
@@ -215,22 +216,12 @@ def test_hostile_records(items):
 
 # --- adapter folders ------------------------------------------------------------------------------
 
-TINY = dict(base_model="test/tiny", base_fingerprint="0123456789abcdef", encoder="test/hash-encoder",
-            encoder_dim=8, kb_layers=[0, 2], hidden_size=16, num_attention_heads=4, num_key_value_heads=2,
-            head_dim=4, num_hidden_layers=3, query_rank=2, retrieval_prior=True, null_slot=True,
-            copy_values=True, trained=True)
 CONFIG_FIELDS = list(KBLaMConfig.__dataclass_fields__)
 
 
 @pytest.fixture(scope="module")
 def good_adapter(workdir):
-    config = KBLaMConfig(**TINY)
-    torch.manual_seed(0)
-    folder = workdir / "good-adapter"
-    folder.mkdir()
-    config.save(folder)
-    save_file({k: v.contiguous() for k, v in KBAdapter(config).state_dict().items()}, str(folder / WEIGHTS_NAME))
-    return folder
+    return save_tiny_adapter(workdir / "good-adapter")
 
 
 def check_adapter_or_error(folder):
