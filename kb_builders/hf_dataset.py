@@ -51,11 +51,23 @@ def _load_local(path: str | os.PathLike, split: str):
             return datasets.load_dataset(name, data_files=os.fspath(p), split=split, cache_dir=cache,
                                          keep_in_memory=True, **extra)
     except Exception as err:
-        raise KBFormatError(f"datasets could not read it: {type(err).__name__}: {err}", path=path) from err
+        raise KBFormatError(f"datasets could not read it: {_root_cause(err)}", path=path) from err
     finally:
         if not bars_were_off:
             datasets.enable_progress_bars()
         ds_logging.set_verbosity(verbosity)
+
+
+def _root_cause(err: BaseException) -> str:
+    """The innermost exception's first line: datasets wraps the parser's useful message (e.g. "EOF
+    inside string starting at row 1") in a generic DatasetGenerationError."""
+    for _ in range(10):  # a bounded walk: exception chains can loop
+        inner = err.__cause__ or err.__context__
+        if inner is None:
+            break
+        err = inner
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0] if lines else ''}"
 
 
 def _check_parquet(path) -> None:

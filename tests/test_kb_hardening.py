@@ -189,3 +189,9 @@ def test_parquet_with_no_rows(tmp_path):
     error = error_of(KnowledgeBase.from_file, path)
     assert error.path == str(path) and error.reason.startswith("the parquet file has no rows")
     assert error_of(KnowledgeBase.from_file, write(tmp_path, "zero.parquet", b"")).reason == "file is empty"
+
+
+def test_datasets_errors_show_the_parsers_reason_on_one_line(tmp_path):
+    # datasets wraps it as "DatasetGenerationError: An error occurred while generating the dataset".
+    error = error_of(KnowledgeBase.from_dataset, write(tmp_path, "quote.csv", 'name,property,value\n"Gold,symbol\n'))
+    assert "EOF inside string" in error.reason and "\n" not in str(error)
