@@ -131,10 +131,11 @@ json_scalars = st.one_of(
     st.none(), st.booleans(), st.integers(), st.just("<huge>"),
     st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=16), nasty,
 )
-json_values = st.recursive(
-    json_scalars,
-    lambda inner: st.one_of(st.lists(inner, max_size=4),
-                            st.dictionaries(st.one_of(st.sampled_from(NAMES), st.text(max_size=6)), inner, max_size=5)),
+json_values = st.recursive(  # empty containers come from the base case: Hypothesis wants extend() to need `inner`
+    st.one_of(json_scalars, st.builds(list), st.builds(dict)),
+    lambda inner: st.one_of(st.lists(inner, min_size=1, max_size=4),
+                            st.dictionaries(st.one_of(st.sampled_from(NAMES), st.text(max_size=6)), inner,
+                                            min_size=1, max_size=5)),
     max_leaves=16,
 )
 records = st.one_of(
