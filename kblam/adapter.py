@@ -33,6 +33,7 @@ from torch import nn
 from kblam import adapter_check as ac
 from kblam._version import __version__
 from kblam.adapter_check import AdapterLoadError
+from kblam.confidence import CALIBRATION_NAME, Calibrator
 from kblam.kb import KEY_TEMPLATE, VALUE_TEMPLATE
 from kblam.spans import KINDS
 
@@ -121,6 +122,19 @@ def load_weights(folder: str | Path, config: KBLaMConfig) -> dict[str, torch.Ten
                                path=Path(folder, CONFIG_NAME)) from None
     ac.check_weights(state, expected, path)
     return state
+
+
+def load_calibration(folder: str | Path) -> Calibrator | None:
+    """The folder's calibration.json (kblam.confidence), or None: its field types are checked against
+    the Calibrator dataclass first, so that a string where a number belongs is named, not a TypeError."""
+    path = Path(folder, CALIBRATION_NAME)
+    if not path.is_file():
+        return None
+    ac.config_from_dict(Calibrator, ac.read_json_object(path), path)
+    try:
+        return Calibrator.load(folder)  # its own checks: known signals, matching lengths, the threshold
+    except ValueError as err:
+        raise AdapterLoadError(str(err).removeprefix(f"{path}: "), path=path) from None
 
 
 def query_projection(attn: nn.Module, q_out: int) -> tuple[torch.Tensor, torch.Tensor | None]:

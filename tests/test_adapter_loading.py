@@ -10,7 +10,7 @@ from conftest import TINY_ADAPTER, save_tiny_adapter
 from safetensors.torch import load_file, save_file
 
 from kblam import AdapterLoadError
-from kblam.adapter import CONFIG_NAME, WEIGHTS_NAME, KBAdapter, KBLaMConfig, load_weights
+from kblam.adapter import CONFIG_NAME, WEIGHTS_NAME, KBAdapter, KBLaMConfig, load_calibration, load_weights
 
 
 @pytest.fixture
@@ -181,3 +181,37 @@ def test_every_config_field_has_a_type_the_checker_knows():
     for f in dataclasses.fields(KBLaMConfig):
         assert _type_problem(getattr(defaults, f.name), hints[f.name]) is None, f.name
 
+
+
+def _calibration(**changes) -> dict:
+    from kblam.confidence import SIGNALS
+
+    n = len(SIGNALS)
+    return {"features": list(SIGNALS), "mean": [0.0] * n, "scale": [1.0] * n, "weights": [0.5] * n, "bias": 0.1,
+            "threshold": 0.5, **changes}
+
+
+@pytest.mark.parametrize("changes, field, reason", [
+    ({"mean": ["0"] * 9}, "mean", "must be a list of finite numbers"),
+    ({"bias": float("inf")}, "bias", "must be a finite number"),
+    ({"features": [["top_share"]]}, "features", "must be a list of strings"),
+    ({"threshold": 1.5}, None, "threshold in [0, 1]"),
+    ({"features": ["top_share", "luck"], "mean": [0, 0], "scale": [1, 1], "weights": [1, 1]}, None, "'luck'"),
+    ({"weights": [1.0]}, None, "do not match their weights"),
+])
+def test_a_bad_calibration_is_named_before_the_base_loads(adapter, changes, field, reason):
+    from kblam.confidence import CALIBRATION_NAME
+
+    (adapter / CALIBRATION_NAME).write_text(json.dumps(_calibration(**changes)))
+    with pytest.raises(AdapterLoadError) as info:
+        load_calibration(adapter)
+    error = info.value
+    assert error.path == str(adapter / CALIBRATION_NAME) and error.field == field and reason in error.reason, str(error)
+
+
+def test_a_good_calibration_loads(adapter):
+    from kblam.confidence import CALIBRATION_NAME
+
+    assert load_calibration(adapter) is None
+    (adapter / CALIBRATION_NAME).write_text(json.dumps(_calibration()))
+    assert load_calibration(adapter).bias == 0.1

@@ -59,6 +59,8 @@ def bad_adapters(tmp: Path) -> dict[str, Path]:
         (folder / CONFIG_NAME).write_text(raw_config if raw_config is not None else json.dumps(data))
         return folder
 
+    calibrated = make("calibration")
+    (calibrated / "calibration.json").write_text('{"features": "top_share", "mean": [], "scale": [], "weights": [], "bias": 0}')
     truncated = make("truncated")
     data = (truncated / WEIGHTS_NAME).read_bytes()
     (truncated / WEIGHTS_NAME).write_bytes(data[: len(data) // 3])
@@ -71,6 +73,7 @@ def bad_adapters(tmp: Path) -> dict[str, Path]:
         make("nan", weights_change=lambda s: s["value_proj.0.weight"].fill_(float("nan"))): "NaN or infinite",
         make("shape", weights_change=lambda s: s.update({"key_proj.2.weight": torch.zeros(8, 7)})): "has shape (8, 7)",
         truncated: "not a readable safetensors file",
+        calibrated: "calibration.json, field 'features': must be a list of strings",
         tmp / "nowhere": "adapter folder not found",
     }
 

@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from kb_builders.records import ALIASES
 from kblam import AdapterLoadError
-from kblam.adapter import CONFIG_NAME, WEIGHTS_NAME, KBAdapter, KBLaMConfig, load_weights
+from kblam.adapter import CONFIG_NAME, WEIGHTS_NAME, KBAdapter, KBLaMConfig, load_calibration, load_weights
 from kblam.kb import FIELDS, MAX_FIELD_CHARS, KBFormatError, KnowledgeBase, Triple
 
 EXAMPLES = int(os.environ.get("KBLAM_FUZZ_EXAMPLES", "25"))
@@ -324,3 +324,30 @@ def test_arbitrary_adapter_weights(workdir, good_adapter, data):
         blob = buffer.read_bytes()
     (folder / WEIGHTS_NAME).write_bytes(blob)
     check_adapter_or_error(folder)
+
+
+@FUZZ
+@given(changes=st.dictionaries(st.sampled_from(["features", "mean", "scale", "weights", "bias", "threshold", "report",
+                                                "extra"]),
+                               st.one_of(st.just("<delete>"), field_values,
+                                         st.lists(st.floats(allow_nan=True, allow_infinity=True), max_size=10)),
+                               max_size=3))
+def test_arbitrary_calibrations(workdir, changes):
+    from kblam.confidence import CALIBRATION_NAME, SIGNALS
+
+    folder = workdir / "calibration-fuzz"
+    folder.mkdir(exist_ok=True)
+    n = len(SIGNALS)
+    data = {"features": list(SIGNALS), "mean": [0.0] * n, "scale": [1.0] * n, "weights": [0.5] * n, "bias": 0.0}
+    for key, value in changes.items():
+        data.pop(key, None) if value == "<delete>" else data.__setitem__(key, value)
+    (folder / CALIBRATION_NAME).write_text(dump(data))
+    try:
+        calibrator = load_calibration(folder)
+    except AdapterLoadError as error:
+        assert error.path == str(folder / CALIBRATION_NAME) and "\n" not in str(error), str(error)
+        event("AdapterLoadError")
+        return
+    event("loaded")
+    (p,) = calibrator.confidence([dict.fromkeys(calibrator.features, 0.0)])
+    assert 0.0 <= p <= 1.0 and 0.0 <= calibrator.threshold <= 1.0
