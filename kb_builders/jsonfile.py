@@ -56,11 +56,13 @@ def _parse(text: str, *, path: str, line: int | None = None) -> Any:
         # json's C parser recurses once per level of nesting; a KB record needs three levels.
         raise KBFormatError("invalid JSON: nested too deeply (a KB needs at most a few levels)",
                             path=path, line=line) from None
-    except ValueError:
+    except ValueError as err:
         # Python refuses to parse integers of more than sys.get_int_max_str_digits() digits.
         digits = sys.get_int_max_str_digits()
         found = re.search(rf"\d{{{digits + 1},}}", text)
-        where = line if line is not None else (text.count("\n", 0, found.start()) + 1 if found else None)
+        if found is None:
+            raise KBFormatError(f"invalid JSON: {err}", path=path, line=line) from None
+        where = line if line is not None else text.count("\n", 0, found.start()) + 1
         raise KBFormatError(f"a number has more than {digits} digits; write it as a string",
                             path=path, line=where) from None
 

@@ -327,7 +327,8 @@ class KnowledgeBase:
         """
         from kb_builders.tabular import load_csv
 
-        return load_csv(path, strict=strict, delimiter=delimiter, columns=columns, encoding=encoding, max_field_chars=max_field_chars)
+        return load_csv(path, strict=strict, delimiter=delimiter, columns=columns, encoding=encoding,
+                        max_field_chars=max_field_chars)
 
     @classmethod
     def from_json(cls, path: str | os.PathLike, *, strict: bool = False,
@@ -341,7 +342,7 @@ class KnowledgeBase:
     @classmethod
     def from_jsonl(cls, path: str | os.PathLike, *, strict: bool = False,
                    columns: dict[str, str] | None = None,
-                  max_field_chars: int | None = MAX_FIELD_CHARS) -> KnowledgeBase:
+                   max_field_chars: int | None = MAX_FIELD_CHARS) -> KnowledgeBase:
         """One JSON object per line; blank lines are skipped."""
         from kb_builders.jsonfile import load_jsonl
 
@@ -354,7 +355,8 @@ class KnowledgeBase:
         """Dicts (keys: name/property/value or their aliases), 3-tuples/lists, or Triples."""
         from kb_builders.records import load_records
 
-        return load_records(records, strict=strict, columns=columns, source=source, max_field_chars=max_field_chars)
+        return load_records(records, strict=strict, columns=columns, source=source,
+                            max_field_chars=max_field_chars)
 
     @classmethod
     def from_dataset(cls, dataset_or_path: Any, *, strict: bool = False,
@@ -363,7 +365,8 @@ class KnowledgeBase:
         """A ``datasets.Dataset`` (or DatasetDict), or a local .parquet/.csv/.json/.jsonl file."""
         from kb_builders.hf_dataset import load_dataset_kb
 
-        return load_dataset_kb(dataset_or_path, strict=strict, columns=columns, split=split, max_field_chars=max_field_chars)
+        return load_dataset_kb(dataset_or_path, strict=strict, columns=columns, split=split,
+                               max_field_chars=max_field_chars)
 
     @classmethod
     def from_file(cls, path: str | os.PathLike, **kw: Any) -> KnowledgeBase:
