@@ -93,8 +93,10 @@ class KBLaMConfig:
     def load(cls, folder: str | Path) -> KBLaMConfig:
         """Read and check `folder/kblam_config.json`; AdapterLoadError names the file and the field."""
         folder = Path(folder)
-        if not folder.exists():
-            raise FileNotFoundError(errno.ENOENT, "adapter folder not found", str(folder))
+        try:  # stat, not exists(): a symbolic-link loop or a permission problem is not "not found"
+            folder.stat()
+        except FileNotFoundError:
+            raise FileNotFoundError(errno.ENOENT, "adapter folder not found", str(folder)) from None
         if not folder.is_dir():
             raise AdapterLoadError(f"is a file; an adapter is a folder with {CONFIG_NAME} and {WEIGHTS_NAME}",
                                    path=folder)

@@ -114,6 +114,9 @@ def test_unreadable_configs_name_the_file(adapter, text, reason):
 def test_missing_files_and_folders(adapter, tmp_path):
     with pytest.raises(FileNotFoundError, match="adapter folder not found"):
         load(tmp_path / "nowhere")
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    with pytest.raises(OSError, match="Too many levels of symbolic links"):
+        load(tmp_path / "loop")
     assert "is a file" in error_of(adapter / WEIGHTS_NAME).reason
     (adapter / WEIGHTS_NAME).unlink()
     assert error_of(adapter).path == str(adapter / WEIGHTS_NAME)
