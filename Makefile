@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.kblam-installed
 
-.PHONY: install demo test lint quality clean
+.PHONY: install demo test lint quality fuzz clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,14 @@ test: lint
 	$(BIN)/python -m pytest
 
 quality: lint
+
+# The property-based tests of tests/test_fuzz.py at length (CI runs 25 examples each). The summary,
+# with how many inputs loaded and how many were refused, goes to fuzz-report.txt.
+FUZZ_EXAMPLES ?= 3000
+fuzz: install
+	KBLAM_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) OMP_NUM_THREADS=1 $(BIN)/python -m pytest tests/test_fuzz.py \
+		-p no:cacheprovider --hypothesis-show-statistics -q > fuzz-report.txt 2>&1; \
+		status=$$?; cat fuzz-report.txt; exit $$status
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

@@ -13,6 +13,7 @@ import warnings
 from pathlib import Path
 
 from kblam._version import __version__
+from kblam.display import json_line, printable
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -101,21 +102,21 @@ def _ask(args) -> int:
         )
     answers = model.ask(args.questions, kb=kb, max_new_tokens=args.max_new_tokens, max_sources=args.sources,
                         min_confidence=args.min_confidence)
-    for answer in answers:
+    for answer in answers:  # KB text (and the question) are escaped: see kblam.display
         if args.json:
             sources = [{**t.to_record(), "score": round(s, 4)} for t, s in answer.sources]
             quoted = [t.to_record() for t in answer.quoted]
             confidence = None if answer.confidence is None else round(answer.confidence, 4)
-            print(json.dumps({"question": answer.question, "answer": answer.text, "refused": answer.refused,
-                              "confidence": confidence, "quoted": quoted, "sources": sources}, ensure_ascii=False))
+            print(json_line({"question": answer.question, "answer": answer.text, "refused": answer.refused,
+                             "confidence": confidence, "quoted": quoted, "sources": sources}))
             continue
-        print(f"Q: {answer.question}\nA: {answer.text}")
+        print(f"Q: {printable(answer.question)}\nA: {printable(answer.text)}")
         if answer.confidence is not None:
             print(f"   confidence {answer.confidence:.2f}" + (" (refused)" if answer.refused else ""))
         for triple in answer.quoted:
-            print(f"   quoted  {triple}")
+            print(f"   quoted  {printable(str(triple))}")
         for triple, score in answer.sources:
-            print(f"   {score:6.3f}  {triple}")
+            print(f"   {score:6.3f}  {printable(str(triple))}")
         print()
     return 0
 
@@ -217,7 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError, KeyError, ModuleNotFoundError) as error:
         # KBFormatError is a ValueError; its message already names the file, line and problem.
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
-        print(f"kblam: error: {message}", file=sys.stderr)
+        # Messages quote file names and KB text: escape each line (a conflict list has several).
+        print("kblam: error: " + "\n".join(map(printable, str(message).split("\n"))), file=sys.stderr)
         return 1
 
 
