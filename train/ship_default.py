@@ -122,6 +122,7 @@ def main(argv=None) -> int:
 
     from kblam.model import KBLaM
     from kblam.model_card import write_model_card
+    from kblam.training.checkpoint import load_checkpoint
     from kblam.training.evaluate import evaluate, format_table
     from kblam.training.export import export_adapter
     from kblam.training.loop import CHECKPOINT, TrainConfig, build_model
@@ -142,8 +143,7 @@ def main(argv=None) -> int:
 
     if not args.card_only:
         model = build_model(cfg)
-        state = torch.load(Path(cfg.out) / CHECKPOINT, map_location="cpu", weights_only=False)
-        model.adapter.load_state_dict(state["adapter"])
+        load_checkpoint(Path(cfg.out) / CHECKPOINT, model)
         export_adapter(model, cfg, TARGET)
         from kblam.training.export import plot_loss
 
