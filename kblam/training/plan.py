@@ -3,7 +3,7 @@
 The base model is built on the meta device from its config (kblam.configs, or AutoConfig), which
 gives exact parameter counts and the layout (fused projections, per-head query norms). The adapter
 is built on the meta device too. Memory is then counted tensor by tensor, from what the training
-step keeps alive at its peak, the end of the forward pass:
+step keeps alive at its peak, the start of the backward pass:
 
 - the frozen base's weights (bfloat16 on a GPU, float32 on a CPU);
 - the adapter's float32 weights, gradients and two AdamW moments (16 bytes a parameter);
@@ -14,8 +14,9 @@ step keeps alive at its peak, the end of the forward pass:
   values repeated to every head when a padding mask is present, as transformers does), and, on KB
   layers, the KB query and the joint softmax over [KB | text] keys. With gradient checkpointing,
   only each layer's input is kept, plus one layer being recomputed;
-- the head: the logits (kept by the gather that picks the answer positions), and the loss over the
-  vocabulary at the answer positions (the copy path's mix keeps six float32 tensors of that size).
+- the head: the logits (kept by the gather that picks the answer positions), the loss over the
+  vocabulary at the answer positions (the copy path's mix keeps six float32 tensors of that size),
+  and the first gradients of the backward pass, which come while all of the above is still held.
 
 `saved_bytes` is checked against the tensors an autograd graph really holds (tests/test_plan.py), and
 `benchmarks/plan_check.py` checks the peak against measured CPU peaks of random-weight models.
@@ -55,7 +56,7 @@ class Plan:
     adapter_state: int
     activations: int  # saved for the backward pass by the layers, without checkpointing
     activations_checkpointed: int
-    head: int  # logits and the loss over the vocabulary (saved, plus the one tensor being made)
+    head: int  # logits and the loss over the vocabulary: saved, plus the backward pass's first gradients
     head_saved: int  # the part of `head` autograd keeps
 
     @property
@@ -157,7 +158,11 @@ def estimate(cfg, *, device: str = "cuda", model_config=None, seq_len: int | Non
         b * t * (4 * h + v * s + (h * s if copy else 0) + 3 * 4 * kb)  # final norm, logits, gate input, KB weights
         + vocab_at_answers * (6 if copy else 1)  # log-softmax, copy distribution, log, logaddexp inputs, result
     )
-    head = head_saved + vocab_at_answers  # the tensor being made at the peak
+    # The peak comes early in the backward pass, while all of the above is still held: the copy mix's
+    # backward (logaddexp, log) holds up to five more float32 (B, A, V) gradients and temporaries at once
+    # (measured with a tensor-tracking dispatch mode); a plain log-softmax two; and the logits'
+    # gradient is a full (B, T, V) tensor, made while the logits are still kept.
+    head = head_saved + max((5 if copy else 2) * vocab_at_answers, b * t * v * s + vocab_at_answers)
 
     return Plan(
         model=getattr(config, "name_or_path", "") or cfg.base_model,
