@@ -23,8 +23,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 3
 
-# (label, stored config, shrink arguments, recipe overrides)
+# (label, stored config, shrink arguments or None for the real model, recipe overrides)
 CASES = [
+    ("SmolLM2-135M, the real embedded model and MiniLM, the shipped recipe", "default", None,
+     dict(train_entities=300, train_examples=400)),
     ("Qwen2.5-0.5B, 8 of 24 layers, full width and vocabulary", "Qwen/Qwen2.5-0.5B-Instruct",
      dict(layers=8), dict(kb_layers=[4, 6], batch_size=8)),
     ("Llama-3.2-1B family, 6 layers of width 1024, vocabulary 32K", "meta-llama/Llama-3.2-1B-Instruct",
@@ -43,10 +45,12 @@ CASES = [
 
 
 def shared_recipe(hub_id: str, overrides: dict, out: str):
+    """The Qwen2.5 recipe's options on another base (the shipped recipe itself for the default model)."""
     from kblam.training.loop import TrainConfig
 
+    recipe = "smollm2-135m.yaml" if hub_id == "default" else "qwen2.5-0.5b-instruct.yaml"
     run = dict(base_model=hub_id, out=out, steps=STEPS, warmup=1, checkpoint_every=1000, eval_every=0, device="cpu")
-    return TrainConfig.from_yaml(ROOT / "train" / "recipes" / "qwen2.5-0.5b-instruct.yaml", **{**run, **overrides})
+    return TrainConfig.from_yaml(ROOT / "train" / "recipes" / recipe, **{**run, **overrides})
 
 
 def one(index: int, out: str) -> dict:
@@ -63,7 +67,8 @@ def one(index: int, out: str) -> dict:
     from kblam.training.plan import estimate
 
     label, hub_id, shrink, overrides = CASES[index]
-    config = configs.shrink(configs.load_config(hub_id), **shrink)
+    real = shrink is None
+    config = configs.load_config(hub_id) if real else configs.shrink(configs.load_config(hub_id), **shrink)
     cfg = shared_recipe(hub_id, overrides, out)
     # A warm-up run of a tiny model of the same family loads every lazily imported module (the model
     # code, datasets, Faker) and kernel, so that the baseline below holds all but this run's tensors.
@@ -72,10 +77,22 @@ def one(index: int, out: str) -> dict:
     model, data = setup(warm, tiny, device="cpu", dtype=torch.float32, entities=20, examples=20)
     train(warm, model=model, data=data, progress=False, log=lambda *_: None)
     del model, data
+    if real:
+        from kblam import defaults
+        from kblam.training.data import build_examples, prepare
+        from kblam.training.loop import build_model
+
+        encoder = defaults.load_default_encoder()  # before the baseline: its weights are not the run's
     gc.collect()
     before = _rss("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # resets the peak (VmHWM) to the current size
-    model, data = setup(cfg, config, device="cpu", dtype=torch.float32)
+    if real:
+        model = build_model(cfg, encoder=encoder)
+        pool, rows = build_examples(cfg.train_entities, cfg.train_examples, seed=cfg.seed, split="train",
+                                    kb_size=tuple(cfg.kb_size), mix=cfg.mix)
+        data = prepare(model, pool, rows)
+    else:
+        model, data = setup(cfg, config, device="cpu", dtype=torch.float32)
     built = _rss("VmRSS")
     seq_len, answer_len = longest_batches(cfg, model, data, STEPS)
     final = train(cfg, model=model, data=data, progress=False, log=lambda *_: None)
