@@ -64,7 +64,7 @@ def setup(cfg, config, *, device: str, dtype: torch.dtype, entities: int = 300, 
     from kblam.training.data import build_examples, prepare
 
     pool, rows = build_examples(entities, examples, seed=cfg.seed, split="train", kb_size=tuple(cfg.kb_size),
-                                mix=cfg.mix)
+                                mix=cfg.mix, whole_entities=cfg.whole_entities, variants=cfg.variants)
     texts = [t.key_text(KEY_TEMPLATE) + " " + t.value for t in pool] + [r["question"] + " " + r["answer"] for r in rows]
     tokenizer = word_tokenizer(texts, config.vocab_size)
     base = random_base(config, dtype, device)

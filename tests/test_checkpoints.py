@@ -17,11 +17,10 @@ from kblam.training.loop import TrainConfig, train
 
 
 def _run(out, encoder, steps=3, seed=0, **overrides):
-    cfg = TrainConfig(
-        out=str(out), steps=steps, batch_size=4, lr=3e-2, warmup=1, checkpoint_every=2, query_rank=4,
-        retrieval_prior=True, null_slot=True, copy_values=True, train_entities=12, train_examples=40,
-        kb_size=[4, 8], device="cpu", **overrides,
-    )
+    options = dict(out=str(out), steps=steps, batch_size=4, lr=3e-2, warmup=1, checkpoint_every=2, query_rank=4,
+                   retrieval_prior=True, null_slot=True, copy_values=True, train_entities=12, train_examples=40,
+                   kb_size=[4, 8], device="cpu")
+    cfg = TrainConfig(**{**options, **overrides})
     model = KBLaM.from_base(tiny_model("llama", seed), tiny_tokenizer(), encoder=encoder, seed=0,
                             **{**cfg.adapter_options(), "max_value_tokens": 64})
     pool, examples = build_examples(12, 40, seed=0, split="train", kb_size=(4, 8), mix=cfg.mix)
@@ -119,3 +118,17 @@ def test_load_checkpoint_restores_the_step_and_the_adapter(tmp_path, hash_encode
     _, model, _ = _run(tmp_path / "unused", hash_encoder)
     assert load_checkpoint(tmp_path / "run" / CHECKPOINT, model) == 3
     _same(first, model)
+
+
+def test_a_second_stage_may_add_parts_to_the_first_stages_adapter(tmp_path, hash_encoder):
+    """init_from reads the parts both adapters share: a spans stage on top of a copy-path stage."""
+    first, _ = _train(tmp_path / "stage1", hash_encoder)
+    cfg, model, data = _run(tmp_path / "spans", hash_encoder, init_from=str(tmp_path / "stage1"),
+                            copy_values=False, span_kinds=["value", "fact"])
+    messages: list[str] = []
+    train(cfg, model=model, data=data, progress=False, log=messages.append, until=0)
+    assert "new: ['span_gate.bias', 'span_gate.weight']" in messages[0], messages
+    shared = model.adapter.state_dict()
+    for name, value in first.adapter.state_dict().items():
+        if name in shared:
+            torch.testing.assert_close(shared[name], value, rtol=0, atol=0)

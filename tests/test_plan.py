@@ -64,9 +64,11 @@ def _saved_bytes(loss: torch.Tensor, params: set[int]) -> int:
     return sum(storages.values())
 
 
-@pytest.mark.parametrize("hub_id", ["meta-llama/Llama-3.2-1B-Instruct", "Qwen/Qwen2.5-0.5B-Instruct",
-                                    "Qwen/Qwen3-1.7B", "microsoft/Phi-3-mini-4k-instruct"])
-def test_saved_activations_match_the_autograd_graph(hub_id, hash_encoder):
+@pytest.mark.parametrize(("hub_id", "answers"), [
+    ("meta-llama/Llama-3.2-1B-Instruct", "copy"), ("meta-llama/Llama-3.2-1B-Instruct", "spans"),
+    ("Qwen/Qwen2.5-0.5B-Instruct", "spans"), ("Qwen/Qwen3-1.7B", "copy"), ("microsoft/Phi-3-mini-4k-instruct", "spans"),
+])
+def test_saved_activations_match_the_autograd_graph(hub_id, answers, hash_encoder):
     """The planner's count of what the backward pass keeps, against a real graph (float32, CPU)."""
     from transformers import AutoModelForCausalLM
 
@@ -76,7 +78,8 @@ def test_saved_activations_match_the_autograd_graph(hub_id, hash_encoder):
     base = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     base.config.use_cache = False
     cfg = TrainConfig(base_model=hub_id, kb_layers=[2, 4], query_rank=4, retrieval_prior=True, null_slot=True,
-                      copy_values=True, batch_size=4)
+                      copy_values=answers == "copy", span_kinds=["value", "fact"] if answers == "spans" else None,
+                      batch_size=4)
     model = KBLaM.from_base(base, tiny_tokenizer(), encoder=hash_encoder, **{**cfg.adapter_options(), "max_value_tokens": 64})
     pool, examples = build_examples(12, 40, seed=0, split="train", kb_size=(4, 8), mix=cfg.mix)
     batch = collate(model, prepare(model, pool, examples), list(range(4)))

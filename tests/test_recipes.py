@@ -53,14 +53,15 @@ def test_the_five_recipes_are_there():
     names = {TrainConfig.from_yaml(p).base_model for p in GPU_RECIPES}
     assert names == {"Qwen/Qwen2.5-0.5B-Instruct", "meta-llama/Llama-3.2-1B-Instruct", "Qwen/Qwen3-1.7B",
                      "microsoft/Phi-3-mini-4k-instruct", "meta-llama/Llama-3.1-8B-Instruct"}
-    shipped = TrainConfig.from_yaml(RECIPES / "smollm2-135m.yaml")
+    latest = TrainConfig.from_yaml(RECIPES / "smollm2-135m-spans.yaml")  # the SmolLM2 adapter's latest stage
     for path in GPU_RECIPES:
         cfg = TrainConfig.from_yaml(path)
         assert configs.stored(cfg.base_model) is not None
-        assert cfg.dtype == "bfloat16"
-        # What the shipped recipe learned carries over.
-        for key in ("retrieval_prior", "null_slot", "copy_values", "query_rank", "system_prompt", "retrieval_loss"):
-            assert getattr(cfg, key) == getattr(shipped, key), (path.name, key)
+        assert cfg.dtype == "bfloat16" and cfg.init_from is None
+        # What the SmolLM2 runs learned carries over.
+        for key in ("retrieval_prior", "null_slot", "copy_values", "span_kinds", "query_rank", "system_prompt",
+                    "retrieval_loss", "whole_entities", "variants", "mix", "kb_size"):
+            assert getattr(cfg, key) == getattr(latest, key), (path.name, key)
 
 
 @pytest.mark.parametrize("recipe", GPU_RECIPES, ids=lambda p: p.stem)
@@ -68,7 +69,8 @@ def test_a_small_model_of_the_recipes_family_trains_on_cpu(recipe, tmp_path, has
     cfg = _recipe(recipe, tmp_path)
     model = build_model(cfg, encoder=hash_encoder)  # loads the folder as `kblam train` would
     assert next(model.base.parameters()).dtype == torch.float32  # bfloat16 recipes run float32 on a CPU
-    pool, examples = build_examples(12, 24, seed=0, split="train", kb_size=(4, 8), mix=cfg.mix)
+    pool, examples = build_examples(12, 24, seed=0, split="train", kb_size=(4, 8), mix=cfg.mix,
+                                    whole_entities=cfg.whole_entities, variants=cfg.variants)
     final = train(cfg, model=model, data=prepare(model, pool, examples), progress=False, log=lambda *_: None)
     assert [r["step"] for r in read_log(cfg.out)] == [1, 2]
     assert math.isfinite(final["loss"]) and final["grad_norm"] > 0
@@ -82,7 +84,8 @@ def test_gradient_checkpointing_changes_memory_not_results(tmp_path, hash_encode
     for checkpointing in (False, True):
         cfg = _recipe(recipe, tmp_path / str(checkpointing), gradient_checkpointing=checkpointing, steps=3)
         model = build_model(cfg, encoder=hash_encoder)
-        pool, examples = build_examples(12, 24, seed=0, split="train", kb_size=(4, 8), mix=cfg.mix)
+        pool, examples = build_examples(12, 24, seed=0, split="train", kb_size=(4, 8), mix=cfg.mix,
+                                    whole_entities=cfg.whole_entities, variants=cfg.variants)
         train(cfg, model=model, data=prepare(model, pool, examples), progress=False, log=lambda *_: None)
         adapters[checkpointing] = model.adapter.state_dict()
         assert "forward" not in vars(model.base.model.layers[-1])  # the wrapping is undone after training

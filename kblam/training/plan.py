@@ -15,7 +15,7 @@ step keeps alive at its peak, the start of the backward pass:
   layers, the KB query and the joint softmax over [KB | text] keys. With gradient checkpointing,
   only each layer's input is kept, plus one layer being recomputed;
 - the head: the logits (kept by the gather that picks the answer positions), the loss over the
-  vocabulary at the answer positions (the copy path's mix keeps six float32 tensors of that size),
+  vocabulary at the answer positions (one float32 log-softmax of that size; the copy path's mix six),
   and the first gradients of the backward pass, which come while all of the above is still held.
 
 `saved_bytes` is checked against the tensors an autograd graph really holds (tests/test_plan.py), and
@@ -153,10 +153,13 @@ def estimate(cfg, *, device: str = "cuda", model_config=None, seq_len: int | Non
     activations_checkpointed = layer_inputs + one_layer + kb_states
 
     copy = cfg.copy_values
+    gate = copy or bool(getattr(cfg, "span_kinds", None))  # a copy or span gate reads the final hidden state
     vocab_at_answers = b * a * v * 4  # float32 (B, A, V)
     head_saved = (
-        b * t * (4 * h + v * s + (h * s if copy else 0) + 3 * 4 * kb)  # final norm, logits, gate input, KB weights
-        + vocab_at_answers * (6 if copy else 1)  # log-softmax, copy distribution, log, logaddexp inputs, result
+        b * t * (4 * h + v * s + (h * s if gate else 0) + 3 * 4 * kb)  # final norm, logits, gate input, KB weights
+        # the copy mix keeps its log-softmax, copy distribution, log, logaddexp inputs and result; the
+        # plain and span losses a log-softmax
+        + vocab_at_answers * (6 if copy else 1)
     )
     # The peak comes early in the backward pass, while all of the above is still held: the copy mix's
     # backward (logaddexp, log) holds up to five more float32 (B, A, V) gradients and temporaries at once
