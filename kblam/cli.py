@@ -128,7 +128,7 @@ def _train(args) -> int:
 
     hf_logging.disable_progress_bar()
     cfg = TrainConfig.from_yaml(args.recipe, out=args.out, steps=args.steps)
-    gpu = visible_gpu_memory() if cfg.device in ("auto", "cuda") or cfg.device.startswith("cuda:") else None
+    gpu = visible_gpu_memory() if cfg.device == "auto" or cfg.device.startswith("cuda") else None
     if args.plan:
         plan = estimate(cfg, device="cuda")
         print(plan.format())

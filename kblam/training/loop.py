@@ -269,7 +269,8 @@ def _checkpoint_layers(model) -> list[torch.nn.Module]:
     gradient), so they are left alone. transformers' own gradient checkpointing does not fit: it runs
     in train mode only, and its recomputation would call the KB layers' hooks after the KB was
     detached (kblam.training.loss attaches it around the forward pass only). Here each recomputation
-    re-attaches the KB that the layer's forward pass saw.
+    re-attaches the KB that the layer's forward pass saw, on the thread that runs it (on a GPU,
+    autograd's device thread; the attached KB is per thread).
     """
     from torch.utils.checkpoint import checkpoint
 
