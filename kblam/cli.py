@@ -37,6 +37,8 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--out", default=None, help="run folder (default: the recipe's); resumes if it has a checkpoint")
     train.add_argument("--steps", type=int, default=None, help="override the recipe's step count")
     train.add_argument("--export", default=None, help="after training, save the adapter to this folder")
+    train.add_argument("--plan", action="store_true",
+                       help="print parameter counts, the peak GPU memory estimate and tokens per step; load nothing")
 
     evaluate = commands.add_parser(
         "eval", help="measure an adapter's answers on held-out KBs: exact values, refusals (see docs/benchmarks.md)")
@@ -125,9 +127,26 @@ def _train(args) -> int:
     from transformers.utils import logging as hf_logging
 
     from kblam.training.loop import TrainConfig, build_model, train
+    from kblam.training.plan import check_fits, estimate, visible_gpu_memory
 
     hf_logging.disable_progress_bar()
     cfg = TrainConfig.from_yaml(args.recipe, out=args.out, steps=args.steps)
+    gpu = visible_gpu_memory() if cfg.device == "auto" or cfg.device.startswith("cuda") else None
+    if args.plan:
+        plan = estimate(cfg, device="cuda")
+        print(plan.format())
+        if gpu is None:
+            cpu = estimate(cfg, device="cpu")
+            print(f"no GPU is visible here: on this CPU (float32) the run would need about {cpu.peak / 2**30:.1f} GiB")
+        else:
+            try:
+                check_fits(plan, *gpu)
+                print(f"fits this GPU: {gpu[0] / 2**30:.1f} GiB free of {gpu[1] / 2**30:.1f} GiB")
+            except ValueError as error:
+                print(str(error).split("\n")[0])
+        return 0
+    if gpu is not None:
+        check_fits(estimate(cfg, device="cuda"), *gpu)  # refuse before loading any weights
     model = build_model(cfg)
     final = train(cfg, model=model)
     print(json.dumps(final))

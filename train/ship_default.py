@@ -119,6 +119,7 @@ def main(argv=None) -> int:
     from kblam.model_card import write_model_card
     from kblam.training import answer_eval
     from kblam.training.calibrate import calibrate, plot
+    from kblam.training.checkpoint import load_checkpoint
     from kblam.training.evaluate import no_kb_matches_base
     from kblam.training.export import export_adapter, read_log
     from kblam.training.loop import CHECKPOINT, TrainConfig, build_model
@@ -135,8 +136,7 @@ def main(argv=None) -> int:
     if not args.card_only:
         if not args.skip_export:
             model = build_model(cfg)
-            state = torch.load(Path(cfg.out) / CHECKPOINT, map_location="cpu", weights_only=False)
-            model.adapter.load_state_dict(state["adapter"])
+            load_checkpoint(Path(cfg.out) / CHECKPOINT, model)
             export_adapter(model, cfg, TARGET)
         model = KBLaM.from_pretrained(TARGET)  # what ships: the bfloat16 weights, loaded as users load them
         calibrator, _ = calibrate(model)
