@@ -21,6 +21,7 @@ COMMANDS = """```bash
 .venv/bin/python benchmarks/quality.py            # -> benchmarks/results/quality.json
 .venv/bin/python benchmarks/cost.py               # -> benchmarks/results/cost.json
 .venv/bin/python benchmarks/plots.py              # -> docs/img/*.png
+.venv/bin/python benchmarks/grounded.py --kbs 1   # -> benchmarks/results/grounded.json (the same questions as kblam eval)
 .venv/bin/python benchmarks/report.py             # -> docs/benchmarks.md (this file)
 
 # quick: the same four steps, under ten minutes on two cores
@@ -47,7 +48,7 @@ kblam adapter."""
 
 
 def _f(value, digits: int = 2) -> str:
-    return "–" if value is None else f"{value:.{digits}f}"
+    return "–" if value is None or value != value else f"{value:.{digits}f}"
 
 
 def _sort(rows):
@@ -217,8 +218,39 @@ def cost_section(c: dict) -> list[str]:
     return lines
 
 
+GROUNDED_METRICS = ("exact", "contains", "refusal_recall", "false_refusals", "multi_all_values",
+                    "counterfactual_follows")
+
+
+def grounded_section(g: dict) -> list[str]:
+    """kblam, RAG top-5 and ICL on the same held-out questions, judged alike (benchmarks/grounded.py)."""
+    lines = [
+        "## Grounded answers: the exact value or an honest refusal, on the same questions",
+        "",
+        f"Command: `{g['command']}` ({g['seconds']} s). The KBs and questions are `kblam eval`'s "
+        "(kblam/training/answer_eval.py): whole entities, wordings never trained on, typos and lower case, "
+        "near-miss unknowns (absent entity, absent property, both, near-duplicate name), and a counterfactual "
+        "copy with values swapped among entities. Every system answers each question once and is scored by the "
+        "same code. \"exact\": the value and nothing else new (the question's words, function words and the asked "
+        "triple's own name and property aside). RAG and ICL refuse by replying the refusal sentence they were "
+        f"told to; kblam refuses below its calibrated confidence threshold ({g['threshold']:.2f}).",
+        "",
+        "| dataset | triples | system | " + " | ".join(GROUNDED_METRICS) + " |",
+        "|---|---:|---|" + "---:|" * len(GROUNDED_METRICS),
+    ]
+    for r in g["rows"]:
+        if "status" in r:
+            cells = [r["status"]] + ["–"] * (len(GROUNDED_METRICS) - 1)
+        else:
+            cells = [_f(r.get(m)) for m in GROUNDED_METRICS]
+        lines.append(f"| {r['dataset']} | {r['size']:,} | {r['system']} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
 def build(results: Path, note: str | None = None) -> str:
     quality_file, cost_file = results / "quality.json", results / "cost.json"
+    grounded_file = results / "grounded.json"
+    g = json.loads(grounded_file.read_text()) if grounded_file.is_file() else None
     q = json.loads(quality_file.read_text()) if quality_file.is_file() else None
     c = json.loads(cost_file.read_text()) if cost_file.is_file() else None
     meta = (q or c or {}).get("meta", {})
@@ -233,6 +265,8 @@ def build(results: Path, note: str | None = None) -> str:
     if note:
         lines += [f"> {note}", ""]
     lines += ["## Commands", "", COMMANDS, "", "## Systems", "", SYSTEMS, ""]
+    if g:
+        lines += grounded_section(g)
     if q:
         lines += quality_section(q)
     if c:

@@ -410,6 +410,12 @@ TRAIN_MULTI_PROPERTY_PHRASINGS = (
     "Look up the {properties} of {name}.",
     "What are {name}'s {properties}?",
     "{name}: {properties}?",
+    "Please list the {properties} of {name}.",
+    "I want to know the {properties} of {name}.",
+    "Can you give me {name}'s {properties}?",
+    "{name} {properties}",
+    "Which {properties} does {name} have?",
+    "Tell me {name}'s {properties}, please.",
 )
 HELDOUT_MULTI_PROPERTY_PHRASINGS = (
     "For {name}, what are the {properties}?",
@@ -424,6 +430,18 @@ TRAIN_OPEN_PHRASINGS = (
     "Share some information about {name}.",
     "Who or what is {name}?",
     "{name}?",
+    "What facts do you have about {name}?",
+    "Give me an overview of {name}.",
+    "Tell me everything you know about {name}.",
+    "What do we know about {name}?",
+    "Any information on {name}?",
+    "Info on {name}",
+    "{name} facts",
+    "I want to learn about {name}.",
+    "What can the knowledge base tell me about {name}?",
+    "Brief me on {name}.",
+    "What is recorded about {name}?",
+    "Describe what you know of {name}.",
 )
 HELDOUT_OPEN_PHRASINGS = (
     "Fill me in on {name}.",

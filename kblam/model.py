@@ -123,6 +123,7 @@ class _AttachedKB:
     # only the last position (B, 1, M'): what generation's copy path reads, without an (N, M') tensor.
     chunk_size: int | None = None
     cosine: torch.Tensor | None = None  # (B|1, M) the encoder's question-key cosines, when questions were given
+    key_embeddings: torch.Tensor | None = None  # (M, d) or (B, M, d): the keys in the encoder's space (spans)
 
     def record(self, layer: int, chunks: Iterable[tuple[int, torch.Tensor]]) -> None:
         """Consume one layer's KB attention, (start, probs (B, heads, N, chunk)) chunk by chunk."""
@@ -443,6 +444,7 @@ class KBLaM(nn.Module):
             tap_enabled=tap or value_ids is not None,
             chunk_size=self._chunking(keys.shape[-2] + int(self.config.null_slot), chunk_size),
             cosine=cosine,
+            key_embeddings=keys,
         )
         try:
             yield recorder

@@ -18,10 +18,16 @@ mass already spent on quoted triples: once the asked facts are stated, the LM fi
 
 The same arithmetic is the training loss (kblam.training.loss): -log g_kind - log a_i at the first
 token of a span, -log g_lm - log p_lm(w) at every other answer token, nothing inside a span.
+
+Which value a span quotes also listens to the answer's own words: the clause written just before it
+("the numeric code of Costa Rica is") is encoded like a question and its cosine with each key, times
+the retrieval prior's learned scale, is added to the log KB attention (`clause_prior`). The question's
+prior cannot tell apart the facts of a multi-fact question; the clause naming one of them can.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 
 import torch
@@ -92,6 +98,23 @@ def candidate_weights(weights: torch.Tensor, quoted: torch.Tensor, kinds: Sequen
         else:
             rows.append(free)
     return torch.stack(rows, dim=-2)
+
+
+_CLAUSE_END = re.compile(r"[.;:!?]|,\s*|\band\b")
+
+
+def last_clause(text: str) -> str | None:
+    """The words since the last clause boundary, if there are at least three ("the capital of X is")."""
+    clause = _CLAUSE_END.split(text)[-1].strip()
+    return clause if len(clause.split()) >= 3 else None
+
+
+def clause_prior(model, clause: str, keys: torch.Tensor) -> torch.Tensor:
+    """(M,): the retrieval prior's scale x cosine of the clause's encoder embedding with each key (M, d)."""
+    q = torch.nn.functional.normalize(model.encoder.encode([clause])[0].to(keys), dim=-1)
+    cosine = torch.nn.functional.normalize(keys, dim=-1) @ q
+    scale = model.adapter.prior_scale if model.config.retrieval_prior else torch.tensor(20.0)
+    return scale.detach().to(cosine) * cosine
 
 
 _GLUE: dict[int, torch.Tensor] = {}
@@ -206,10 +229,13 @@ class SpanDecoder:
             if not takes_span[r]:
                 continue
             kind, column = self.kinds[int(pick[r]) // width], int(pick[r]) % width
+            before = self.model.tokenizer.decode(input_ids[row, self.prompt_length:], skip_special_tokens=True)
+            refusing = cfg.null_slot and column == width - 1
+            if kind == "value" and not refusing and not self.sample and kb.key_embeddings is not None:
+                column = self._by_clause(before, spans[r, self.kinds.index("value")], kb, row, column)
             triple = self.triples(row, column)
             if triple is None and not (cfg.null_slot and column == width - 1):
                 continue  # a padding column: never quoted
-            before = self.model.tokenizer.decode(input_ids[row, self.prompt_length:], skip_special_tokens=True)
             text = span_text(kind, triple, before, cfg.refusal)
             ids = self.model.tokenizer(text, add_special_tokens=False)["input_ids"]
             if not ids:
@@ -222,3 +248,15 @@ class SpanDecoder:
             self.after_span[row] = len(ids) == 1
             chosen[row] = ids[0]
         return chosen
+
+    def _by_clause(self, before: str, weights: torch.Tensor, kb, row: int, column: int) -> int:
+        """The value span's column: log KB attention plus the prior of the clause just written (if any)."""
+        clause = last_clause(before)
+        if clause is None:
+            return column
+        keys = kb.key_embeddings if kb.key_embeddings.dim() == 2 else kb.key_embeddings[row]
+        m = keys.shape[0]
+        triples = weights[:m]
+        score = torch.log(triples.clamp_min(1e-30)) + clause_prior(self.model, clause, keys.float())
+        score = score.masked_fill(triples <= 0, float("-inf"))
+        return int(score.argmax()) if torch.isfinite(score.max()) else column

@@ -75,3 +75,22 @@ def test_fit_needs_both_labels():
 def test_reliability_of_perfect_and_overconfident_predictions():
     assert reliability([0.0, 0.0, 1.0, 1.0], [False, False, True, True])[0] == 0.0
     assert reliability([0.95] * 10, [True] * 5 + [False] * 5)[0] == pytest.approx(0.45)
+
+
+def test_exact_catches_truncation_repeats_and_stray_words():
+    from kblam.kb import Triple
+    from kblam.training.answer_eval import exact, states
+
+    q, t = "What is the atomic mass of Beryllium?", Triple("Beryllium", "atomic mass", "9.012")
+    assert exact("The atomic mass of Beryllium is 9.012.", "9.012", q, "Beryllium", t)
+    assert not exact("The atomic mass of Beryllium is 9.", "9.012", q, "Beryllium", t)  # truncated
+    assert not exact("The atomic mass of Beryllium is 9.012 9.012.", "9.012", q, "Beryllium", t)  # repeated
+    assert not exact("The atomic mass of Beryllium is 1 9.012.", "9.012", q, "Beryllium", t)  # stray token
+    assert not exact("It weighs 9.012.", "9.012", q, "Beryllium", t)  # a word the question and KB lack
+    assert exact("Alabama joined the Union in 1819.", "1819", "In what year did Alabama join the Union?",
+                 "Alabama", Triple("Alabama", "statehood year", "1819"))
+    # A city inside the airport's own name must be said, not only echoed from the name.
+    airport = Triple("London Heathrow Airport", "city", "London")
+    ask = "Which city is London Heathrow Airport in?"
+    assert not states("London Heathrow Airport is in England.", "London", "London Heathrow Airport")
+    assert exact("London Heathrow Airport is in London.", "London", ask, "London Heathrow Airport", airport)

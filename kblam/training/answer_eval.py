@@ -11,7 +11,9 @@ validation) or a real-fact dataset (kb_builders.real_kbs). Questions:
 
 Scores:
 - exact: the answer states the value and nothing else new. Its words, less the question's words and a
-  few function words, are the value's words (less the question's), in order, and the value appears
+  few function words (compared by a crude suffix stem: "joined" echoes "join"), and less the asked
+  triple's own name and property words, are the value's words, in order ("exact_strict": the question's
+  and function words only, as issue 9 first defined it); and the value appears
   in the answer once the question's mention of the entity is taken out ("London" for London Heathrow
   Airport's city must be said, not only echoed from the name). A refusal is not exact.
 - contains: the value appears (as above); refusal recall on unknowns; false refusals on simple ones;
@@ -70,16 +72,25 @@ def states(answer: str, value: str, mention: str | None) -> bool:
     return bool(want) and f" {want} " in f" {got} "
 
 
+def stem(word: str) -> str:
+    """A crude suffix stem, so that "joined" echoes "join" and "abbreviates" "abbreviate"."""
+    for suffix, shortest in (("ing", 6), ("ed", 5), ("es", 5), ("s", 4)):
+        if word.endswith(suffix) and len(word) >= shortest:
+            return word[: -len(suffix)]
+    return word
+
+
 def exact(answer: str, value: str, question: str, mention: str | None, triple: Triple | None = None) -> bool:
     """states(), and the answer adds no word but the value's, beyond the question's and function words
     (and, given the asked `triple`, the words of its own name and property: restating the KB's key is
-    not new information; without it, the strict form of the metric)."""
+    not new information; without it, the strict form of the metric). Words compare by stem()."""
     if not states(answer, value, mention):
         return False
-    known = set(words(question)) | FUNCTION_WORDS
+    known = {stem(w) for w in words(question)} | FUNCTION_WORDS
     if triple is not None:
-        known |= set(words(f"{triple.name} {triple.property}")) - set(words(value))
-    return [w for w in words(answer) if w not in known] == [w for w in words(value) if w not in known]
+        known |= {stem(w) for w in words(f"{triple.name} {triple.property}")} - {stem(w) for w in words(value)}
+    new = [stem(w) for w in words(answer) if stem(w) not in known]
+    return new == [stem(w) for w in words(value) if stem(w) not in known]
 
 
 @dataclass
