@@ -64,7 +64,8 @@ def _parser() -> argparse.ArgumentParser:
         "calibrate", help="fit an adapter's answer confidence and refusal threshold on validation KBs")
     calibrate.add_argument("--adapter", default=None, help="an adapter folder (default: the shipped one)")
     calibrate.add_argument("--out", default=None, help="folder for calibration.json (default: the adapter's)")
-    calibrate.add_argument("--sizes", default="100,1000", help="KB sizes (default 100,1000)")
+    calibrate.add_argument("--sizes", default="100,1000,10000",
+                           help="KB sizes (default 100,1000,10000; a dataset too small for a size skips it)")
     calibrate.add_argument("--kbs", type=int, default=2, help="KBs per dataset and size (default 2)")
     calibrate.add_argument("--max-false-refusals", type=float, default=0.03,
                            help="the most answerable questions the threshold may refuse on validation (default 0.03)")

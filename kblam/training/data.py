@@ -173,6 +173,24 @@ def span_tokens(tok, answer: str, facts: list[Triple], columns: list[int], null_
     return ids, kind, column, inside
 
 
+def _kbs(data: TrainingData, items: list[dict], null_slot: bool):
+    """(keys, values (B, M, d), kb_mask (B, M), gold (B,)) of the examples' KBs, padded to the largest."""
+    m = max(len(it["kb"]) for it in items)
+    b, d = len(items), data.key_emb.shape[1]
+    keys, values = torch.zeros(b, m, d), torch.zeros(b, m, d)
+    kb_mask = torch.zeros(b, m, dtype=torch.bool)
+    gold = torch.full((b,), -1, dtype=torch.long)
+    for r, it in enumerate(items):
+        kb = torch.tensor(it["kb"], dtype=torch.long)
+        n = len(kb)
+        keys[r, :n], values[r, :n], kb_mask[r, :n] = data.key_emb[kb], data.value_emb[kb], True
+        if it["kind"] == "simple" and it["sources"]:
+            gold[r] = it["sources"][0]
+        elif it["kind"] == "unanswerable" and null_slot:
+            gold[r] = m
+    return keys, values, kb_mask, gold
+
+
 def collate(model, data: TrainingData, rows: list[int]) -> Batch:
     """Assemble examples `rows` into a padded batch with their KBs."""
     from kb_builders.questions import render
@@ -182,26 +200,16 @@ def collate(model, data: TrainingData, rows: list[int]) -> Batch:
     if cfg.span_kinds:
         return _collate_spans(model, data, rows)
     items = [data.examples[i] for i in rows]
-    m = max(len(it["kb"]) for it in items)
-    b = len(items)
-    d = data.key_emb.shape[1]
-    keys, values = torch.zeros(b, m, d), torch.zeros(b, m, d)
-    kb_mask = torch.zeros(b, m, dtype=torch.bool)
+    keys, values, kb_mask, gold = _kbs(data, items, cfg.null_slot)
+    b, m = kb_mask.shape
     width = max(data.value_ids.shape[1], data.refusal_ids.shape[1])
     vid = torch.full((b, m + int(cfg.null_slot), width), copying.PAD, dtype=torch.long)
-    gold = torch.full((b,), -1, dtype=torch.long)
     prompts, answers = [], []
     for r, it in enumerate(items):
         kb = torch.tensor(it["kb"], dtype=torch.long)
-        n = len(kb)
-        keys[r, :n], values[r, :n], kb_mask[r, :n] = data.key_emb[kb], data.value_emb[kb], True
-        vid[r, :n, : data.value_ids.shape[1]] = data.value_ids[kb]
+        vid[r, : len(kb), : data.value_ids.shape[1]] = data.value_ids[kb]
         if cfg.null_slot:
             vid[r, m, : data.refusal_ids.shape[1]] = data.refusal_ids[0]
-        if it["kind"] == "simple" and it["sources"]:
-            gold[r] = it["sources"][0]
-        elif it["kind"] == "unanswerable" and cfg.null_slot:
-            gold[r] = m
         prompts.append(model.format_prompt(it["question"]))
         facts = [data.pool[it["kb"][j]] for j in it["sources"]]
         answers.append(render(it["answer"], facts, cfg.refusal) + (tok.eos_token or ""))
@@ -231,22 +239,12 @@ def _collate_spans(model, data: TrainingData, rows: list[int]) -> Batch:
     tok, cfg = model.tokenizer, model.config
     kinds = tuple(cfg.span_kinds)
     items = [data.examples[i] for i in rows]
-    m = max(len(it["kb"]) for it in items)
+    keys, values, kb_mask, gold = _kbs(data, items, cfg.null_slot)
+    b, m = kb_mask.shape
     width = m + int(cfg.null_slot)
-    b, d = len(items), data.key_emb.shape[1]
-    keys, values = torch.zeros(b, m, d), torch.zeros(b, m, d)
-    kb_mask = torch.zeros(b, m, dtype=torch.bool)
-    gold = torch.full((b,), -1, dtype=torch.long)
     prompts, answers = [], []
     eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
-    for r, it in enumerate(items):
-        kb = torch.tensor(it["kb"], dtype=torch.long)
-        n = len(kb)
-        keys[r, :n], values[r, :n], kb_mask[r, :n] = data.key_emb[kb], data.value_emb[kb], True
-        if it["kind"] == "simple" and it["sources"]:
-            gold[r] = it["sources"][0]
-        elif it["kind"] == "unanswerable" and cfg.null_slot:
-            gold[r] = m
+    for it in items:
         prompts.append(model.format_prompt(it["question"]))
         facts = [data.pool[it["kb"][j]] for j in it["sources"]]
         ids, kind, column, inside = span_tokens(tok, it["answer"], facts, list(it["sources"]), m, cfg.refusal, kinds)
