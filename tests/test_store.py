@@ -18,7 +18,7 @@ import pytest
 import torch
 from conftest import HashEncoder
 
-import kblam.store as store_module
+import kblam.store.core as store_module
 from kblam.encoder import KBEncoder
 from kblam.kb import KnowledgeBase, Triple
 from kblam.store import KBStore, KBStoreError
