@@ -222,6 +222,37 @@ def test_encoder_checks_and_writer_lock(tmp_path):
         KBStore.create(path, encoder, exist_ok=True, key_template="{name} has {property}")
 
 
+def test_create_never_overwrites_a_store_that_lost_its_manifest(tmp_path, small_blocks):
+    """Issue 13, item 1: create(exist_ok=True) on data files without a manifest must refuse, not truncate."""
+    encoder, _ = counting_encoder()
+    path = tmp_path / "kb"
+    with KBStore.create(path, encoder) as store:
+        store.add(facts(30))
+        store.update("entity 1", "property 1", "changed")
+        expected = store.triples()
+    sizes = {p.name: p.stat().st_size for p in path.iterdir()}
+    manifest = (path / "manifest.json").read_bytes()
+    (path / "manifest.json").unlink()
+    for exist_ok in (True, False):
+        with pytest.raises(KBStoreError, match="no manifest.json: the manifest was deleted .* Nothing was changed"):
+            KBStore.create(path, encoder, exist_ok=exist_ok)
+    assert {p.name: p.stat().st_size for p in path.iterdir()} == {k: v for k, v in sizes.items() if k != "manifest.json"}
+    (path / "manifest.json").write_bytes(manifest)  # restoring the manifest gives everything back
+    with KBStore.open(path, readonly=True) as store:
+        assert store.triples() == expected
+        store.verify()
+
+    # A create() that died before its first manifest leaves empty files only: a new create() proceeds.
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    for name in ("triples-00000000.jsonl", "keys-00000000.f16", "values-00000000.f16"):
+        (fresh / name).touch()
+    with KBStore.create(fresh, encoder) as store:
+        store.add(facts(3))
+    with KBStore.open(fresh, readonly=True) as store:
+        assert store.triples() == facts(3)
+
+
 # ------------------------------------------------------------------------------------- crash safety
 
 

@@ -270,10 +270,11 @@ class KBStore:
         try:
             if (folder / MANIFEST).exists():
                 raise KBStoreError(f"another process created a KB store at {folder} just now; open it instead")
+            _refuse_orphaned_data(folder)
             files: dict[str, Any] = {}
             for kind in _DATA:
                 name = _file_name(kind, 0)
-                with open(folder / name, "wb") as fh:
+                with open(folder / name, "xb") as fh:  # "x": never truncate a file that is there
                     os.fsync(fh.fileno())
                 files[kind] = {"name": name, "bytes": 0, "blocks": []}
             files["overlay"] = None
@@ -861,6 +862,22 @@ class KBStore:
             if _OWN_FILE.match(name) and name not in keep:
                 with contextlib.suppress(OSError):
                     os.unlink(self.path / name)
+
+
+def _refuse_orphaned_data(folder: Path) -> None:
+    """A folder with store data files but no manifest is a store that lost its manifest, not an empty
+    folder: creating a store there would write over data that restoring the manifest gives back.
+    Empty files (a create() that died before its manifest) hold nothing and are cleared."""
+    own = sorted(f for f in os.listdir(folder) if _OWN_FILE.match(f))
+    held = [f for f in own if (folder / f).stat().st_size > 0]
+    if held:
+        shown = ", ".join(held[:6]) + (f" and {len(held) - 6} more" if len(held) > 6 else "")
+        raise KBStoreError(f"{folder} holds KB store data files ({shown}) but no {MANIFEST}: the manifest was "
+                           "deleted or the folder was copied incompletely. Nothing was changed. Restore "
+                           f"{MANIFEST} from where it came (then KBStore.open works), or move these files "
+                           "away to start a new store here")
+    for name in own:
+        os.unlink(folder / name)
 
 
 def _check_encoder(folder: Path, manifest: dict, encoder: KBEncoder) -> None:
