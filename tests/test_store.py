@@ -507,6 +507,52 @@ def test_flipped_bytes_are_found_by_verify(tmp_path, small_blocks):
         KBStore.open(path, readonly=True)
 
 
+def test_damaged_rows_are_errors_when_first_read(tmp_path, small_blocks, monkeypatch):
+    """Issue 13, item 12: a flipped byte is found the first time its block is read, not only by verify()."""
+    import kblam.store.files as files_module
+
+    encoder, _ = counting_encoder()
+    path = tmp_path / "kb"
+    with KBStore.create(path, encoder) as store:
+        store.add(facts(40))
+    for name, offset in (("keys-00000000.f16", 20 * 24 * 2 + 3), ("values-00000000.f16", 33 * 24 * 2)):
+        data = bytearray((path / name).read_bytes())
+        data[offset] ^= 0x04
+        (path / name).write_bytes(bytes(data))
+    triples = path / "triples-00000000.jsonl"
+    triples.write_bytes(triples.read_bytes().replace(b"value 10", b"value 1O"))
+
+    hashed = []  # data blocks hashed (not the manifest)
+    real_sha256 = files_module.hashlib.sha256
+
+    def sha256(data=b""):
+        if sys._getframe(1).f_code.co_name in ("_check_blocks", "_read_block"):
+            hashed.append(len(data))
+        return real_sha256(data)
+
+    monkeypatch.setattr(files_module.hashlib, "sha256", sha256)
+    reader = KBStore.open(path, readonly=True)  # opening reads no row
+    assert len(reader) == 40 and hashed == []
+    keys, values, triples_view = reader.view()
+    assert keys[[0, 1, 30]].shape == (3, 24) and triples_view[0] == facts(40)[0]
+    assert len(hashed) == 3  # keys blocks 0 and 3, triples block 0
+    keys[[2, 31]], values[4]
+    assert len(hashed) == 4  # only values block 0 is new: each block is checked once per process
+    with pytest.raises(KBStoreError, match=r"keys-00000000.f16: rows 16-23 do not match their checksums .* "
+                                           r"KBStore.rebuild"):
+        keys[[5, 20]]
+    with pytest.raises(KBStoreError, match=r"values-00000000.f16: rows 32-39 do not match"):
+        values[33]
+    assert values[[31, 40 - 8 - 1]].shape == (2, 24)  # the blocks around it are fine
+    with pytest.raises(KBStoreError, match=r"triples-00000000.jsonl: rows 8-15 .* restore the folder"):
+        triples_view[10]
+    assert triples_view[16] == facts(40)[16]
+    for read_all in (reader.triples, reader.embeddings, reader.key_matrix, reader.value_matrix):
+        with pytest.raises(KBStoreError, match="do not match their checksums"):
+            read_all()
+    reader.close()
+
+
 def test_rebuild_moves_a_store_to_another_encoder(tmp_path):
     encoder, _ = counting_encoder()
     path = tmp_path / "kb"

@@ -43,9 +43,12 @@ was committed. Readers take no lock: they read the manifest, open its files and 
 committed prefix; if a writer deleted a file in between (compaction), they re-read the manifest.
 
 Checksums: sha256 per block of 4096 rows (for the JSONL file, per 4096 lines) lets an append re-hash
-only the last partial block; ``verify()`` re-reads everything. ``open()`` checks sizes only (cheap):
-a truncated embedding file is reported with the rows still intact and the way out,
-``KBStore.rebuild(path, encoder)``, which re-encodes every embedding from ``triples-<G>.jsonl``.
+only the last partial block. ``open()`` checks sizes only and reads no row: a truncated embedding file
+is reported with the rows still intact and the way out, ``KBStore.rebuild(path, encoder)``, which
+re-encodes every embedding from ``triples-<G>.jsonl``. Every block is checked against its sha256 the
+first time one of its rows is read in a process (so a flipped byte is an error, not an answer), and
+``verify()`` re-reads everything. Triples are parsed when first read, too: a question over a
+million-triple store (``view()``) reads its candidates' rows and triples only.
 
 Encoding bypasses ``KBEncoder``'s per-text cache (at a million triples it would hold gigabytes):
 the store itself is the cache. New triples are encoded in batches of 4096 with texts de-duplicated,
@@ -65,7 +68,7 @@ import warnings
 import weakref
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
@@ -88,16 +91,17 @@ from kblam.store.files import (
     MANIFEST,
     KBStoreError,
     _Blocks,
+    _check_blocks,
     _check_sizes,
     _file_name,
     _fsync_dir,
+    _Lines,
     _lock,
     _manifest_text,
     _pid_alive,
     _read_lock_pid,
     _read_manifest,
     _read_overlay,
-    _read_triples,
     _row_ranges,
     _Snapshot,
     _triple_line,
@@ -172,12 +176,13 @@ def _to_f16(arr: np.ndarray, what: str) -> np.ndarray:
 
 
 class _State:
-    """In-memory view of a snapshot: physical triples, live slots, overlay, lookup index."""
+    """In-memory view of a snapshot: physical triples (read on demand), live slots, overlay, lookups."""
 
     def __init__(self, snap: _Snapshot):
         m = snap.manifest
+        self.folder = snap.folder
         self.rows = int(m["rows"])
-        self.phys = _read_triples(snap)
+        self.phys = _Lines(snap)
         self.hidden, self.moves = _read_overlay(snap, self.rows)
         mask = np.ones(self.rows, dtype=bool)
         if self.hidden:
@@ -186,15 +191,23 @@ class _State:
         if len(self.base) != m["count"]:
             raise KBStoreError(f"{snap.folder / MANIFEST} says {m['count']} triples but its rows and overlay "
                                f"give {len(self.base)}; the manifest is inconsistent")
-        self.slot_of: dict[str, dict[str, int]] = {}
-        for slot in self.base.tolist():
-            t = self.phys[self.moves.get(slot, slot)]
-            props = self.slot_of.setdefault(t.name, {})
-            if t.property in props:
-                raise KBStoreError(f"{snap.folder}: ({t.name!r}, {t.property!r}) is stored twice; the overlay "
-                                   "file is inconsistent with the triples")
-            props[t.property] = slot
+        self._slot_of: dict[str, dict[str, int]] | None = None
         self.value_rows: dict[str, int] | None = None  # value text -> a row holding its embedding
+
+    @property
+    def slot_of(self) -> dict[str, dict[str, int]]:
+        """name -> property -> slot. Built on first use (it reads every triple): asking a question of a
+        store needs only its candidates' triples, editing it needs this."""
+        if self._slot_of is None:
+            slot_of: dict[str, dict[str, int]] = {}
+            for slot, t in zip(self.base.tolist(), self.phys.take(self.order()), strict=True):
+                props = slot_of.setdefault(t.name, {})
+                if t.property in props:
+                    raise KBStoreError(f"{self.folder}: ({t.name!r}, {t.property!r}) is stored twice; the "
+                                       "overlay file is inconsistent with the triples")
+                props[t.property] = slot
+            self._slot_of = slot_of
+        return self._slot_of
 
     def current(self, slot: int) -> int:
         return self.moves.get(slot, slot)
@@ -212,7 +225,6 @@ class _State:
 
     def find(self, name: str, prop: str) -> int | None:
         return self.slot_of.get(name, {}).get(prop)
-
 
 
 # ------------------------------------------------------------------------------------------- the store
@@ -473,7 +485,7 @@ class KBStore:
         """The live triples, in index order (the row order of embeddings() and key_matrix())."""
         st = self._st()
         if self._logical is None:
-            self._logical = [st.phys[r] for r in st.order().tolist()]
+            self._logical = st.phys.take(st.order())
         return list(self._logical)
 
     def get(self, name: str, property: str) -> Triple | None:
@@ -500,8 +512,22 @@ class KBStore:
             self._maps[kind] = mm
         return mm
 
+    def _check(self, kind: str, rows: np.ndarray | None = None) -> None:
+        """Check the checksums of the blocks holding these committed physical rows (default: all),
+        each block once per process: a damaged row is an error, never an embedding."""
+        m = self._manifest
+        br = int(m["block_rows"])
+        blocks = None if rows is None else np.unique(np.asarray(rows, dtype=_I64).ravel() // br).tolist()
+        _check_blocks(self.path, kind, self._snap.handles[kind], m["files"][kind], int(m["rows"]), br, blocks)
+
+    def _read_phys(self, kind: str, rows: np.ndarray) -> np.ndarray:
+        """float16 rows of keys or values by physical row (any shape of index), checked."""
+        self._check(kind, rows)
+        return self._map(kind)[rows]
+
     def _logical_rows(self, kind: str) -> np.ndarray:
         st = self._st()
+        self._check(kind)
         mm = self._map(kind)
         return mm if st.identity() else mm[st.order()]
 
@@ -516,6 +542,16 @@ class KBStore:
     def value_matrix(self) -> np.ndarray:
         """The values as float16 (M, dim); a memmap under the same condition as key_matrix()."""
         return self._logical_rows("values")
+
+    def view(self) -> StoreView:
+        """(keys, values, triples) of this generation, read on demand by row (in triples() order).
+
+        What the model's pre-filter reads: ``keys[rows]`` / ``values[rows]`` are float16 arrays of just
+        those rows and ``triples[j]`` one triple, so a question over a million-triple store reads its
+        candidates only. ``np.asarray(view.keys)`` is the whole key_matrix()."""
+        st = self._st()
+        order = None if st.identity() else st.order()
+        return StoreView(_Rows(self, "keys", order), _Rows(self, "values", order), _Triples(self, order))
 
     def embeddings(self) -> KBEmbeddings:
         """The live triples with float32 key/value tensors (M, dim), row j for triple j."""
@@ -652,10 +688,9 @@ class KBStore:
         order = st.order()
 
         def chunks():
-            keys, values = self._map("keys"), self._map("values")
             for start in range(0, len(order), BLOCK_ROWS):
                 rows = order[start:start + BLOCK_ROWS]
-                yield [st.phys[r] for r in rows.tolist()], keys[rows], values[rows]
+                yield st.phys.take(rows), self._read_phys("keys", rows), self._read_phys("values", rows)
 
         self._write_fresh(dict(self._manifest), chunks())
 
@@ -760,12 +795,15 @@ class KBStore:
 
     def _read_rows(self, kind: str, rows: np.ndarray, tx: dict) -> np.ndarray:
         """Stored embedding rows (float32), committed or appended earlier in this transaction."""
-        if (rows < int(self._manifest["rows"])).all():
-            return np.asarray(self._map(kind)[rows], dtype=np.float32)
-        row_bytes = self.dim * 2
-        fd = tx["handles"][kind].fileno()  # flushed after each append
-        out = [np.frombuffer(os.pread(fd, row_bytes, r * row_bytes), dtype=_F16) for r in rows.tolist()]
-        return np.stack(out).astype(np.float32)
+        committed = rows < int(self._manifest["rows"])
+        out = np.empty((len(rows), self.dim), np.float32)
+        out[committed] = self._read_phys(kind, rows[committed])
+        if not committed.all():  # appended earlier in this transaction: not in the manifest yet
+            row_bytes = self.dim * 2
+            fd = tx["handles"][kind].fileno()  # flushed after each append
+            out[~committed] = [np.frombuffer(os.pread(fd, row_bytes, r * row_bytes), dtype=_F16)
+                               for r in rows[~committed].tolist()]
+        return out
 
     def _commit(self, tx: dict) -> None:
         """fsync appended rows, write a changed overlay under a new name, then switch the manifest."""
@@ -862,6 +900,66 @@ class KBStore:
             if _OWN_FILE.match(name) and name not in keep:
                 with contextlib.suppress(OSError):
                     os.unlink(self.path / name)
+
+
+class StoreView(NamedTuple):
+    keys: _Rows
+    values: _Rows
+    triples: _Triples
+
+
+class _Stale:
+    """A view holds one generation's row order; it stays valid while the data files do (appends keep
+    every committed row in place), and refuses to read after compact()/rebuild() rewrote them."""
+
+    def __init__(self, store: KBStore, order: np.ndarray | None):
+        self._store, self._order = store, order
+        self._files = store._manifest["files"]["keys"]["name"]
+        self._count = len(store)
+
+    def _phys(self, rows: Any) -> np.ndarray:
+        store = self._store
+        if store._snap is None or store._manifest["files"]["keys"]["name"] != self._files:
+            raise KBStoreError(f"{store.path}: the store was compacted, rebuilt or closed since this view was "
+                               "made; take a new one with store.view()")
+        rows = np.arange(self._count)[rows] if isinstance(rows, slice) else np.asarray(rows, dtype=_I64)
+        if rows.size and (rows.min() < -self._count or rows.max() >= self._count):
+            raise IndexError(f"row out of range for a view of {self._count} triples")
+        rows = rows % max(self._count, 1)
+        return rows if self._order is None else self._order[rows]
+
+    def __len__(self) -> int:
+        return self._count
+
+
+class _Rows(_Stale):
+    """Logical rows of a store's keys or values (float16), each block's checksum checked on first read."""
+
+    def __init__(self, store: KBStore, kind: str, order: np.ndarray | None):
+        super().__init__(store, order)
+        self._kind = kind
+        self.shape = (self._count, store.dim)
+        self.dtype = np.dtype(_F16)
+        self.ndim = 2
+
+    def __getitem__(self, rows: Any) -> np.ndarray:
+        return self._store._read_phys(self._kind, self._phys(rows))
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        if self._order is None:  # the memmap itself, no copy (every block checked first)
+            rows = self._phys(slice(None))
+            self._store._check(self._kind, rows)
+            whole = self._store._map(self._kind)[: self._count]
+        else:
+            whole = self[slice(None)]
+        return whole if dtype is None else whole.astype(dtype)
+
+
+class _Triples(_Stale):
+    """Logical triples of a store; a triple is parsed when it is first asked for."""
+
+    def __getitem__(self, row: int) -> Triple:
+        return self._store._state.phys[int(self._phys(row))]
 
 
 def _refuse_orphaned_data(folder: Path) -> None:

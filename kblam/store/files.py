@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import re
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -269,32 +270,169 @@ class _Snapshot:
             fh.close()
 
 
-def _read_triples(snap: _Snapshot) -> list[Triple]:
+def _truncated_triples(snap: _Snapshot, size: int) -> KBStoreError:
     meta = snap.manifest["files"]["triples"]
     rows = int(snap.manifest["rows"])
-    fh = snap.handles["triples"]
-    data = _pread_all(fh.fileno(), meta["bytes"], 0)
-    name = snap.folder / meta["name"]
-    if len(data) < meta["bytes"]:
-        lines = data.count(b"\n")
-        raise KBStoreError(f"{name} is truncated: {min(lines, rows)} of {rows} rows intact ({len(data)} of "
-                           f"{meta['bytes']} bytes); the triples after that are lost from this file, so "
-                           "restore the folder from a backup (the embeddings alone cannot give them back)")
-    if rows == 0:
-        return []
-    try:
-        text = data.decode("utf-8")
-        if not text.endswith("\n"):
-            raise ValueError("no final newline")
-        records = json.loads("[" + text[:-1].replace("\n", ",") + "]")
-        if len(records) != rows:
-            raise ValueError(f"{len(records)} lines")
-        return [Triple(r["name"], r["property"], r["value"]) for r in records]
-    except (ValueError, KeyError, TypeError, KBFormatError):
-        pass
-    bad = next((i for i, line in enumerate(data.split(b"\n")[:rows]) if not _good_line(line)), rows)
-    raise KBStoreError(f"{name}, line {bad + 1}: damaged (not a triple record; the {bad} rows before it "
-                       "parse); verify() names the damaged blocks; restore the folder from a backup")
+    lines = _pread_all(snap.handles["triples"].fileno(), size, 0).count(b"\n")
+    return KBStoreError(f"{snap.folder / meta['name']} is truncated: {min(lines, rows)} of {rows} rows intact "
+                        f"({size} of {meta['bytes']} bytes); the triples after that are lost from this file, so "
+                        "restore the folder from a backup (the embeddings alone cannot give them back)")
+
+
+# ------------------------------------------------------------------------------- checked, lazy reads
+
+# Blocks whose sha256 matched the manifest in this process, by (path, device, inode, start, end, sha256).
+# Committed bytes never change, so one check per block per process is enough to turn a damaged row into
+# an error rather than an answer; verify() re-reads everything regardless. The path is in the key so
+# that a deleted file's inode, reused by another, is never taken as checked.
+_VERIFIED: set[tuple[str, int, int, int, int, str]] = set()
+
+
+def _block_key(fh, start: int, end: int, sha: str) -> tuple[str, int, int, int, int, str]:
+    st = os.fstat(fh.fileno())
+    return (str(fh.name), st.st_dev, st.st_ino, start, end, sha)
+
+
+def _damage(folder: Path, kind: str, name: str, bad: list[int], rows: int, block_rows: int) -> KBStoreError:
+    where = f"{folder / name}: rows {_row_ranges(bad, rows, block_rows)} do not match their checksums"
+    if kind == "triples":
+        advice = "these triples cannot be trusted: restore the folder from a backup"
+    else:
+        advice = (f"the embeddings can be re-encoded from the triples with KBStore.rebuild({str(folder)!r}, "
+                  "encoder) if the triples are intact (KBStore.open(path).verify() checks every file)")
+    return KBStoreError(f"{where} (the file was damaged after it was written); {advice}")
+
+
+def _check_blocks(folder: Path, kind: str, fh, meta: dict, rows: int, block_rows: int,
+                  blocks: Iterable[int] | None = None) -> None:
+    """Compare the given blocks (default: all) of a committed data file with the manifest's sha256s,
+    each block once per process; raise naming the damaged rows."""
+    table = _Blocks.from_meta(meta, block_rows)
+    todo = range(len(table.blocks)) if blocks is None else blocks
+    bad = []
+    for b in todo:
+        start, (end, sha) = table.start(b), table.blocks[b]
+        key = _block_key(fh, start, end, sha)
+        if key in _VERIFIED:
+            continue
+        data = _pread_all(fh.fileno(), end - start, start)
+        if len(data) == end - start and hashlib.sha256(data).hexdigest() == sha:
+            _VERIFIED.add(key)
+        else:
+            bad.append(b)
+    if bad:
+        raise _damage(folder, kind, meta["name"], sorted(bad), rows, block_rows)
+
+
+def _stored_triple(record: Any) -> Triple:
+    """A Triple from a stored record. The store wrote it from a Triple (normalised) and its block's
+    checksum matched, so plain strings are taken as they are: a million Triple() validations are most
+    of the time of reading a large store's triples. Anything else goes through Triple's own checks."""
+    if type(record) is dict and len(record) == 3:
+        name, prop, value = record.get("name"), record.get("property"), record.get("value")
+        if type(name) is str and type(prop) is str and type(value) is str:
+            t = object.__new__(Triple)
+            t.__dict__.update(name=name, property=prop, value=value)
+            return t
+    return Triple(record["name"], record["property"], record["value"])
+
+
+class _Lines:
+    """The triples of a snapshot's JSONL file, read on demand.
+
+    Opening a store parses no triple: a block's checksum is checked and its line offsets found the
+    first time one of its rows is asked for, and only the lines asked for are parsed (a question's
+    256 candidates, not a million triples). ``all()`` parses everything, block by block. Rows a
+    writer appends after the snapshot live in ``extra``.
+    """
+
+    def __init__(self, snap: _Snapshot):
+        m = snap.manifest
+        self.folder = snap.folder
+        meta = m["files"]["triples"]  # this snapshot's committed table (a writer's appends come after it)
+        self.meta = {"name": meta["name"], "bytes": meta["bytes"], "blocks": [list(b) for b in meta["blocks"]]}
+        self.fh = snap.handles["triples"]
+        self.rows = int(m["rows"])
+        self.block_rows = int(m["block_rows"])
+        self.extra: list[Triple] = []
+        self._starts: dict[int, np.ndarray] = {}  # block -> file offset of each line start, then the end
+        self._parsed: dict[int, Triple] = {}
+        self._all: list[Triple] | None = None
+
+    def __len__(self) -> int:
+        return self.rows + len(self.extra)
+
+    def append(self, triple: Triple) -> None:
+        self.extra.append(triple)
+
+    def __iter__(self) -> Iterator[Triple]:
+        yield from self.all()
+
+    def __getitem__(self, row: int) -> Triple:
+        if row >= self.rows:
+            return self.extra[row - self.rows]
+        if self._all is not None:
+            return self._all[row]
+        t = self._parsed.get(row)
+        if t is None:
+            b, j = divmod(row, self.block_rows)
+            starts = self._starts.get(b)
+            if starts is None:
+                starts = self._index_block(b, self._read_block(b))
+            line = _pread_all(self.fh.fileno(), int(starts[j + 1] - starts[j]), int(starts[j]))
+            t = self._parsed[row] = self._parse([line], b * self.block_rows + j)[0]
+        return t
+
+    def take(self, rows: Iterable[int]) -> list[Triple]:
+        rows = np.asarray(rows, dtype=np.int64)
+        if self._all is None and len(rows) > self.rows // 8:
+            self.all()  # most of the file: one pass is faster than line by line
+        return [self[r] for r in rows.tolist()]
+
+    def all(self) -> list[Triple]:
+        if self._all is None:
+            out: list[Triple] = []
+            for b in range(len(self.meta["blocks"])):
+                data = self._read_block(b)
+                out.extend(self._parse(data[:-1].split(b"\n"), b * self.block_rows))
+            self._all = out
+            self._parsed.clear()
+        return self._all + self.extra
+
+    def _read_block(self, b: int) -> bytes:
+        table = _Blocks.from_meta(self.meta, self.block_rows)
+        start, (end, sha) = table.start(b), table.blocks[b]
+        data = _pread_all(self.fh.fileno(), end - start, start)
+        key = _block_key(self.fh, start, end, sha)
+        if key not in _VERIFIED:
+            if len(data) != end - start or hashlib.sha256(data).hexdigest() != sha:
+                raise _damage(self.folder, "triples", self.meta["name"], [b], self.rows, self.block_rows)
+            _VERIFIED.add(key)
+        lines = min(self.block_rows, self.rows - b * self.block_rows)
+        if not data.endswith(b"\n") or data.count(b"\n") != lines:
+            raise self._bad(b * self.block_rows, f"block {b} does not hold {lines} lines")
+        return data
+
+    def _index_block(self, b: int, data: bytes) -> np.ndarray:
+        ends = np.flatnonzero(np.frombuffer(data, dtype=np.uint8) == 10) + 1
+        start = _Blocks.from_meta(self.meta, self.block_rows).start(b)
+        starts = self._starts[b] = np.concatenate([[0], ends]).astype(np.int64) + start
+        return starts
+
+    def _parse(self, lines: list[bytes], first: int) -> list[Triple]:
+        try:
+            return [_stored_triple(r) for r in json.loads(b"[" + b",".join(lines) + b"]")]
+        except (ValueError, KeyError, TypeError, KBFormatError):
+            for i, line in enumerate(lines):
+                try:
+                    _stored_triple(json.loads(line))
+                except (ValueError, KeyError, TypeError, KBFormatError) as err:
+                    raise self._bad(first + i, f"not a triple record ({err})") from None
+            raise
+
+    def _bad(self, row: int, why: str) -> KBStoreError:
+        return KBStoreError(f"{self.folder / self.meta['name']}, line {row + 1}: {why}, although its checksum "
+                            "matches (written by another program?); restore the folder from a backup")
 
 
 def _pread_all(fd: int, size: int, offset: int) -> bytes:
@@ -308,15 +446,6 @@ def _pread_all(fd: int, size: int, offset: int) -> bytes:
         size -= len(part)
         offset += len(part)
     return b"".join(parts)
-
-
-def _good_line(line: bytes) -> bool:
-    try:
-        r = json.loads(line)
-        Triple(r["name"], r["property"], r["value"])
-    except (ValueError, KeyError, TypeError, KBFormatError):
-        return False
-    return True
 
 
 def _read_overlay(snap: _Snapshot, rows: int) -> tuple[set[int], dict[int, int]]:
@@ -349,7 +478,7 @@ def _check_sizes(snap: _Snapshot, kinds: tuple[str, ...] = _DATA) -> dict[str, i
         if size > meta["bytes"]:
             trailing[kind] = size - meta["bytes"]
         elif size < meta["bytes"] and kind == "triples":
-            _read_triples(snap)  # raises, saying how many lines are intact
+            raise _truncated_triples(snap, size)
         elif size < meta["bytes"]:
             problems.append(f"{snap.folder / meta['name']} is truncated: {size // row_bytes} of {rows} rows "
                             f"intact ({size} of {meta['bytes']} bytes)")
