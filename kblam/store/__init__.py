@@ -7,7 +7,7 @@
 manifest, checksummed data files and snapshots it is built on.
 """
 
-from kblam.store.core import BATCH_SIZE, BLOCK_ROWS, KBStore
+from kblam.store.core import BATCH_SIZE, BLOCK_ROWS, KBStore, is_store, load_kb
 from kblam.store.files import FORMAT, FORMAT_VERSION, KBStoreError
 
-__all__ = ["BATCH_SIZE", "BLOCK_ROWS", "FORMAT", "FORMAT_VERSION", "KBStore", "KBStoreError"]
+__all__ = ["BATCH_SIZE", "BLOCK_ROWS", "FORMAT", "FORMAT_VERSION", "KBStore", "KBStoreError", "is_store", "load_kb"]

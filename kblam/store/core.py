@@ -109,6 +109,7 @@ from kblam.store.files import (
 
 if TYPE_CHECKING:
     from kblam.encoder import KBEmbeddings, KBEncoder
+    from kblam.prefilter import KBPrefilter
 
 BLOCK_ROWS = 4096  # rows per checksum block
 BATCH_SIZE = 4096  # triples encoded and appended per step of add()/rebuild()
@@ -249,6 +250,7 @@ class KBStore:
         self._blocks: dict[str, _Blocks] = {}
         self._maps: dict[str, np.ndarray] = {}
         self._logical: list[Triple] | None = None
+        self._index: list | None = None  # [keys file, KBPrefilter, rows in it, generation mapped] (store.index)
 
     # ------------------------------------------------------------------------------ opening
 
@@ -365,6 +367,21 @@ class KBStore:
         except BaseException:
             store.close()
             raise
+        return store
+
+    @classmethod
+    def shared(cls, path: str | os.PathLike) -> KBStore:
+        """A read-only store for this folder, one per folder in this process (so its triples, checked
+        blocks and pre-filter index are read once), moved to the newest generation on each call.
+        What ``ask(question, "facts.kbstore")`` uses."""
+        folder = Path(path).resolve()
+        store = _SHARED.get(folder)
+        if store is None or store._snap is None:
+            store = _SHARED[folder] = cls.open(folder, readonly=True)
+            while len(_SHARED) > _SHARED_MAX:
+                _SHARED.pop(next(iter(_SHARED))).close()
+        else:
+            store.reload()
         return store
 
     def _reload(self, first: bool = False) -> None:
@@ -552,6 +569,18 @@ class KBStore:
         st = self._st()
         order = None if st.identity() else st.order()
         return StoreView(_Rows(self, "keys", order), _Rows(self, "values", order), _Triples(self, order))
+
+    def prefilter(self, *, progress: bool | None = None) -> KBPrefilter:
+        """The FAISS pre-filter index over this store's keys, rows numbered as ``triples()``.
+
+        The one saved in the store (``kblam.store.index``), memory-mapped, when it is valid for this
+        store; otherwise (none yet, deleted, damaged, stale) it is built now, which is said once,
+        and saved for the next process. Edits since the save are applied without a rebuild.
+        """
+        self._st()
+        from kblam.store import index
+
+        return index.current(self, progress=progress)
 
     def embeddings(self) -> KBEmbeddings:
         """The live triples with float32 key/value tensors (M, dim), row j for triple j."""
@@ -841,6 +870,7 @@ class KBStore:
         if tx["overlay"] and old["files"].get("overlay"):
             with contextlib.suppress(OSError):
                 os.unlink(self.path / old["files"]["overlay"]["name"])
+        self._after_commit("refresh")
 
     def _write_fresh(self, manifest: dict, chunks: Iterable[tuple[list[Triple], np.ndarray, np.ndarray]]) -> None:
         """Write the given live rows into new data files (compact/rebuild), commit, delete the old ones."""
@@ -888,6 +918,19 @@ class KBStore:
         self._reload()
         # The old files (and any crash leftovers) go; readers holding them open keep reading them.
         self._remove_strays()
+        self._after_commit("rebuild")
+
+    def _after_commit(self, what: str) -> None:
+        """Keep a saved pre-filter index current (kblam.store.index). The change is committed already,
+        so a failure here is a warning: the index is rebuilt when it is next used."""
+        from kblam.store import index
+
+        try:
+            index.refresh(self) if what == "refresh" else index.rebuild(self)
+        except Exception as err:  # noqa: BLE001 - derived data; the commit stands
+            warnings.warn(f"{self.path}: the change is committed, but updating the saved pre-filter index "
+                          f"failed ({type(err).__name__}: {err}); it is rebuilt when next used",
+                          UserWarning, stacklevel=4)
 
     def _remove_strays(self, names: Iterable[str] | None = None) -> None:
         """Delete store files (all, or ``names``) that the manifest does not refer to: left by a crash
@@ -900,6 +943,24 @@ class KBStore:
             if _OWN_FILE.match(name) and name not in keep:
                 with contextlib.suppress(OSError):
                     os.unlink(self.path / name)
+
+
+_SHARED: dict[Path, KBStore] = {}  # KBStore.shared(): folder -> its read-only store, oldest first
+_SHARED_MAX = 4
+
+
+def is_store(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a KB store folder (it holds a manifest.json)."""
+    return (Path(path) / MANIFEST).is_file()
+
+
+def load_kb(path: str | os.PathLike) -> KBStore | KnowledgeBase:
+    """A KB given by path: a store folder (``KBStore.shared``) or a KB file (``KnowledgeBase.from_file``)."""
+    if is_store(path):
+        return KBStore.shared(path)
+    if Path(path).is_file():
+        return KnowledgeBase.from_file(path)
+    raise ValueError(f"{path} is neither a KB store folder (no {MANIFEST} in it) nor a KB file")
 
 
 class StoreView(NamedTuple):
