@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.kblam-installed
 
-.PHONY: install demo test lint quality clean
+.PHONY: install demo test lint quality clean fuzz-store
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,14 @@ test: lint
 	$(BIN)/python -m pytest
 
 quality: lint
+
+# The KBStore state machine (tests/test_store_stateful.py) at length: 2,000 random sequences of up to 40
+# steps (add, update, remove, compact, reopen, a crash at any fsync) instead of the 25 x 20 that `make test` runs.
+FUZZ_EXAMPLES ?= 2000
+FUZZ_STEPS ?= 40
+fuzz-store: install
+	KBLAM_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) KBLAM_FUZZ_STEPS=$(FUZZ_STEPS) OMP_NUM_THREADS=1 \
+		$(BIN)/python -m pytest -q -p no:cacheprovider tests/test_store_stateful.py --hypothesis-show-statistics
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
