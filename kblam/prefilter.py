@@ -209,16 +209,23 @@ class KBPrefilter:
             self._selectors[part] = _live_selector(self._rows_of, first, count)
         return self._selectors[part][0]
 
+    def nprobe_for(self, k: int) -> int | None:
+        """IVF: the lists a search for k candidates probes (nprobe, raised so that they hold ~4k keys
+        on average unless nprobe was given or tuned)."""
+        if self._kind != "ivf":
+            return None
+        nprobe = self.nprobe
+        if not self._nprobe_given:
+            nprobe = max(nprobe, math.ceil(4 * k * self.nlist / max(self.ntotal, 1)))
+        return min(self.nlist, nprobe)
+
     def _params(self, part: str, k: int):
         """FAISS search parameters for the main index: the live-ids selector and this k's nprobe/efSearch."""
         import faiss
 
         sel = self._selector(part, 0, int(self.index.ntotal))
         if self._kind == "ivf":
-            nprobe = self.nprobe
-            if not self._nprobe_given:  # probe enough lists to hold ~4k keys on average
-                nprobe = max(nprobe, math.ceil(4 * k * self.nlist / max(self.ntotal, 1)))
-            return faiss.SearchParametersIVF(sel=sel, nprobe=min(self.nlist, nprobe))
+            return faiss.SearchParametersIVF(sel=sel, nprobe=self.nprobe_for(k))
         if self._kind == "hnsw":
             return faiss.SearchParametersHNSW(sel=sel, efSearch=max(self._ef_given or 64, 2 * k))
         return faiss.SearchParameters(sel=sel) if sel is not None else None
