@@ -4,7 +4,7 @@
     store.add(kb)                                         # encodes only what is new or changed
     store.update("gold", "symbol", "Au")                  # re-encodes one value text
     emb = store.embeddings()                              # KBEmbeddings for the model
-    index = KBPrefilter(store.key_matrix())               # zero-copy float16 view for FAISS
+    index = store.prefilter()                             # the FAISS pre-filter saved in the store
 
 The store holds one value per (name, property): adding a triple whose (name, property) is already
 stored with another value *updates* it, in place (its index is kept, as ``KnowledgeBase.update``).
@@ -22,6 +22,8 @@ Layout (every file name is referenced from the manifest; ``<G>`` is the generati
     overlay-<G>.i64        only while rows are updated/removed and not yet compacted: int64 "hidden"
                            physical rows, then (slot, row) pairs saying which newer row now holds a slot
     writer.lock            flock()ed by the single writer; holds its pid
+    prefilter-<G>.faiss    the saved pre-filter index and its record (.json): derived data, checked
+                           before use and rebuilt when in doubt (``kblam.store.index``)
 
 Why not fixed names (``keys.f16``)? Appends can go to the same file, but a rewrite (``compact()``,
 ``rebuild()``) must not touch files the committed manifest still names, so it writes new files and
