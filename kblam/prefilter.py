@@ -300,7 +300,7 @@ class KBPrefilter:
         if rows_of.shape != (total,):
             raise ValueError(f"set_rows needs one row per key added ({total}), got shape {rows_of.shape}")
         live = rows_of[rows_of >= 0]
-        if len(np.unique(live)) != len(live) or (len(live) and (live.min() != 0 or live.max() != len(live) - 1)):
+        if len(live) and (live.max() >= len(live) or not (np.bincount(live, minlength=len(live)) == 1).all()):
             raise ValueError("set_rows: the live rows must be 0..n-1, each once")
         self._rows_of = rows_of.copy()
         self._rows = len(live)
