@@ -353,7 +353,7 @@ class KBStore:
                                        "do not match their checksums, so the triples cannot be trusted to "
                                        "re-encode; restore the folder from a backup")
                 state = _State(snap)
-                triples = [state.phys[r] for r in state.order().tolist()]
+                triples = state.phys.take(state.order())
                 manifest = dict(snap.manifest, encoder=encoder.name, dim=int(encoder.dim))
             finally:
                 snap.close()
