@@ -51,6 +51,7 @@ import contextlib
 import math
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -101,7 +102,9 @@ class KBPrefilter:
     """Cosine top-k over KB keys with FAISS; see the module docstring for the choice of index."""
 
     def __init__(self, keys: Any, *, kind: str = "auto", exact_up_to: int = 200_000, nlist: int | None = None,
-                 nprobe: int | None = None, hnsw_m: int = 32, ef_search: int | None = None, seed: int = 0):
+                 nprobe: int | None = None, hnsw_m: int = 32, ef_search: int | None = None, seed: int = 0,
+                 on_added: Callable[[int], Any] | None = None):
+        """``on_added(n)`` is called as each chunk of n keys is added (after IVF training): a progress bar."""
         import faiss
 
         if kind not in KINDS:
@@ -140,7 +143,7 @@ class KBPrefilter:
             sample = np.sort(rng.choice(m, size=n_train, replace=False)) if n_train < m else slice(None)
             self.index.train(_normalised(keys[sample]))
             self.index.nprobe = self.nprobe
-        self._add(keys)
+        self._add(keys, on_added)
 
     def _init_rows(self) -> None:
         self._mapped = False  # True: the main index is a read-only memory map (FAISS aborts on writes)
@@ -253,7 +256,7 @@ class KBPrefilter:
 
     # ------------------------------------------------------------------------------ changes
 
-    def _add(self, keys: np.ndarray) -> None:
+    def _add(self, keys: np.ndarray, on_added: Callable[[int], Any] | None = None) -> None:
         import faiss
 
         n = len(keys)
@@ -261,7 +264,10 @@ class KBPrefilter:
             self._tail = faiss.IndexFlatIP(self.dim)
         target = self._tail if self._mapped else self.index
         for start in range(0, n, _CHUNK):
-            target.add(_normalised(keys[start:start + _CHUNK]))  # ids continue from the last one
+            chunk = _normalised(keys[start:start + _CHUNK])
+            target.add(chunk)  # ids continue from the last one
+            if on_added is not None:
+                on_added(len(chunk))
         if self._rows_of is not None:
             self._rows_of = np.concatenate([self._rows_of, np.arange(self._rows, self._rows + n, dtype=np.int64)])
         self._rows += n

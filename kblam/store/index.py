@@ -153,9 +153,8 @@ def build(store: KBStore, *, progress: bool | None = None, **options: Any) -> tu
     rows = int(store._manifest["rows"])
     store._check("keys")
     t0 = time.perf_counter()
-    with _progress(None, progress, f"building the pre-filter index over {rows:,} keys") as bar:
-        pre = KBPrefilter(store._map("keys"), **options)
-        bar.update(rows)
+    with _progress(rows, progress, "pre-filter index (training, then adding keys)") as bar:
+        pre = KBPrefilter(store._map("keys"), on_added=bar.update, **options)
     save(store, pre, rows, time.perf_counter() - t0)
     return pre, rows
 
