@@ -101,9 +101,12 @@ def _shard_batches(source: Path, with_embeddings: bool) -> Iterator[tuple[list[T
             raise KBFormatError(f"cannot read it as parquet: {err}", path=path) from None
 
 
-def _file_batches(source: Path, strict: bool) -> Iterator[tuple[list[Triple], None, None]]:
+def _file_batches(source: Path, strict: bool, bar) -> Iterator[tuple[list[Triple], None, None]]:
     kb = KnowledgeBase.from_file(source, strict=strict)
     triples = list(kb)
+    if bar.total is None or bar.total < bar.n + len(triples):  # known once the file is read
+        bar.total = bar.n + len(triples)
+        bar.refresh()
     for start in range(0, len(triples), _SHARD_ROWS):
         yield triples[start:start + _SHARD_ROWS], None, None
 
@@ -144,7 +147,7 @@ def import_sources(store: KBStore, sources: list[str | os.PathLike], *, commit_e
             elif path.is_dir() or path.suffix.lower() == ".parquet":
                 batches = _shard_batches(path, False)
             else:
-                batches = _file_batches(path, strict)
+                batches = _file_batches(path, strict, bar)
             try:
                 pending: list[Triple] = []
                 for triples, keys, values in batches:
