@@ -335,6 +335,9 @@ class KBPrefilter:
             faiss.write_index(self.index, tmp)
             with open(tmp, "rb") as fh:
                 os.fsync(fh.fileno())
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)  # mkstemp made it 0600: other users' readers need it too
             os.replace(tmp, path)
         except BaseException:
             with contextlib.suppress(OSError):

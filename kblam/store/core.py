@@ -256,6 +256,7 @@ class KBStore:
         self._maps: dict[str, np.ndarray] = {}
         self._logical: list[Triple] | None = None
         self._index: list | None = None  # [keys file, KBPrefilter, rows in it, generation mapped] (store.index)
+        self._seen: tuple[int, int, int] | None = None  # manifest stat at the last reload() that read it
 
     # ------------------------------------------------------------------------------ opening
 
@@ -425,9 +426,15 @@ class KBStore:
     def reload(self) -> bool:
         """Move to the newest committed generation (for long-lived readers). True if it changed."""
         self._st()
-        if _read_manifest(self.path)["generation"] == self.generation:
+        # Every commit replaces manifest.json (a new inode): an unchanged stat means an unchanged
+        # generation, without parsing a manifest of thousands of block checksums on every ask.
+        st = os.stat(self.path / MANIFEST)
+        seen = (st.st_ino, st.st_mtime_ns, st.st_size)
+        if seen == self._seen or _read_manifest(self.path)["generation"] == self.generation:
+            self._seen = seen
             return False
         self._reload()
+        self._seen = seen
         return True
 
     def close(self) -> None:
