@@ -189,7 +189,7 @@ def test_a_damaged_key_row_is_an_error_not_an_answer(model, store_path):
             answers(model, store_path)
 
 
-def test_a_store_path_is_a_kb(model, store_path):
+def test_a_store_path_is_a_kb(model, store_path, hash_encoder):
     """ask() reads a store folder given as a path, through one cached read-only store per folder."""
     with KBStore.open(store_path, readonly=True) as reader:
         expected = fresh_answers(model, reader)
@@ -197,5 +197,13 @@ def test_a_store_path_is_a_kb(model, store_path):
     assert got == expected
     again = model.ask(QUESTIONS[0], store_path, max_new_tokens=4)
     assert (again.text, [t for t, _ in again.sources]) == expected[0]
+    assert KBStore.shared(store_path) is KBStore.shared(str(store_path))  # one per folder
+
+    with KBStore.open(store_path, hash_encoder) as writer:  # another writer changes the store:
+        writer.update("thing 12", "colour", "ultramarine")  # the shared reader moves to it
+    with KBStore.open(store_path, readonly=True) as reader:
+        expected = fresh_answers(model, reader)
+    got = [(a.text, [t for t, _ in a.sources]) for a in model.ask(QUESTIONS, store_path, max_new_tokens=4)]
+    assert got == expected and KBStore.shared(store_path).get("thing 12", "colour").value == "ultramarine"
     with pytest.raises(ValueError, match="neither a KB store folder .* nor a KB file"):
         model.ask(QUESTIONS[0], str(store_path / "nothing-here"), max_new_tokens=1)
