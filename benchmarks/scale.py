@@ -465,11 +465,14 @@ def markdown(results: dict) -> str:
         new = {(m["n"], m["mode"]): m for m in results.get("measure", [])}
         b, cold = old.get((1_000_000, "prefilter")), new.get((1_000_000, "cold"))
         if b and cold and "open_to_answer_s" in cold:
-            lines += ["", f"Before issue 14 (main at 17b8824, `{BEFORE.relative_to(ROOT)}`), a process opened the "
-                          f"1M store in {b['open_store_s']} s (all triples parsed) and built the IVF index in "
-                          f"{b['index_build_s']} s before its first answer, {b['open_store_s'] + b['index_build_s'] + b['ttft_s']:.1f} s "
-                          f"in all, peak {b['peak_rss_mb']} MB; now a fresh process opens the store, loads the "
-                          f"saved index and answers in {cold['open_to_answer_s']} s, peak {cold['peak_rss_mb']} MB."]
+            before = json.loads(BEFORE.read_text()).get("machine", {}).get("loadavg_at_start")
+            lines += ["", f"Before issue 14 (main at 17b8824, `{BEFORE.relative_to(ROOT)}`, load average {before}), "
+                          f"a process opened the 1M store in {b['open_store_s']} s (every triple parsed) and built the "
+                          f"IVF index in {b['index_build_s']} s: "
+                          f"{b['open_store_s'] + b['index_build_s'] + b['ttft_s']:.1f} s to its first token, peak "
+                          f"{b['peak_rss_mb']} MB. Now a fresh process opens the store, loads the saved index and "
+                          f"has a {cold['answer_tokens']}-token answer in {cold['open_to_answer_s']} s, peak "
+                          f"{cold['peak_rss_mb']} MB (load average {cold.get('loadavg_1min')})."]
     if results.get("goals"):
         lines += ["", "Goals:", ""] + [f"- {name}: `{json.dumps(v)}`" for name, v in results["goals"].items()]
     return "\n".join(lines)

@@ -15,7 +15,7 @@ Layout (every file name is referenced from the manifest; ``<G>`` is the generati
 
     manifest.json          the single commit point: format/version, generation, count, dim, encoder
                            name, templates, dtype, and for each data file its name, committed byte
-                           length and a sha256 per block of 1024 rows; plus a checksum of itself
+                           length and a sha256 per block of 256 rows; plus a checksum of itself
     triples-<G>.jsonl      one {"name", "property", "value"} object per physical row (append-only)
     keys-<G>.f16           raw little-endian float16 rows (rows, dim): row i belongs to line i
     values-<G>.f16         the same for value embeddings
@@ -44,7 +44,7 @@ truncated by the next writer) or the new one (all its data fsynced before it). A
 was committed. Readers take no lock: they read the manifest, open its files and read only the
 committed prefix; if a writer deleted a file in between (compaction), they re-read the manifest.
 
-Checksums: sha256 per block of 1024 rows (for the JSONL file, per 1024 lines) lets an append re-hash
+Checksums: sha256 per block of 256 rows (for the JSONL file, per 256 lines) lets an append re-hash
 only the last partial block. ``open()`` checks sizes only and reads no row: a truncated embedding file
 is reported with the rows still intact and the way out, ``KBStore.rebuild(path, encoder)``, which
 re-encodes every embedding from ``triples-<G>.jsonl``. Every block is checked against its sha256 the
@@ -113,10 +113,11 @@ if TYPE_CHECKING:
     from kblam.encoder import KBEmbeddings, KBEncoder
     from kblam.prefilter import KBPrefilter
 
-# Rows per checksum block. A block is checked whole the first time any of its rows is read: a question's
-# 256 candidates are spread over most blocks, so 1024 rows (768 KB of 384-d keys) keep that first check
-# near a quarter of what 4096 cost at a million rows, for a manifest of ~3,000 block entries.
-BLOCK_ROWS = 1024
+# Rows per checksum block. A block is checked whole the first time any of its rows is read, and a
+# question's 256 candidates are spread over as many blocks: 256 rows (192 KB of 384-d keys) keep the
+# first questions over a million-row store from hashing most of its 1.5 GB of embeddings (4096 rows
+# did), for a manifest of ~12,000 block entries (~1 MB) at that size.
+BLOCK_ROWS = 256
 BATCH_SIZE = 4096  # triples encoded and appended per step of add()/rebuild()
 
 
