@@ -255,6 +255,7 @@ class KBStore:
         self._state: _State | None = None
         self._blocks: dict[str, _Blocks] = {}
         self._maps: dict[str, np.ndarray] = {}
+        self._tables: dict[str, _Blocks] = {}  # committed block tables for _check (per generation)
         self._logical: list[Triple] | None = None
         self._index: list | None = None  # [keys file, KBPrefilter, rows in it, generation mapped] (store.index)
         self._seen: tuple[int, int, int] | None = None  # manifest stat at the last reload() that read it
@@ -419,7 +420,7 @@ class KBStore:
             self._snap.close()
         self._snap, self._state = snap, state
         self._blocks = {k: _Blocks.from_meta(files[k], snap.manifest["block_rows"]) for k in _DATA}
-        self._maps = {}
+        self._maps, self._tables = {}, {}
         self._logical = None
         if first and not self.readonly:
             self._remove_strays()
@@ -546,9 +547,11 @@ class KBStore:
         """Check the checksums of the blocks holding these committed physical rows (default: all),
         each block once per process: a damaged row is an error, never an embedding."""
         m = self._manifest
-        br = int(m["block_rows"])
-        blocks = None if rows is None else np.unique(np.asarray(rows, dtype=_I64).ravel() // br).tolist()
-        _check_blocks(self.path, kind, self._snap.handles[kind], m["files"][kind], int(m["rows"]), br, blocks)
+        table = self._tables.get(kind)
+        if table is None:  # the committed block table, once per generation (thousands of entries at 1M rows)
+            table = self._tables[kind] = _Blocks.from_meta(m["files"][kind], int(m["block_rows"]))
+        blocks = None if rows is None else np.unique(np.asarray(rows, dtype=_I64).ravel() // table.block_rows).tolist()
+        _check_blocks(self.path, kind, self._snap.handles[kind], table, int(m["rows"]), blocks)
 
     def _read_phys(self, kind: str, rows: np.ndarray) -> np.ndarray:
         """float16 rows of keys or values by physical row (any shape of index), checked."""
@@ -879,7 +882,7 @@ class KBStore:
         _fsync_dir(self.path)
         # Same data files, longer: the in-memory state is already this generation's.
         self._snap.manifest, self._snap.overlay = body, overlay
-        self._maps = {}
+        self._maps, self._tables = {}, {}
         if tx["overlay"] and old["files"].get("overlay"):
             with contextlib.suppress(OSError):
                 os.unlink(self.path / old["files"]["overlay"]["name"])

@@ -303,11 +303,10 @@ def _damage(folder: Path, kind: str, name: str, bad: list[int], rows: int, block
     return KBStoreError(f"{where} (the file was damaged after it was written); {advice}")
 
 
-def _check_blocks(folder: Path, kind: str, fh, meta: dict, rows: int, block_rows: int,
-                  blocks: Iterable[int] | None = None) -> None:
-    """Compare the given blocks (default: all) of a committed data file with the manifest's sha256s,
-    each block once per process; raise naming the damaged rows."""
-    table = _Blocks.from_meta(meta, block_rows)
+def _check_blocks(folder: Path, kind: str, fh, table: _Blocks, rows: int, blocks: Iterable[int] | None = None) -> None:
+    """Compare the given blocks (default: all) of a committed data file with the manifest's sha256s
+    (``table``: the manifest's block table, built once per generation by the caller), each block once per
+    process; raise naming the damaged rows."""
     todo = range(len(table.blocks)) if blocks is None else blocks
     bad = []
     for b in todo:
@@ -321,7 +320,7 @@ def _check_blocks(folder: Path, kind: str, fh, meta: dict, rows: int, block_rows
         else:
             bad.append(b)
     if bad:
-        raise _damage(folder, kind, meta["name"], sorted(bad), rows, block_rows)
+        raise _damage(folder, kind, table.name, sorted(bad), rows, table.block_rows)
 
 
 def _stored_triple(record: Any) -> Triple:
@@ -350,7 +349,7 @@ class _Lines:
         m = snap.manifest
         self.folder = snap.folder
         meta = m["files"]["triples"]  # this snapshot's committed table (a writer's appends come after it)
-        self.meta = {"name": meta["name"], "bytes": meta["bytes"], "blocks": [list(b) for b in meta["blocks"]]}
+        self.table = _Blocks.from_meta(meta, int(m["block_rows"]))  # a copy: a writer's appends come after it
         self.fh = snap.handles["triples"]
         self.rows = int(m["rows"])
         self.block_rows = int(m["block_rows"])
@@ -392,7 +391,7 @@ class _Lines:
     def all(self) -> list[Triple]:
         if self._all is None:
             out: list[Triple] = []
-            for b in range(len(self.meta["blocks"])):
+            for b in range(len(self.table.blocks)):
                 data = self._read_block(b)
                 out.extend(self._parse(data[:-1].split(b"\n"), b * self.block_rows))
             self._all = out
@@ -400,13 +399,12 @@ class _Lines:
         return self._all + self.extra
 
     def _read_block(self, b: int) -> bytes:
-        table = _Blocks.from_meta(self.meta, self.block_rows)
-        start, (end, sha) = table.start(b), table.blocks[b]
+        start, (end, sha) = self.table.start(b), self.table.blocks[b]
         data = _pread_all(self.fh.fileno(), end - start, start)
         key = _block_key(self.fh, start, end, sha)
         if key not in _VERIFIED:
             if len(data) != end - start or hashlib.sha256(data).hexdigest() != sha:
-                raise _damage(self.folder, "triples", self.meta["name"], [b], self.rows, self.block_rows)
+                raise _damage(self.folder, "triples", self.table.name, [b], self.rows, self.block_rows)
             _VERIFIED.add(key)
         lines = min(self.block_rows, self.rows - b * self.block_rows)
         if not data.endswith(b"\n") or data.count(b"\n") != lines:
@@ -415,7 +413,7 @@ class _Lines:
 
     def _index_block(self, b: int, data: bytes) -> np.ndarray:
         ends = np.flatnonzero(np.frombuffer(data, dtype=np.uint8) == 10) + 1
-        start = _Blocks.from_meta(self.meta, self.block_rows).start(b)
+        start = self.table.start(b)
         starts = self._starts[b] = np.concatenate([[0], ends]).astype(np.int64) + start
         return starts
 
@@ -431,7 +429,7 @@ class _Lines:
             raise
 
     def _bad(self, row: int, why: str) -> KBStoreError:
-        return KBStoreError(f"{self.folder / self.meta['name']}, line {row + 1}: {why}, although its checksum "
+        return KBStoreError(f"{self.folder / self.table.name}, line {row + 1}: {why}, although its checksum "
                             "matches (written by another program?); restore the folder from a backup")
 
 
