@@ -388,12 +388,12 @@ def markdown(results: dict) -> str:
     def cell(x, fmt="{}"):
         return "" if x is None else fmt.format(x)
 
-    lines = [f"Measured {results.get('machine', {}).get('when', '?')} on "
+    lines = [f"Last run {results.get('machine', {}).get('when', '?')} on "
              f"{results.get('machine', {}).get('cores', '?')} cores ({results.get('machine', {}).get('cpu', '?')}), "
              f"{results.get('machine', {}).get('memory_gb', '?')} GB RAM "
              f"(load average at start {results.get('machine', {}).get('loadavg_at_start')}).", ""]
-    lines += ["| triples | mode | threads | open store (s) | index / embeddings (s) | TTFT (s) "
-              "| answer (s, tokens) | peak RSS (MB) | note |", "|---:|---|---:|---:|---:|---:|---:|---:|---|"]
+    lines += ["| triples | mode | threads | load avg | open store (s) | index / embeddings (s) | TTFT (s) "
+              "| answer (s, tokens) | peak RSS (MB) | note |", "|---:|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for m in results.get("measure", []):
         if m.get("mode") == "cold":
             continue
@@ -404,20 +404,21 @@ def markdown(results: dict) -> str:
             note = f"chunked attention ({m['kb_chunk_size']} per chunk)"
         if "error" in m:
             note = f"**failed**: {m['error']}"
-        lines.append(f"| {m['n']:,} | {m['mode']} | {cell(m.get('torch_threads'))} "
+        lines.append(f"| {m['n']:,} | {m['mode']} | {cell(m.get('torch_threads'))} | {cell(m.get('loadavg_1min'))} "
                      f"| {cell(m.get('open_store_s'))} | {cell(prep)} "
                      f"| {cell(m.get('ttft_s'))} | {answer} | {cell(m.get('peak_rss_mb'))} | {note} |")
     colds = [m for m in results.get("measure", []) if m.get("mode") == "cold"]
     if colds:
         lines += ["", "A fresh process's first answer (`cold`): load the model, open the store, load its saved "
                       "pre-filter index, answer one question:", "",
-                  "| triples | threads | load model (s) | open store (s) | load index (s) | first answer (s, tokens) "
-                  "| open + index + answer (s) | from process start (s) | peak RSS (MB) | note |",
-                  "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+                  "| triples | threads | load avg | load model (s) | open store (s) | load index (s) "
+                  "| first answer (s, tokens) | open + index + answer (s) | from process start (s) | peak RSS (MB) | note |",
+                  "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
         for m in colds:
             answer = f"{m['first_answer_s']} ({m['answer_tokens']})" if "first_answer_s" in m else ""
             note = f"**failed**: {m['error']}" if "error" in m else m.get("index", "")
-            lines.append(f"| {m['n']:,} | {cell(m.get('torch_threads'))} | {cell(m.get('load_model_s'))} "
+            lines.append(f"| {m['n']:,} | {cell(m.get('torch_threads'))} | {cell(m.get('loadavg_1min'))} "
+                         f"| {cell(m.get('load_model_s'))} "
                          f"| {cell(m.get('open_store_s'))} | {cell(m.get('load_index_s'))} | {answer} "
                          f"| {cell(m.get('open_to_answer_s'))} | {cell(m.get('from_process_start_s'))} "
                          f"| {cell(m.get('peak_rss_mb'))} | {note} |")
