@@ -2,17 +2,23 @@
 
 Four kinds of example (``make_examples``):
 
-* ``simple``: one fact. "Who is the author of The Silent Harbor?" ->
-  "The author of The Silent Harbor is Karen Smith." (always ``simple_answer(triple)``).
+* ``simple``: one fact. "Who wrote The Silent Harbor?" -> "The Silent Harbor was written by ⟦v0⟧."
 * ``multi``: 2-4 facts, the same property of several entities or several properties of one
-  entity; the answer joins the simple clauses: "The X of A is V1, and the X of B is V2."
-* ``open``: "Tell me about A." -> 2-3 of A's facts in the same clause form.
-* ``unanswerable``: a (name, property) pair that is not in the triples -> ``REFUSAL``.
+  entity: "The X of A is ⟦v0⟧, and the X of B is ⟦v1⟧."
+* ``open``: "Tell me about A." -> 2-4 of A's facts quoted whole: "⟦f0⟧. ⟦f1⟧."
+* ``unanswerable``: a (name, property) pair that is not in the triples -> "⟦r⟧", the refusal.
 
-Questions are worded per property *family* (``kb_builders.synthetic.FAMILIES``). Training uses
-``TRAIN_PHRASINGS``; ``HELDOUT_PHRASINGS`` are never used in training (no template is in both)
-and serve as the "paraphrased questions" of evaluation (``heldout_phrasings=True``). A few
-properties also have their own wordings ("When was {name} founded?"), split the same way.
+Answers carry span markers (``SPAN``), the places where the model quotes the KB (kblam.spans):
+``⟦vK⟧`` the value of the example's K-th source, ``⟦fK⟧`` its whole fact ("the {property} of {name}
+is {value}"), ``⟦r⟧`` the refusal (the null slot). ``render(answer, facts)`` gives the text a reader
+sees; ``segments(answer)`` the pieces training tokenises. The words around a span echo the question
+(its wording of the property and of the name), which is all the LM can know of them.
+
+Questions are worded per property *family* (``kb_builders.synthetic.FAMILIES``) and per property
+("When was {name} founded?"). Training uses ``TRAIN_*`` wordings; ``HELDOUT_*`` are never used in
+training (no template is in both) and serve evaluation (``heldout_phrasings=True``). With
+``variants=True`` questions are also asked as people type them: a property named by a synonym
+(``TRAIN_SYNONYMS``), all lower case, no question mark, a one-letter typo in the name.
 Properties that are not synthetic get a family guessed from their name (``family_of``).
 """
 
@@ -47,6 +53,8 @@ __all__ = [
     "join_clauses",
     "make_examples",
     "question_for",
+    "render",
+    "segments",
     "simple_answer",
 ]
 
@@ -56,6 +64,11 @@ DEFAULT_MIX: Mapping[str, float] = MappingProxyType(
     {"simple": 0.7, "multi": 0.1, "open": 0.1, "unanswerable": 0.1})
 # How often a property with its own wordings ("When was {name} founded?") uses one of them.
 PROPERTY_SPECIFIC_RATE = 0.3
+# With variants=True: how often the property is named by a synonym, the question is all lower case,
+# loses its question mark, or has a one-letter typo in the name.
+SYNONYM_RATE, LOWER_RATE, BARE_RATE, TYPO_RATE, KEYWORD_RATE = 0.25, 0.12, 0.2, 0.08, 0.08
+MAX_OPEN_FACTS = 4
+SPAN = re.compile(r"⟦(?:([vf])(\d+)|r)⟧")
 
 # --------------------------------------------------------------------------- phrasings
 
@@ -71,11 +84,18 @@ _GENERIC_TRAIN = (
     "Please state the {property} of {name}.",
     "Look up the {property} of {name}.",
     "{name}: what is the {property}?",
+    "What's {name}'s {property}?",
+    "{property} of {name}?",
+    "What is the {property} for {name}?",
 )
+# Typed as a search box query (variants only: they would read any "X Y" as a question about X).
+_KEYWORD_TRAIN = ("{name} {property}", "{name}'s {property}?", "{name}'s {property}")
 _GENERIC_HELDOUT = (
     "According to the knowledge base, what is the {property} of {name}?",
     "I'm curious about {name}. What is its {property}?",
     "Remind me, what is the {property} of {name}?",
+    "Any idea what {name}'s {property} is?",
+    "{property} for {name}?",
 )
 _FAMILY_TRAIN = {
     "year": (
@@ -182,43 +202,190 @@ _FAMILY_HELDOUT = {
 TRAIN_PHRASINGS: dict[str, tuple[str, ...]] = {f: _GENERIC_TRAIN + _FAMILY_TRAIN[f] for f in FAMILIES}
 HELDOUT_PHRASINGS: dict[str, tuple[str, ...]] = {f: _GENERIC_HELDOUT + _FAMILY_HELDOUT[f] for f in FAMILIES}
 
-# Wordings for one property only (no {property} needed), split into train and held out alike.
-TRAIN_PROPERTY_PHRASINGS: dict[str, tuple[str, ...]] = {
-    "founding year": ("When was {name} founded?", "In what year was {name} founded?",
-                      "What year was {name} established?"),
-    "date of birth": ("When was {name} born?", "What is {name}'s birthday?"),
-    "birthplace": ("Where was {name} born?", "In which town was {name} born?"),
-    "headquarters": ("Where is {name} headquartered?", "Where is {name} based?"),
-    "author": ("Who wrote {name}?",),
-    "director": ("Who directed {name}?",),
-    "population": ("How many people live in {name}?",),
-    "publication year": ("When was {name} published?",),
-    "release date": ("When was {name} released?",),
-    "lead singer": ("Who sings for {name}?",),
-    "launch year": ("When was {name} launched?",),
-    "employee count": ("How many employees does {name} have?", "How many people work at {name}?"),
-    "student enrollment": ("How many students does {name} have?",),
-    "page count": ("How many pages does {name} have?",),
-    "occupation": ("What does {name} do for a living?",),
-    "employer": ("Who does {name} work for?",),
+# Wordings of one property only, each with the answer that echoes it (⟦v0⟧ is the value).
+_PROPERTY_TRAIN: dict[str, tuple[tuple[str, str], ...]] = {
+    "founding year": (("When was {name} founded?", "{name} was founded in ⟦v0⟧."),
+                      ("In what year was {name} founded?", "{name} was founded in ⟦v0⟧."),
+                      ("What year was {name} established?", "{name} was established in ⟦v0⟧."),
+                      ("When was {name} established?", "{name} was established in ⟦v0⟧.")),
+    "date of birth": (("When was {name} born?", "{name} was born on ⟦v0⟧."),
+                      ("What is {name}'s birthday?", "{name}'s birthday is ⟦v0⟧."),
+                      ("On which date was {name} born?", "{name} was born on ⟦v0⟧.")),
+    "birthplace": (("Where was {name} born?", "{name} was born in ⟦v0⟧."),
+                   ("In which town was {name} born?", "{name} was born in ⟦v0⟧."),
+                   ("Where does {name} come from?", "{name} comes from ⟦v0⟧.")),
+    "headquarters": (("Where is {name} headquartered?", "{name} is headquartered in ⟦v0⟧."),
+                     ("Where is {name} based?", "{name} is based in ⟦v0⟧."),
+                     ("Where are {name}'s headquarters?", "{name}'s headquarters are in ⟦v0⟧.")),
+    "chief executive": (("Who runs {name}?", "{name} is run by ⟦v0⟧."),
+                        ("Who is in charge of {name}?", "⟦v0⟧ is in charge of {name}.")),
+    "ticker symbol": (("What is {name} traded as?", "{name} is traded as ⟦v0⟧."),
+                      ("Under which symbol does {name} trade?", "{name} trades under ⟦v0⟧.")),
+    "employee count": (("How many employees does {name} have?", "{name} has ⟦v0⟧ employees."),
+                       ("How many people work at {name}?", "⟦v0⟧ people work at {name}.")),
+    "industry": (("Which industry is {name} in?", "{name} is in ⟦v0⟧."),
+                 ("What business is {name} in?", "{name} is in ⟦v0⟧.")),
+    "occupation": (("What does {name} do for a living?", "{name} works as ⟦v0⟧."),
+                   ("What is {name}'s job?", "{name}'s job is ⟦v0⟧.")),
+    "employer": (("Who does {name} work for?", "{name} works for ⟦v0⟧."),
+                 ("Where does {name} work?", "{name} works at ⟦v0⟧.")),
+    "favourite colour": (("What colour does {name} like best?", "{name} likes ⟦v0⟧ best."),
+                         ("What is {name}'s favorite color?", "{name}'s favorite color is ⟦v0⟧.")),
+    "passport number": (("What number is on {name}'s passport?", "The number on {name}'s passport is ⟦v0⟧."),),
+    "height": (("How tall is {name}?", "{name} is ⟦v0⟧ tall."),
+               ("What height is {name}?", "{name} is ⟦v0⟧ tall.")),
+    "population": (("How many people live in {name}?", "⟦v0⟧ people live in {name}."),
+                   ("How many inhabitants does {name} have?", "{name} has ⟦v0⟧ inhabitants."),
+                   ("How populous is {name}?", "{name} has a population of ⟦v0⟧.")),
+    "mayor": (("Who governs {name}?", "{name} is governed by ⟦v0⟧."),
+              ("Who runs the city of {name}?", "The mayor of {name} is ⟦v0⟧.")),
+    "sister city": (("Which city is twinned with {name}?", "{name} is twinned with ⟦v0⟧."),),
+    "nickname": (("What is {name} known as?", "{name} is known as ⟦v0⟧."),
+                 ("What is {name} nicknamed?", "{name} is nicknamed ⟦v0⟧.")),
+    "author": (("Who wrote {name}?", "{name} was written by ⟦v0⟧."),
+               ("Who is the writer of {name}?", "The writer of {name} is ⟦v0⟧.")),
+    "publication year": (("When was {name} published?", "{name} was published in ⟦v0⟧."),
+                         ("What year did {name} come out?", "{name} came out in ⟦v0⟧.")),
+    "publisher": (("Who published {name}?", "{name} was published by ⟦v0⟧."),),
+    "genre": (("What genre is {name}?", "{name} is ⟦v0⟧."),),
+    "page count": (("How many pages does {name} have?", "{name} has ⟦v0⟧ pages."),
+                   ("How many pages is {name}?", "{name} is ⟦v0⟧ pages long.")),
+    "setting": (("Where is {name} set?", "{name} is set in ⟦v0⟧."),
+                ("Where does {name} take place?", "{name} takes place in ⟦v0⟧.")),
+    "director": (("Who directed {name}?", "{name} was directed by ⟦v0⟧."),
+                 ("Who made the film {name}?", "{name} was made by ⟦v0⟧.")),
+    "release date": (("When was {name} released?", "{name} was released on ⟦v0⟧."),
+                     ("When did {name} come out?", "{name} came out on ⟦v0⟧.")),
+    "studio": (("Which studio made {name}?", "{name} was made by ⟦v0⟧."),
+               ("Who produced {name}?", "{name} was produced by ⟦v0⟧.")),
+    "running time": (("How long does {name} run?", "{name} runs for ⟦v0⟧."),
+                     ("How many minutes long is {name}?", "{name} is ⟦v0⟧ long.")),
+    "filming location": (("Where was {name} filmed?", "{name} was filmed in ⟦v0⟧."),
+                         ("Where was {name} shot?", "{name} was shot in ⟦v0⟧.")),
+    "lead actor": (("Who stars in {name}?", "{name} stars ⟦v0⟧."),
+                   ("Who plays the lead in {name}?", "The lead in {name} is played by ⟦v0⟧.")),
+    "manufacturer": (("Who makes {name}?", "{name} is made by ⟦v0⟧."),
+                     ("Who manufactures {name}?", "{name} is manufactured by ⟦v0⟧.")),
+    "launch date": (("On what date was {name} launched?", "{name} was launched on ⟦v0⟧."),
+                    ("When did {name} go on sale?", "{name} went on sale on ⟦v0⟧.")),
+    "price": (("How much does {name} cost?", "{name} costs ⟦v0⟧."),
+              ("How much is {name}?", "{name} is ⟦v0⟧."),
+              ("What does {name} sell for?", "{name} sells for ⟦v0⟧.")),
+    "colour": (("What colour is {name}?", "{name} is ⟦v0⟧."),
+               ("What color is {name}?", "{name} is ⟦v0⟧.")),
+    "designer": (("Who designed {name}?", "{name} was designed by ⟦v0⟧."),),
+    "category": (("What kind of product is {name}?", "{name} is in the category ⟦v0⟧."),),
+    "main campus": (("Where is {name}'s main campus?", "{name}'s main campus is in ⟦v0⟧."),
+                    ("Where is {name} located?", "{name} is located in ⟦v0⟧.")),
+    "president": (("Who heads {name}?", "{name} is headed by ⟦v0⟧."),
+                  ("Who is the head of {name}?", "The head of {name} is ⟦v0⟧.")),
+    "student enrollment": (("How many students does {name} have?", "{name} has ⟦v0⟧ students."),
+                           ("How many students attend {name}?", "⟦v0⟧ students attend {name}.")),
+    "motto": (("What does {name}'s motto say?", "{name}'s motto is ⟦v0⟧."),),
+    "colour scheme": (("What are {name}'s colours?", "{name}'s colours are ⟦v0⟧."),
+                      ("What colors does {name} use?", "{name} uses ⟦v0⟧.")),
+    "mascot": (("Who is {name}'s mascot?", "{name}'s mascot is ⟦v0⟧."),),
+    "launch year": (("What year was {name} launched?", "{name} was launched in ⟦v0⟧."),
+                    ("In which year was {name} launched?", "{name} was launched in ⟦v0⟧.")),
+    "home port": (("Which port is {name} registered in?", "{name} is registered in ⟦v0⟧."),
+                  ("Which port does {name} sail from?", "{name} sails from ⟦v0⟧.")),
+    "captain": (("Who commands {name}?", "{name} is commanded by ⟦v0⟧."),
+                ("Who captains {name}?", "{name} is captained by ⟦v0⟧.")),
+    "gross tonnage": (("How big is {name}?", "{name} has a gross tonnage of ⟦v0⟧."),),
+    "shipbuilder": (("Who built {name}?", "{name} was built by ⟦v0⟧."),),
+    "hull colour": (("What colour is {name}'s hull?", "{name}'s hull is ⟦v0⟧."),
+                    ("What color is the hull of {name}?", "The hull of {name} is ⟦v0⟧.")),
+    "formation year": (("When was {name} formed?", "{name} was formed in ⟦v0⟧."),
+                       ("When did {name} get together?", "{name} got together in ⟦v0⟧.")),
+    "hometown": (("Where is {name} from?", "{name} is from ⟦v0⟧."),),
+    "lead singer": (("Who sings for {name}?", "⟦v0⟧ sings for {name}."),
+                    ("Who is {name}'s singer?", "{name}'s singer is ⟦v0⟧.")),
+    "record label": (("Which label is {name} signed to?", "{name} is signed to ⟦v0⟧."),),
+    "debut album": (("What was {name}'s first album?", "{name}'s first album was ⟦v0⟧."),
+                    ("What did {name} release first?", "{name} released ⟦v0⟧ first.")),
 }
+_PROPERTY_HELDOUT: dict[str, tuple[tuple[str, str], ...]] = {
+    "founding year": (("Which year did {name} come into being?", "{name} came into being in ⟦v0⟧."),),
+    "date of birth": (("On what day was {name} born?", "{name} was born on ⟦v0⟧."),),
+    "birthplace": (("What town does {name} come from originally?", "{name} comes from ⟦v0⟧."),),
+    "headquarters": (("In which town does {name} have its head office?", "{name} has its head office in ⟦v0⟧."),),
+    "author": (("Who penned {name}?", "{name} was penned by ⟦v0⟧."),),
+    "director": (("Who was behind the camera for {name}?", "{name} was directed by ⟦v0⟧."),),
+    "population": (("How many residents does {name} have?", "{name} has ⟦v0⟧ residents."),),
+    "publication year": (("In which year did {name} first appear in print?", "{name} first appeared in ⟦v0⟧."),),
+    "release date": (("On what date did {name} come out?", "{name} came out on ⟦v0⟧."),),
+    "lead singer": (("Who fronts {name}?", "{name} is fronted by ⟦v0⟧."),),
+    "launch year": (("In which year was {name} first put to sea?", "{name} was put to sea in ⟦v0⟧."),),
+    "employee count": (("What is the size of {name}'s workforce?", "{name}'s workforce is ⟦v0⟧."),),
+    "student enrollment": (("How many students are enrolled at {name}?", "⟦v0⟧ students are enrolled at {name}."),),
+    "page count": (("How long is {name} in pages?", "{name} is ⟦v0⟧ pages long."),),
+    "occupation": (("What is {name}'s line of work?", "{name} works as ⟦v0⟧."),),
+    "employer": (("Which company employs {name}?", "{name} is employed by ⟦v0⟧."),),
+}
+TRAIN_PROPERTY_PHRASINGS: dict[str, tuple[str, ...]] = {p: tuple(q for q, _ in v) for p, v in _PROPERTY_TRAIN.items()}
 HELDOUT_PROPERTY_PHRASINGS: dict[str, tuple[str, ...]] = {
-    "founding year": ("Which year did {name} come into being?",),
-    "date of birth": ("On what day was {name} born?",),
-    "birthplace": ("What town does {name} come from originally?",),
-    "headquarters": ("In which town does {name} have its head office?",),
-    "author": ("Who penned {name}?",),
-    "director": ("Who was behind the camera for {name}?",),
-    "population": ("How many residents does {name} have?",),
-    "publication year": ("In which year did {name} first appear in print?",),
-    "release date": ("On what date did {name} come out?",),
-    "lead singer": ("Who fronts {name}?",),
-    "launch year": ("In which year was {name} first put to sea?",),
-    "employee count": ("What is the size of {name}'s workforce?",),
-    "student enrollment": ("How many students are enrolled at {name}?",),
-    "page count": ("How long is {name} in pages?",),
-    "occupation": ("What is {name}'s line of work?",),
-    "employer": ("Which company employs {name}?",),
+    p: tuple(q for q, _ in v) for p, v in _PROPERTY_HELDOUT.items()}
+PROPERTY_ANSWERS: dict[str, str] = {q: a for table in (_PROPERTY_TRAIN, _PROPERTY_HELDOUT)
+                                    for v in table.values() for q, a in v}
+
+# Other names people use for a property (questions and answers then use the synonym).
+TRAIN_SYNONYMS: dict[str, tuple[str, ...]] = {
+    "founding year": ("year of founding", "year founded", "year of establishment"),
+    "headquarters": ("head office", "HQ", "main office"),
+    "chief executive": ("CEO", "chief executive officer", "boss"),
+    "ticker symbol": ("stock symbol", "ticker", "stock ticker"),
+    "employee count": ("number of employees", "headcount", "staff count"),
+    "industry": ("sector", "line of business"),
+    "date of birth": ("birth date", "birthday", "DOB"),
+    "birthplace": ("place of birth", "town of birth"),
+    "occupation": ("job", "profession"),
+    "employer": ("workplace", "employing company"),
+    "favourite colour": ("favorite color", "favourite color", "preferred colour"),
+    "passport number": ("passport no.", "passport ID"),
+    "height": ("body height", "stature"),
+    "population": ("number of inhabitants", "number of residents", "population size"),
+    "mayor": ("city mayor", "town mayor"),
+    "postal code": ("zip code", "postcode", "ZIP"),
+    "sister city": ("twin town", "twin city"),
+    "nickname": ("moniker", "byname"),
+    "author": ("writer",),
+    "publication year": ("year of publication", "year published"),
+    "publisher": ("publishing house",),
+    "catalogue number": ("catalog number", "ISBN"),
+    "page count": ("number of pages", "length in pages"),
+    "setting": ("story setting", "location of the story"),
+    "director": ("filmmaker", "film director"),
+    "release date": ("date of release", "premiere date"),
+    "studio": ("production company", "film studio"),
+    "running time": ("runtime", "duration", "length"),
+    "filming location": ("shooting location", "location of filming"),
+    "lead actor": ("star", "leading actor", "main actor"),
+    "manufacturer": ("maker", "producer"),
+    "model number": ("model no.", "model code"),
+    "launch date": ("date of launch", "market launch date"),
+    "price": ("cost", "retail price"),
+    "colour": ("color", "finish"),
+    "designer": ("product designer",),
+    "category": ("product type", "product category"),
+    "main campus": ("campus", "main site"),
+    "president": ("university president", "head"),
+    "student enrollment": ("number of students", "enrolment", "student count"),
+    "motto": ("slogan",),
+    "colour scheme": ("colors", "school colours"),
+    "mascot": ("team mascot",),
+    "launch year": ("year of launch", "year launched"),
+    "home port": ("port of registry", "homeport"),
+    "captain": ("master", "skipper"),
+    "registration number": ("IMO number", "registry number"),
+    "gross tonnage": ("tonnage", "GT"),
+    "shipbuilder": ("builder", "shipyard"),
+    "hull colour": ("hull color", "colour of the hull"),
+    "formation year": ("year formed", "year of formation"),
+    "hometown": ("home town", "city of origin"),
+    "lead singer": ("vocalist", "frontman", "singer"),
+    "record label": ("label", "music label"),
+    "genre": ("style", "type"),
+    "debut album": ("first album", "first record"),
 }
 
 # multi: one property of several entities ({names} is "A and B" / "A, B and C").
@@ -228,6 +395,7 @@ TRAIN_MULTI_ENTITY_PHRASINGS = (
     "Give me the {property} of each of {names}.",
     "Can you list the {property} of {names}?",
     "Look up the {property} of {names}.",
+    "{names}: what is the {property} of each?",
 )
 HELDOUT_MULTI_ENTITY_PHRASINGS = (
     "For each of {names}, what is the {property}?",
@@ -240,6 +408,8 @@ TRAIN_MULTI_PROPERTY_PHRASINGS = (
     "Give me the {properties} of {name}.",
     "What do you know about the {properties} of {name}?",
     "Look up the {properties} of {name}.",
+    "What are {name}'s {properties}?",
+    "{name}: {properties}?",
 )
 HELDOUT_MULTI_PROPERTY_PHRASINGS = (
     "For {name}, what are the {properties}?",
@@ -252,6 +422,8 @@ TRAIN_OPEN_PHRASINGS = (
     "Describe {name}.",
     "What can you tell me about {name}?",
     "Share some information about {name}.",
+    "Who or what is {name}?",
+    "{name}?",
 )
 HELDOUT_OPEN_PHRASINGS = (
     "Fill me in on {name}.",
@@ -286,12 +458,47 @@ def family_of(property_name: str) -> str:
     return "phrase"
 
 
-# --------------------------------------------------------------------------- examples
+# --------------------------------------------------------------------------- answers
+
+def segments(answer: str) -> list[tuple[str, str | int | None]]:
+    """An answer as ("text", str) and span pieces ("value"|"fact", source position) / ("value", None).
+
+    ("value", None) is the refusal (the null slot's span). Text before a span loses its trailing
+    space: the span brings its own (kblam.spans.span_text), as it does when the model emits it.
+    """
+    out: list[tuple[str, str | int | None]] = []
+    at = 0
+    for m in SPAN.finditer(answer):
+        text = answer[at:m.start()].rstrip(" ")
+        if text:
+            out.append(("text", text))
+        if m.group(1) is None:
+            out.append(("value", None))
+        else:
+            out.append(("value" if m.group(1) == "v" else "fact", int(m.group(2))))
+        at = m.end()
+    if answer[at:]:
+        out.append(("text", answer[at:]))
+    return out
+
+
+def render(answer: str, facts: Sequence[Triple], refusal: str = REFUSAL) -> str:
+    """The answer as a reader sees it, its spans filled from ``facts`` (the example's sources, in order)."""
+    from kblam.spans import span_text
+
+    text = ""
+    for kind, what in segments(answer):
+        if kind == "text":
+            text += what
+        else:
+            text += span_text(kind, None if what is None else facts[what], text, refusal)
+    return text
+
 
 @dataclass(frozen=True)
 class QAExample:
     question: str
-    answer: str
+    answer: str  # with span markers (SPAN); render(answer, facts) for the text
     kind: str
     sources: tuple[int, ...] = ()
 
@@ -305,18 +512,19 @@ class QAExample:
 
 
 def simple_answer(triple: Triple) -> str:
+    """The plain single-fact answer "The {property} of {name} is {value}." (a reference text)."""
     return f"The {triple.property} of {triple.name} is {triple.value}."
 
 
-def _clause(triple: Triple, first: bool) -> str:
-    return f"{'The' if first else 'the'} {triple.property} of {triple.name} is {triple.value}"
+def _clause(prop: str, name: str, k: int, first: bool) -> str:
+    return f"{'The' if first else 'the'} {prop} of {name} is ⟦v{k}⟧"
 
 
-def join_clauses(triples: Sequence[Triple]) -> str:
-    """"The X of A is V1." / "The X of A is V1, and the X of B is V2." / "..., ..., and ..."."""
-    clauses = [_clause(t, i == 0) for i, t in enumerate(triples)]
+def join_clauses(facts: Sequence[tuple[str, str]]) -> str:
+    """(property, name) per fact -> "The X of A is ⟦v0⟧, and the X of B is ⟦v1⟧." (markers in order)."""
+    clauses = [_clause(p, n, k, k == 0) for k, (p, n) in enumerate(facts)]
     if not clauses:
-        raise ValueError("no triples to join")
+        raise ValueError("no facts to join")
     if len(clauses) == 1:
         return clauses[0] + "."
     return ", ".join(clauses[:-1]) + ", and " + clauses[-1] + "."
@@ -326,14 +534,72 @@ def _and_list(items: Sequence[str]) -> str:
     return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
 
-def question_for(triple: Triple, rng: random.Random, *, heldout: bool = False) -> str:
-    """A question asking for ``triple``'s value; its entity name appears verbatim."""
-    own = (HELDOUT_PROPERTY_PHRASINGS if heldout else TRAIN_PROPERTY_PHRASINGS).get(triple.property)
+def answer_for(template: str) -> str:
+    """The answer that echoes a question template ({name}, {property}; ⟦v0⟧ for the value)."""
+    if template in PROPERTY_ANSWERS:
+        return PROPERTY_ANSWERS[template]
+    if "{name}'s {property}" in template or "its {property}" in template or template == "{name} {property}":
+        return "{name}'s {property} is ⟦v0⟧."
+    if "{property} for {name}" in template:
+        return "The {property} for {name} is ⟦v0⟧."
+    return "The {property} of {name} is ⟦v0⟧."
+
+
+def _typo(name: str, rng: random.Random) -> str:
+    """One letter dropped, doubled, swapped with the next or replaced, in a word of 4+ letters."""
+    words = [m for m in re.finditer(r"[A-Za-z]{4,}", name)]
+    if not words:
+        return name
+    w = rng.choice(words)
+    i = rng.randrange(w.start() + 1, w.end() - 1)  # keep the first and last letter
+    how = rng.randrange(4)
+    if how == 0:
+        return name[:i] + name[i + 1:]
+    if how == 1:
+        return name[:i] + name[i] + name[i:]
+    if how == 2:
+        return name[:i] + name[i + 1] + name[i] + name[i + 2:]
+    letter = rng.choice([c for c in "aeioulnrst" if c != name[i].lower()])
+    return name[:i] + letter + name[i + 1:]
+
+
+def asked(triple: Triple, rng: random.Random, *, heldout: bool = False, variants: bool = False) -> tuple[str, str]:
+    """(question, answer with ⟦v0⟧) asking for ``triple``'s value.
+
+    The question names the entity verbatim, unless ``variants`` put a typo in it or lower-cased it;
+    the answer echoes the question's wording of the name and the property.
+    """
+    name, prop = triple.name, triple.property
+    if variants and rng.random() < TYPO_RATE:
+        name = _typo(name, rng)
+    own = (_PROPERTY_HELDOUT if heldout else _PROPERTY_TRAIN).get(prop)
     if own and rng.random() < PROPERTY_SPECIFIC_RATE:
-        template = rng.choice(own)
+        question, answer = rng.choice(own)
     else:
-        template = rng.choice((HELDOUT_PHRASINGS if heldout else TRAIN_PHRASINGS)[family_of(triple.property)])
-    return template.format(name=triple.name, property=triple.property)
+        if variants and not heldout and rng.random() < KEYWORD_RATE:
+            question = rng.choice(_KEYWORD_TRAIN)
+        else:
+            question = rng.choice((HELDOUT_PHRASINGS if heldout else TRAIN_PHRASINGS)[family_of(prop)])
+        answer = answer_for(question)
+        synonyms = TRAIN_SYNONYMS.get(prop, ()) if variants and not heldout else ()
+        if synonyms and rng.random() < SYNONYM_RATE:
+            prop = rng.choice(synonyms)
+    question, answer = question.format(name=name, property=prop), answer.format(name=name, property=prop)
+    question = question[0].upper() + question[1:]
+    if not answer.startswith("⟦"):
+        answer = answer[0].upper() + answer[1:]
+    if variants:
+        if rng.random() < LOWER_RATE:
+            question = question.lower()
+            answer = answer.replace(name, name.lower()).replace(prop, prop.lower())
+        if rng.random() < BARE_RATE:
+            question = question.rstrip("?.")
+    return question, answer
+
+
+def question_for(triple: Triple, rng: random.Random, *, heldout: bool = False, variants: bool = False) -> str:
+    """A question asking for ``triple``'s value; its entity name appears verbatim (unless ``variants``)."""
+    return asked(triple, rng, heldout=heldout, variants=variants)[0]
 
 
 def _normalised_mix(mix: Mapping[str, float]) -> dict[str, float]:
@@ -400,13 +666,13 @@ def _pick_distinct(rng: random.Random, indices: Sequence[int], k: int, key) -> l
     return chosen
 
 
-def _simple(ix: _Index, rng: random.Random, heldout: bool) -> QAExample:
+def _simple(ix: _Index, rng: random.Random, heldout: bool, variants: bool) -> QAExample:
     i = rng.randrange(len(ix.triples))
-    t = ix.triples[i]
-    return QAExample(question_for(t, rng, heldout=heldout), simple_answer(t), "simple", (i,))
+    question, answer = asked(ix.triples[i], rng, heldout=heldout, variants=variants)
+    return QAExample(question, answer, "simple", (i,))
 
 
-def _multi(ix: _Index, rng: random.Random, heldout: bool) -> QAExample | None:
+def _multi(ix: _Index, rng: random.Random, heldout: bool, variants: bool) -> QAExample | None:
     start = rng.randrange(len(ix.triples))
     anchor = ix.triples[start]
     k = rng.randint(2, 4)
@@ -433,20 +699,27 @@ def _multi(ix: _Index, rng: random.Random, heldout: bool) -> QAExample | None:
         facts = [ix.triples[i] for i in chosen]
         template = rng.choice(HELDOUT_MULTI_PROPERTY_PHRASINGS if heldout else TRAIN_MULTI_PROPERTY_PHRASINGS)
         question = template.format(name=anchor.name, properties=_and_list([t.property for t in facts]))
-    return QAExample(question, join_clauses(facts), "multi", tuple(chosen))
+    answer = join_clauses([(t.property, t.name) for t in facts])
+    if variants and rng.random() < LOWER_RATE:
+        question = question.lower()
+        answer = answer[:1] + answer[1:].lower()
+    return QAExample(question, answer, "multi", tuple(chosen))
 
 
-def _open(ix: _Index, rng: random.Random, heldout: bool) -> QAExample:
+def _open(ix: _Index, rng: random.Random, heldout: bool, variants: bool) -> QAExample:
     name = ix.triples[rng.randrange(len(ix.triples))].name
     own = ix.by_name[name]
-    # One fact per property (a multi-valued property would otherwise read as a contradiction).
-    chosen = sorted(_pick_distinct(rng, own, rng.choice((2, 3)), key=lambda i: ix.triples[i].property))
+    # Every fact the KB holds about it (one per property), up to MAX_OPEN_FACTS, in a random order.
+    chosen = _pick_distinct(rng, own, min(MAX_OPEN_FACTS, len(own)), key=lambda i: ix.triples[i].property)
     template = rng.choice(HELDOUT_OPEN_PHRASINGS if heldout else TRAIN_OPEN_PHRASINGS)
-    return QAExample(template.format(name=name), join_clauses([ix.triples[i] for i in chosen]), "open",
-                     tuple(chosen))
+    question = template.format(name=name)
+    if variants and rng.random() < LOWER_RATE:
+        question = question.lower()
+    return QAExample(question, " ".join(f"⟦f{k}⟧." for k in range(len(chosen))), "open", tuple(chosen))
 
 
-def _unanswerable(ix: _Index, rng: random.Random, heldout: bool, absent: Sequence[Triple]) -> QAExample:
+def _unanswerable(ix: _Index, rng: random.Random, heldout: bool, absent: Sequence[Triple],
+                  variants: bool) -> QAExample:
     if absent:
         triple = absent[rng.randrange(len(absent))]
     else:
@@ -463,18 +736,20 @@ def _unanswerable(ix: _Index, rng: random.Random, heldout: bool, absent: Sequenc
             name = random_entity_name(rng)
             if name not in ix.by_name:
                 triple = Triple(name, rng.choice(ix.properties), "?")
-    return QAExample(question_for(triple, rng, heldout=heldout), REFUSAL, "unanswerable", ())
+    question, _ = asked(triple, rng, heldout=heldout, variants=variants)
+    return QAExample(question, "⟦r⟧", "unanswerable", ())
 
 
 def make_examples(triples: Sequence[Triple], n: int, *, seed: int = 0,
                   mix: Mapping[str, float] = DEFAULT_MIX, heldout_phrasings: bool = False,
-                  absent: Sequence[Triple] = ()) -> list[QAExample]:
+                  absent: Sequence[Triple] = (), variants: bool = False) -> list[QAExample]:
     """``n`` question/answer examples about ``triples``, kinds in the proportions of ``mix``.
 
-    ``sources`` index into ``triples``. Unanswerable questions ask about ``absent`` triples
-    (those whose (name, property) is not in ``triples``) when given, else about a property an
-    entity lacks or an entity that is not there. ``heldout_phrasings=True`` words every
-    question with held-out templates only. Deterministic under ``seed``; kinds are shuffled.
+    ``sources`` index into ``triples``; answers carry span markers (``render`` fills them).
+    Unanswerable questions ask about ``absent`` triples (those whose (name, property) is not in
+    ``triples``) when given, else about a property an entity lacks or an entity that is not there.
+    ``heldout_phrasings=True`` words every question with held-out templates only; ``variants=True``
+    also asks with synonyms, lower case, no question mark and typos. Deterministic under ``seed``.
     """
     if isinstance(n, bool) or not isinstance(n, int) or n < 0:
         raise ValueError(f"n must be a non-negative int, got {n!r}")
@@ -492,13 +767,13 @@ def make_examples(triples: Sequence[Triple], n: int, *, seed: int = 0,
     out: list[QAExample] = []
     for kind in kinds:
         if kind == "simple":
-            example = _simple(ix, rng, heldout_phrasings)
+            example = _simple(ix, rng, heldout_phrasings, variants)
         elif kind == "multi":
             # A KB with no two facts to combine falls back to simple questions.
-            example = _multi(ix, rng, heldout_phrasings) or _simple(ix, rng, heldout_phrasings)
+            example = _multi(ix, rng, heldout_phrasings, variants) or _simple(ix, rng, heldout_phrasings, variants)
         elif kind == "open":
-            example = _open(ix, rng, heldout_phrasings)
+            example = _open(ix, rng, heldout_phrasings, variants)
         else:
-            example = _unanswerable(ix, rng, heldout_phrasings, absent_ok)
+            example = _unanswerable(ix, rng, heldout_phrasings, absent_ok, variants)
         out.append(example)
     return out

@@ -12,6 +12,9 @@ Optional parts, off in the paper-faithful configuration (see train/recipes/ for 
 - null_slot: one learned knowledge token per layer that a question with no matching triple can attend to.
 - copy_values: a pointer-generator gate (kblam.copying) that lets the decoder copy the tokens of the
   values the KB attention points at; the null slot's "value" is the refusal sentence.
+- span_kinds: a gate (kblam.spans) that, at each step, chooses between the LM's next token and quoting a
+  whole span of the triple the KB attention points at: its value ("value"), or the whole fact
+  ("fact": "the {property} of {name} is {value}"). Replaces the token-level copy mix.
 """
 
 from __future__ import annotations
@@ -58,6 +61,8 @@ class KBLaMConfig:
     copy_values: bool = False
     max_value_tokens: int = 24  # tokens of a value the copy path can reproduce
     copy_commit_after: int | None = 2  # copied this many tokens of a value: finish it (None: the gate decides)
+    # Span kinds the answer may quote (kblam.spans.KINDS), e.g. ["value", "fact"]; None: no span gate.
+    span_kinds: list[str] | None = None
     refusal: str = REFUSAL
     system_prompt: str | None = None  # None: the chat template's default
     kblam_version: str = __version__
@@ -139,6 +144,13 @@ class KBAdapter(nn.Module):
             self.copy_gate = nn.Linear(config.hidden_size + 2, 1)
             nn.init.zeros_(self.copy_gate.weight)
             nn.init.constant_(self.copy_gate.bias, -3.0)
+        if config.span_kinds:
+            # Gate input: the final hidden state, the KB mass on the null slot and on quoted triples.
+            # Output: logits of (the LM's token, a span of each kind).
+            self.span_gate = nn.Linear(config.hidden_size + 2, 1 + len(config.span_kinds))
+            nn.init.zeros_(self.span_gate.weight)
+            with torch.no_grad():
+                self.span_gate.bias.copy_(torch.tensor([3.0] + [0.0] * len(config.span_kinds)))
 
     @property
     def prior_scale(self) -> torch.Tensor:

@@ -29,6 +29,8 @@ def _parser() -> argparse.ArgumentParser:
     ask.add_argument("--sources", type=int, default=3, help="sources to show per answer (default 3)")
     ask.add_argument("--strict", action="store_true", help="refuse a KB with conflicting values")
     ask.add_argument("--json", action="store_true", help="print one JSON object per answer")
+    ask.add_argument("--min-confidence", type=float, default=None,
+                     help="refuse below this confidence (default: the adapter's calibrated threshold; 0: never)")
 
     train = commands.add_parser("train", help="train an adapter from a YAML recipe (train/recipes/)")
     train.add_argument("recipe", help="the YAML recipe")
@@ -36,13 +38,32 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--steps", type=int, default=None, help="override the recipe's step count")
     train.add_argument("--export", default=None, help="after training, save the adapter to this folder")
 
-    evaluate = commands.add_parser("eval", help="measure an adapter on held-out synthetic KBs")
+    evaluate = commands.add_parser(
+        "eval", help="measure an adapter's answers on held-out KBs: exact values, refusals (see docs/benchmarks.md)")
     evaluate.add_argument("--adapter", default=None, help="an adapter folder (default: the shipped one)")
-    evaluate.add_argument("--sizes", default="100,1000", help="KB sizes, comma separated (default 100,1000)")
-    evaluate.add_argument("--kbs", type=int, default=5, help="KBs per size (default 5)")
-    evaluate.add_argument("--questions", type=int, default=40, help="questions per KB (default 40)")
+    evaluate.add_argument("--datasets", default="synthetic,elements,airports,cities",
+                          help="held-out datasets: synthetic (test split) and real-fact KBs (default: all four)")
+    evaluate.add_argument("--sizes", default="100,1000", help="KB sizes, comma separated (default 100,1000); "
+                          "10,000 and more are read through the pre-filter")
+    evaluate.add_argument("--kbs", type=int, default=2, help="KBs per dataset and size (default 2)")
+    evaluate.add_argument("--simple", type=int, default=40, help="single-fact questions per KB (default 40)")
+    evaluate.add_argument("--unknown", type=int, default=24, help="questions the KB cannot answer, per KB (default 24)")
+    evaluate.add_argument("--multi", type=int, default=6, help="multi-fact questions per KB (default 6)")
+    evaluate.add_argument("--open", type=int, default=6, help="open-ended questions per KB (default 6)")
+    evaluate.add_argument("--counterfactual", type=int, default=20,
+                          help="questions per KB over a copy with values swapped among entities (smallest size)")
+    evaluate.add_argument("--min-confidence", type=float, default=None, help="default: the adapter's threshold")
     evaluate.add_argument("--seed", type=int, default=1234)
     evaluate.add_argument("--json", default=None, help="also write the results to this JSON file")
+
+    calibrate = commands.add_parser(
+        "calibrate", help="fit an adapter's answer confidence and refusal threshold on validation KBs")
+    calibrate.add_argument("--adapter", default=None, help="an adapter folder (default: the shipped one)")
+    calibrate.add_argument("--out", default=None, help="folder for calibration.json (default: the adapter's)")
+    calibrate.add_argument("--sizes", default="100,1000", help="KB sizes (default 100,1000)")
+    calibrate.add_argument("--kbs", type=int, default=2, help="KBs per dataset and size (default 2)")
+    calibrate.add_argument("--max-false-refusals", type=float, default=0.03,
+                           help="the most answerable questions the threshold may refuse on validation (default 0.03)")
 
     cli_kb.add_parser(commands)
     return parser
@@ -77,13 +98,21 @@ def _ask(args) -> int:
             "       arbitrary: they show the plumbing, not knowledge-base answers.",
             file=sys.stderr,
         )
-    answers = model.ask(args.questions, kb=kb, max_new_tokens=args.max_new_tokens, max_sources=args.sources)
+    answers = model.ask(args.questions, kb=kb, max_new_tokens=args.max_new_tokens, max_sources=args.sources,
+                        min_confidence=args.min_confidence)
     for answer in answers:
         if args.json:
             sources = [{**t.to_record(), "score": round(s, 4)} for t, s in answer.sources]
-            print(json.dumps({"question": answer.question, "answer": answer.text, "sources": sources}, ensure_ascii=False))
+            quoted = [t.to_record() for t in answer.quoted]
+            confidence = None if answer.confidence is None else round(answer.confidence, 4)
+            print(json.dumps({"question": answer.question, "answer": answer.text, "refused": answer.refused,
+                              "confidence": confidence, "quoted": quoted, "sources": sources}, ensure_ascii=False))
             continue
         print(f"Q: {answer.question}\nA: {answer.text}")
+        if answer.confidence is not None:
+            print(f"   confidence {answer.confidence:.2f}" + (" (refused)" if answer.refused else ""))
+        for triple in answer.quoted:
+            print(f"   quoted  {triple}")
         for triple, score in answer.sources:
             print(f"   {score:6.3f}  {triple}")
         print()
@@ -107,32 +136,65 @@ def _train(args) -> int:
     return 0
 
 
-def _eval(args) -> int:
-    from dataclasses import asdict
+def _positive_sizes(text: str) -> list[int]:
+    sizes = [int(s) for s in text.split(",") if s.strip()]
+    if not sizes or min(sizes) < 1:
+        raise ValueError("--sizes must be positive integers, comma separated")
+    return sizes
 
+
+def _eval(args) -> int:
     from transformers.utils import logging as hf_logging
 
     from kblam.model import KBLaM
-    from kblam.training.evaluate import evaluate, format_table
-
-    hf_logging.disable_progress_bar()
-    sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
-    if not sizes or min(sizes) < 1 or args.kbs < 1 or args.questions < 1:
-        raise ValueError("--sizes, --kbs and --questions must be positive")
-    model = KBLaM.from_pretrained(args.adapter)
-    results = evaluate(model, sizes, kbs=args.kbs, questions=args.questions, seed=args.seed)
-    print(format_table(results))
+    from kblam.training import answer_eval
     from kblam.training.evaluate import no_kb_matches_base
 
-    probes = [e["question"] for r in results for e in r.examples][:6] or ["What is the capital of France?"]
-    equal, total = no_kb_matches_base(model, probes)
+    hf_logging.disable_progress_bar()
+    sizes = _positive_sizes(args.sizes)
+    if args.kbs < 1 or min(args.simple, args.unknown, args.multi, args.open, args.counterfactual) < 0:
+        raise ValueError("--kbs must be positive and the question counts non-negative")
+    names = [n.strip() for n in args.datasets.split(",") if n.strip()]
+    model = KBLaM.from_pretrained(args.adapter)
+    threshold = args.min_confidence
+    if threshold is None:
+        threshold = model.calibrator.threshold if model.calibrator is not None else 0.0
+    records = answer_eval.evaluate(
+        model, names, sizes, kbs=args.kbs, seed=args.seed, simple=args.simple, unknown=args.unknown,
+        multi=args.multi, opened=args.open, counterfactual=args.counterfactual,
+    )
+    text, rows = answer_eval.table(records, threshold)
+    print(f"refusing below confidence {threshold:.2f}\n{text}")
+    kinds = answer_eval.score(records, threshold)
+    print("refusal recall by kind of unknown: " + ", ".join(
+        f"{k} {kinds[f'recall[{k}]']:.2f}" for k in answer_eval.UNKNOWN_KINDS))
+    equal, total = no_kb_matches_base(model, [r.item.question for r in records[:6]])
     print(f"no KB attached: the answer equals the base model's (loaded separately) on {equal}/{total} questions")
-    for r in results:
-        for example in r.examples:
-            print(f"  [{r.size}] Q: {example['question']}\n        A: {example['answer']}  (gold: {example['gold']})")
+    wrong = [r for r in records if not answer_eval.correct(r, threshold)][:12]
+    for r in wrong:
+        gold = r.item.facts[0].value if r.item.facts and r.item.kind != "open" else "(refusal)" \
+            if r.item.kind in answer_eval.UNKNOWN_KINDS else ""
+        print(f"  miss [{r.dataset} {r.size} {r.item.kind}] Q: {r.item.question}\n       A: {r.text}  (gold: {gold})")
     if args.json:
-        report = {"sizes": [asdict(r) for r in results], "no_kb_equals_base": [equal, total]}
+        report = {"threshold": threshold, "datasets": names, "sizes": sizes, "kbs": args.kbs, "seed": args.seed,
+                  "rows": rows, "overall": kinds, "no_kb_equals_base": [equal, total]}
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    return 0
+
+
+def _calibrate(args) -> int:
+    from transformers.utils import logging as hf_logging
+
+    from kblam.model import SHIPPED_ADAPTER, KBLaM
+    from kblam.training.calibrate import calibrate, plot
+
+    hf_logging.disable_progress_bar()
+    model = KBLaM.from_pretrained(args.adapter)
+    calibrator, _ = calibrate(model, sizes=_positive_sizes(args.sizes), kbs=args.kbs,
+                              max_false_refusals=args.max_false_refusals)
+    out = Path(args.out or args.adapter or SHIPPED_ADAPTER)
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"wrote {calibrator.save(out)} and {plot(calibrator, out / 'calibration.png')}")
     return 0
 
 
@@ -143,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with warnings.catch_warnings():  # restored on return: main() may run inside another program
             warnings.showwarning = _show_warning
-            commands = {"ask": _ask, "train": _train, "eval": _eval, "kb": cli_kb.run}
+            commands = {"ask": _ask, "train": _train, "eval": _eval, "calibrate": _calibrate, "kb": cli_kb.run}
             return commands[args.command](args)
     except KeyboardInterrupt:
         print("kblam: interrupted", file=sys.stderr)

@@ -16,11 +16,12 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import threading
 import warnings
 import weakref
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -29,6 +30,8 @@ from torch import nn
 
 from kblam import attention, copying
 from kblam.adapter import CONFIG_NAME, WEIGHTS_NAME, KBAdapter, KBLaMConfig
+from kblam.answer import Answer
+from kblam.confidence import Calibrator
 from kblam.encoder import KBEmbeddings, KBEncoder
 from kblam.kb import KnowledgeBase, Triple
 from kblam.model_card import write_model_card
@@ -36,18 +39,6 @@ from kblam.prefilter import KBPrefilter
 from kblam.store import KBStore, load_kb
 
 SHIPPED_ADAPTER = Path(__file__).parent / "adapters" / "smollm2-135m-instruct"
-
-
-@dataclass
-class Answer:
-    """A generated answer and the triples the model drew on, best first, with their share of KB attention."""
-
-    question: str
-    text: str
-    sources: list[tuple[Triple, float]] = field(default_factory=list)
-
-    def __str__(self) -> str:
-        return self.text
 
 
 def weights_fingerprint(model: nn.Module) -> str:
@@ -86,7 +77,8 @@ class KBAttentionRecorder:
 
     def __init__(self, token_mask: torch.Tensor | None = None):
         self.token_mask = token_mask
-        self.per_layer: dict[int, torch.Tensor] = {}  # layer -> (B, M)
+        self.per_layer: dict[int, torch.Tensor] = {}  # layer -> (B, M'), the null slot's column last
+        self.kb_size: int | None = None  # M: the triples' columns (set when attached)
 
     def wants(self, layer: int) -> bool:
         return layer not in self.per_layer
@@ -99,12 +91,23 @@ class KBAttentionRecorder:
         weights = self.token_mask[:, -head_mean.shape[1]:].to(head_mean)
         return torch.einsum("bnm,bn->bm", head_mean, weights)
 
-    def scores(self) -> torch.Tensor:
-        """(B, M): KB attention averaged over heads and KB layers, summed over the tokens, summing to 1."""
+    def _mean(self) -> torch.Tensor:
         if not self.per_layer:
             raise RuntimeError("no KB attention was recorded: was a KB attached during the forward pass?")
-        per_triple = torch.stack(list(self.per_layer.values())).mean(dim=0)
+        return torch.stack(list(self.per_layer.values())).mean(dim=0)
+
+    def scores(self) -> torch.Tensor:
+        """(B, M): KB attention on the triples, averaged over heads and KB layers, summed over the tokens,
+        summing to 1 (the null slot left out)."""
+        per_triple = self._mean()[:, : self.kb_size]
         return per_triple / per_triple.sum(dim=-1, keepdim=True).clamp_min(1e-12)
+
+    def null_share(self) -> torch.Tensor:
+        """(B,): the null slot's share of all KB attention (0 without a null slot)."""
+        mean = self._mean()
+        if self.kb_size is None or mean.shape[-1] <= self.kb_size:
+            return torch.zeros(mean.shape[0])
+        return mean[:, self.kb_size:].sum(-1) / mean.sum(-1).clamp_min(1e-12)
 
 
 @dataclass
@@ -120,6 +123,7 @@ class _AttachedKB:
     # Knowledge tokens per chunk of the attention, None for a single pass. When chunked, the tap keeps
     # only the last position (B, 1, M'): what generation's copy path reads, without an (N, M') tensor.
     chunk_size: int | None = None
+    cosine: torch.Tensor | None = None  # (B|1, M) the encoder's question-key cosines, when questions were given
 
     def record(self, layer: int, chunks: Iterable[tuple[int, torch.Tensor]]) -> None:
         """Consume one layer's KB attention, (start, probs (B, heads, N, chunk)) chunk by chunk."""
@@ -134,7 +138,7 @@ class _AttachedKB:
             if self.tap_enabled:
                 taps.append(mean if self.chunk_size is None else mean[:, -1:])
         if sources:
-            self.recorder.per_layer[layer] = torch.cat(sums, dim=-1)[:, : self.kb_size]  # no null slot
+            self.recorder.per_layer[layer] = torch.cat(sums, dim=-1)
         if taps:
             tap = torch.cat(taps, dim=-1)
             self.tap = tap if self.tap is None else self.tap + tap
@@ -159,7 +163,10 @@ class KBLaM(nn.Module):
         self.encoder = encoder
         self.adapter = adapter
         self.config = adapter.config
-        self._attached: _AttachedKB | None = None
+        # The attached KB and the LM head's input are per thread: two threads asking at once each
+        # read their own KB (the hooks run in the thread that called forward).
+        self._local = threading.local()
+        self.calibrator: Calibrator | None = None  # kblam.confidence; loaded with a calibrated adapter
         # Scale settings (docs/scale.md). A KB of more knowledge tokens than kb_chunk_size is read in
         # chunks of that many: 8192 keeps one chunk's float32 logits near 20 MB for a 64-token prompt
         # on a 9-head model, while KBs up to that size keep the single pass (same result, one kernel
@@ -182,12 +189,27 @@ class KBLaM(nn.Module):
             modules[layer].register_forward_pre_hook(self._make_hook(layer), with_kwargs=True)
             for layer in self.config.kb_layers
         ]
-        self._lm_input: torch.Tensor | None = None
         self._hooks.append(base_model.register_forward_pre_hook(self._reset_tap))  # a fresh tap per call
-        if self.config.copy_values:
+        if self.config.copy_values or self.config.span_kinds:
             # The copy gate reads what the LM head reads.
             self._hooks.append(base_model.get_output_embeddings().register_forward_pre_hook(self._keep_lm_input))
         self.adapter.to(next(base_model.parameters()).device)
+
+    @property
+    def _attached(self) -> _AttachedKB | None:
+        return getattr(self._local, "attached", None)
+
+    @_attached.setter
+    def _attached(self, value: _AttachedKB | None) -> None:
+        self._local.attached = value
+
+    @property
+    def _lm_input(self) -> torch.Tensor | None:
+        return getattr(self._local, "lm_input", None)
+
+    @_lm_input.setter
+    def _lm_input(self, value: torch.Tensor | None) -> None:
+        self._local.lm_input = value
 
     # --- construction -------------------------------------------------------------------------
 
@@ -299,7 +321,9 @@ class KBLaM(nn.Module):
         adapter = KBAdapter(config)
         state = load_file(str(folder / WEIGHTS_NAME))
         adapter.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
-        return cls(base_model, tokenizer, encoder, adapter)
+        model = cls(base_model, tokenizer, encoder, adapter)
+        model.calibrator = Calibrator.load(folder)
+        return model
 
     def save_pretrained(self, folder: str | Path, *, dtype: torch.dtype = torch.float32, card: str | None = None) -> Path:
         """Write the adapter the peft way: config JSON, safetensors weights and a README model card."""
@@ -308,6 +332,8 @@ class KBLaM(nn.Module):
         self.config.save(folder)
         state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in self.adapter.state_dict().items()}
         save_file(state, str(folder / WEIGHTS_NAME), metadata={"format": "pt", "kblam": self.config.kblam_version})
+        if self.calibrator is not None:
+            self.calibrator.save(folder)
         write_model_card(folder, self.config, body=card)
         return folder
 
@@ -400,15 +426,23 @@ class KBLaM(nn.Module):
         recorder = record if isinstance(record, KBAttentionRecorder) else (KBAttentionRecorder() if record else None)
         if self.config.copy_values and value_ids is None:
             raise ValueError("this adapter copies values: pass value_ids (or use attach(kb), which makes them)")
+        if recorder is not None:
+            recorder.kb_size = keys.shape[-2]
+        cosine = None
+        if queries is not None:
+            cosine = question_key_cosine(queries.to(device), keys)
+            if kb_mask is not None:
+                cosine = cosine.masked_fill(~kb_mask, -1.0)
         previous = self._attached
         self._attached = _AttachedKB(
             states=self.adapter.kb_states(keys, values),
-            bias=self._kb_bias(keys, kb_mask, queries, full_size),
+            bias=self._kb_bias(keys, kb_mask, cosine, full_size),
             kb_size=keys.shape[-2],
             recorder=recorder,
             value_ids=None if value_ids is None else value_ids.to(device),
             tap_enabled=tap or value_ids is not None,
             chunk_size=self._chunking(keys.shape[-2] + int(self.config.null_slot), chunk_size),
+            cosine=cosine,
         )
         try:
             yield recorder
@@ -416,7 +450,7 @@ class KBLaM(nn.Module):
             self._attached = previous
 
     def _kb_bias(
-        self, keys: torch.Tensor, kb_mask: torch.Tensor | None, queries: torch.Tensor | None,
+        self, keys: torch.Tensor, kb_mask: torch.Tensor | None, cosine: torch.Tensor | None,
         full_size: int | None = None,
     ) -> dict[int, float | torch.Tensor]:
         """Per KB layer, what is added to the KB logits: the size shift, padding, prior and null slot."""
@@ -431,11 +465,8 @@ class KBLaM(nn.Module):
             sizes = kb_mask.sum(-1).clamp_min(1).float()
             shift = 0.0 if scale is None else (math.log(scale) - torch.log(sizes)).view(-1, 1, 1, 1)
         bias: float | torch.Tensor = shift
-        if cfg.retrieval_prior and queries is not None:
-            cosine = nn.functional.normalize(queries.to(keys), dim=-1)[:, None, :] @ nn.functional.normalize(
-                keys, dim=-1
-            ).transpose(-1, -2)  # (B, 1, M)
-            bias = bias + self.adapter.prior_scale * cosine[:, None]
+        if cfg.retrieval_prior and cosine is not None:
+            bias = bias + self.adapter.prior_scale * cosine[:, None, None, :]
         if kb_mask is not None:
             bias = bias + torch.zeros(kb_mask.shape, device=keys.device).masked_fill(~kb_mask, float("-inf"))[
                 :, None, None, :
@@ -473,28 +504,30 @@ class KBLaM(nn.Module):
         *,
         questions: str | Sequence[str] | None = None,
         chunk_size: int | None = None,
+        tap: bool = False,
     ):
         """Attach a KB for the forward passes inside the block: `with model.attach(kb): ...`.
 
-        `questions` (one per batch row) feed the retrieval prior, when the adapter has one.
-        `chunk_size`: see attach_embeddings (default: the model's kb_chunk_size).
+        `questions` (one per batch row) feed the retrieval prior, when the adapter has one, and the
+        question-key cosines of the answer's confidence.
+        `chunk_size`, `tap`: see attach_embeddings (default: the model's kb_chunk_size).
         """
         embeddings = self.encode_kb(kb)
         queries = None
-        if self.config.retrieval_prior:
+        if questions is not None:
+            questions = [questions] if isinstance(questions, str) else list(questions)
+            queries = self.encoder.encode(questions)
+        elif self.config.retrieval_prior:
             if questions is None:
                 warnings.warn(
                     "this adapter's retrieval prior needs the question text (attach(kb, questions=...)); "
                     "without it retrieval rests on the learned keys alone",
                     stacklevel=3,
                 )
-            else:
-                questions = [questions] if isinstance(questions, str) else list(questions)
-                queries = self.encoder.encode(questions)
         value_ids = self.value_ids(embeddings.triples) if self.config.copy_values else None
         with self.attach_embeddings(
             embeddings.keys, embeddings.values, record=record, queries=queries, value_ids=value_ids,
-            chunk_size=chunk_size,
+            chunk_size=chunk_size, tap=tap,
         ) as recorder:
             yield recorder
 
@@ -540,7 +573,7 @@ class KBLaM(nn.Module):
 
         input_ids = kwargs["input_ids"] if "input_ids" in kwargs else args[0]
         processors = LogitsProcessorList(kwargs.pop("logits_processor", None) or [])
-        processors.insert(0, _CopyProcessor(self, input_ids.shape[1]))
+        processors.insert(0, CopyProcessor(self, input_ids.shape[1]))
         return self.base.generate(*args, logits_processor=processors, **kwargs)
 
     def format_prompt(self, question: str) -> str:
@@ -556,10 +589,12 @@ class KBLaM(nn.Module):
     def ask(
         self,
         question: str | Sequence[str],
-        kb: KnowledgeBase | Sequence[Triple] | KBEmbeddings | KBStore | None = None,
+        kb: KnowledgeBase | Sequence[Triple] | KBEmbeddings | KBStore | str | Path | None = None,
         *,
         max_new_tokens: int = 48,
         max_sources: int = 5,
+        min_confidence: float | None = None,
+        spans: bool | None = None,
         prefilter: bool | KBPrefilter | None = None,
         prefilter_above: int | None = None,
         prefilter_k: int | None = None,
@@ -567,10 +602,16 @@ class KBLaM(nn.Module):
     ) -> Answer | list[Answer]:
         """Answer one question (-> Answer) or a list (-> list[Answer], generated as one batch).
 
-        Sources are the max_sources triples by their share of the KB attention paid by the question's own tokens
-        (the chat template around it excluded) during the prompt, averaged over heads and KB layers.
+        The walk is kblam.answer.ask. `kb`: a KnowledgeBase, a list of triples (duplicates merged), a
+        KBStore, KBEmbeddings, or the path of a KB file or store folder.
+        Sources are the max_sources triples by their share of the KB attention paid by the question's own
+        tokens (the chat template around it excluded) during the prompt, averaged over heads and KB layers.
+        `min_confidence`: refuse when the calibrated confidence (`Answer.confidence`) is below it
+        (default: the threshold chosen on validation KBs, in the adapter's calibration.json; 0 never refuses).
+        `spans`: quote whole values (kblam.spans; default when the adapter has a span or copy gate);
+        False uses the token-level copy mix of adapters trained with one.
         Generation is greedy unless generate_kwargs (passed to transformers' generate) say otherwise,
-        e.g. do_sample=True, temperature=0.7, top_k=50.
+        e.g. do_sample=True, temperature=0.7, top_k=50. Safe to call from several threads at once.
 
         The pre-filter: a KB of more than `prefilter_above` triples (default: the model's, 20,000) is
         narrowed to each question's `prefilter_k` (default 256) triples whose keys are closest (cosine)
@@ -579,69 +620,13 @@ class KBLaM(nn.Module):
         the index is built once per KB and cached (`prefilter_index`): pass the same KBEmbeddings or
         KBStore again to reuse it (a KnowledgeBase is re-encoded, hence re-indexed, on every call).
         """
-        single = isinstance(question, str)
-        questions = [question] if single else list(question)
-        if not questions or any(not isinstance(q, str) or not q.strip() for q in questions):
-            raise ValueError("ask() needs a non-empty question string, or a list of them")
-        tok = self.tokenizer
-        if tok.pad_token_id is None:
-            tok.pad_token = tok.eos_token
-        prompts = [self.format_prompt(q) for q in questions]
-        device = next(self.base.parameters()).device
-        inputs = tok(
-            prompts,
-            return_tensors="pt",
-            padding=True,
-            padding_side="left",
-            add_special_tokens=False,
-            return_offsets_mapping=bool(getattr(tok, "is_fast", False)),
-        )
-        offsets = inputs.pop("offset_mapping", None)
-        question_tokens = _question_token_mask(prompts, questions, offsets, inputs["attention_mask"])
-        inputs = inputs.to(device)
-        generate_kwargs.setdefault("do_sample", False)
-        if not generate_kwargs["do_sample"]:
-            # Greedy: drop the sampling knobs a generation_config may carry, which transformers warns about.
-            for knob in ("temperature", "top_p", "top_k"):
-                generate_kwargs.setdefault(knob, None)
-        generate_kwargs.setdefault("pad_token_id", tok.pad_token_id)
+        from kblam.answer import ask
 
-        recorder = KBAttentionRecorder(question_tokens.to(device))
-        context, source_of = nullcontext(), None
-        if kb is not None:
-            if isinstance(kb, (str, os.PathLike)):
-                kb = load_kb(kb)  # a store folder (read through one shared read-only KBStore) or a KB file
-            if not isinstance(kb, KBStore):
-                kb = self.encode_kb(kb)
-            above = self.prefilter_above if prefilter_above is None else prefilter_above
-            if isinstance(prefilter, bool):
-                narrow = prefilter
-            else:
-                narrow = prefilter is not None or (above is not None and len(kb) > above)
-            if narrow:
-                index = prefilter if isinstance(prefilter, KBPrefilter) else None
-                context, source_of = self._attach_candidates(
-                    kb, questions, recorder, prefilter_k or self.prefilter_k, index
-                )
-            else:
-                embeddings = self.encode_kb(kb)
-                context = self.attach(embeddings, record=recorder, questions=questions)
-                source_of = lambda i, j: embeddings.triples[j]  # noqa: E731
-        with context:
-            output = self._generate(**inputs, max_new_tokens=max_new_tokens, **generate_kwargs)
-        texts = tok.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
-        scores = recorder.scores() if source_of is not None else None
-        answers = []
-        for i, (q, text) in enumerate(zip(questions, texts, strict=True)):
-            sources = []
-            if scores is not None:
-                best = torch.topk(scores[i], k=min(max_sources, scores.shape[-1]))
-                for s, j in zip(best.values.tolist(), best.indices.tolist(), strict=True):
-                    triple = source_of(i, j)
-                    if triple is not None:
-                        sources.append((triple, s))
-            answers.append(Answer(question=q, text=text.strip(), sources=sources))
-        return answers[0] if single else answers
+        return ask(
+            self, question, kb, max_new_tokens=max_new_tokens, max_sources=max_sources,
+            min_confidence=min_confidence, spans=spans, prefilter=prefilter, prefilter_above=prefilter_above,
+            prefilter_k=prefilter_k, **generate_kwargs,
+        )
 
     def prefilter_index(self, kb: KBEmbeddings | KBStore, **options) -> KBPrefilter:
         """The KBPrefilter (kblam.prefilter) over a KB's key embeddings, built on first use and cached.
@@ -682,7 +667,7 @@ class KBLaM(nn.Module):
 
     def _attach_candidates(
         self, kb: KBEmbeddings | KBStore, questions: list[str], recorder: KBAttentionRecorder, k: int,
-        index: KBPrefilter | None,
+        index: KBPrefilter | None, tap: bool = False,
     ) -> tuple[object, Callable[[int, int], Triple | None]]:
         """Attach each question's top-k triples (by key cosine) as a batch of KBs; map sources back.
 
@@ -713,13 +698,12 @@ class KBLaM(nn.Module):
             value_ids = torch.stack([_pad_to(ids, width) for ids in per_row])
         context = self.attach_embeddings(
             keys, values, mask, record=recorder,
-            queries=queries if self.config.retrieval_prior else None,
-            value_ids=value_ids, full_size=len(kb),
+            queries=queries, value_ids=value_ids, full_size=len(kb), tap=tap,
         )
-        return context, lambda i, j: candidates[i][j] if mask[i, j] else None
+        return context, lambda i, j: candidates[i][j] if j < mask.shape[1] and mask[i, j] else None
 
 
-def _question_token_mask(
+def question_token_mask(
     prompts: list[str], questions: list[str], offsets: torch.Tensor | None, attention_mask: torch.Tensor
 ) -> torch.Tensor:
     """Which prompt tokens belong to the question itself, not the chat template around it.
@@ -738,7 +722,7 @@ def _question_token_mask(
     return mask
 
 
-class _CopyProcessor:
+class CopyProcessor:
     """Turns each generation step's logits into the copy mix's log-probabilities (kblam.copying)."""
 
     def __init__(self, model: KBLaM, prompt_length: int):
@@ -759,6 +743,12 @@ class _CopyProcessor:
 
 def _pad_to(ids: torch.Tensor, width: int) -> torch.Tensor:
     return nn.functional.pad(ids, (0, width - ids.shape[1]), value=copying.PAD)
+
+
+def question_key_cosine(queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """(B, M): cosine of each question's encoder embedding (B, d) with each key embedding ((B|1,) M, d)."""
+    q = nn.functional.normalize(queries.to(keys), dim=-1)[:, None, :]
+    return (q @ nn.functional.normalize(keys, dim=-1).transpose(-1, -2))[:, 0]
 
 
 class UntrainedAdapterWarning(UserWarning):

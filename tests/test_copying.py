@@ -126,7 +126,9 @@ def test_retrieval_prior_adds_scaled_cosine(hash_encoder):
     model = KBLaM.from_base(tiny_model("llama"), None, encoder=hash_encoder, retrieval_prior=True, prior_scale=7.0)
     keys = torch.randn(3, 24)
     q = keys[1:2] * 3.0
-    bias = model._kb_bias(keys, None, q)[model.config.kb_layers[0]]
+    from kblam.model import question_key_cosine
+
+    bias = model._kb_bias(keys, None, question_key_cosine(q, keys))[model.config.kb_layers[0]]
     cos = torch.nn.functional.cosine_similarity(q, keys)
     expected = math.log(100.0) - math.log(3) + 7.0 * cos
     torch.testing.assert_close(bias.reshape(-1), expected, atol=1e-5, rtol=0)

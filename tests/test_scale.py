@@ -146,8 +146,11 @@ def test_recorder_keeps_one_row_per_question_and_triple(hash_encoder):
         model(input_ids=_ids(n=6))
         model(input_ids=_ids(n=1))  # a later call (a generation step) is not recorded
     assert sorted(recorder.per_layer) == model.config.kb_layers
-    assert all(p.shape == (2, 50) for p in recorder.per_layer.values())
+    assert all(p.shape == (2, 51) for p in recorder.per_layer.values())  # 50 triples and the null slot
+    assert recorder.scores().shape == (2, 50)
     torch.testing.assert_close(recorder.scores().sum(-1), torch.ones(2))
+    null = recorder.null_share()
+    assert null.shape == (2,) and bool(((null > 0) & (null < 1)).all())
 
 
 def test_full_size_shift(hash_encoder):
@@ -306,7 +309,7 @@ def test_ask_records_b_by_m_per_layer(hash_encoder, monkeypatch):
     model.kb_chunk_size = 7
     model.ask(QUESTIONS, random_kb(30), max_new_tokens=3, prefilter=False)
     model.ask(QUESTIONS, random_kb(30), max_new_tokens=3, prefilter=True, prefilter_k=9)
-    assert [{tuple(p.shape) for p in r.per_layer.values()} for r in made] == [{(2, 30)}, {(2, 9)}]
+    assert [{tuple(p.shape) for p in r.per_layer.values()} for r in made] == [{(2, 31)}, {(2, 10)}]  # + null
 
 
 def test_store_from_another_encoder_is_refused(hash_encoder, tmp_path):

@@ -205,5 +205,7 @@ def test_a_store_path_is_a_kb(model, store_path, hash_encoder):
         expected = fresh_answers(model, reader)
     got = [(a.text, [t for t, _ in a.sources]) for a in model.ask(QUESTIONS, store_path, max_new_tokens=4)]
     assert got == expected and KBStore.shared(store_path).get("thing 12", "colour").value == "ultramarine"
-    with pytest.raises(ValueError, match="neither a KB store folder .* nor a KB file"):
-        model.ask(QUESTIONS[0], str(store_path / "nothing-here"), max_new_tokens=1)
+    empty = store_path.parent / "empty"
+    empty.mkdir()
+    with pytest.raises(KBStoreError, match="manifest.json is missing"):
+        model.ask(QUESTIONS[0], str(empty), max_new_tokens=1)

@@ -6,6 +6,7 @@ import pytest
 import torch
 from conftest import tiny_model, tiny_tokenizer
 
+from kb_builders.questions import render
 from kblam import KBLaM
 from kblam.training.data import build_examples, collate, prepare
 from kblam.training.export import read_log
@@ -13,11 +14,12 @@ from kblam.training.loop import TrainConfig, learning_rate, shard_rows, step_row
 from kblam.training.loss import answer_loss
 
 
-def _setup(out, hash_encoder, steps):
+def _setup(out, hash_encoder, steps, spans: bool = False):
     cfg = TrainConfig(
         out=str(out), steps=steps, batch_size=4, lr=3e-2, warmup=3, checkpoint_every=5,
-        retrieval_prior=True, null_slot=True, copy_values=True, retrieval_loss=0.1, query_rank=4,
+        retrieval_prior=True, null_slot=True, copy_values=not spans, retrieval_loss=0.1, query_rank=4,
         train_entities=12, train_examples=160, kb_size=[4, 8], device="cpu",
+        span_kinds=["value", "fact"] if spans else None,
     )
     options = {**cfg.adapter_options(), "max_value_tokens": 64}  # a character tokenizer: long values
     model = KBLaM.from_base(tiny_model("llama"), tiny_tokenizer(), encoder=hash_encoder, seed=0, **options)
@@ -66,11 +68,64 @@ def test_batches_hold_each_examples_kb(hash_encoder):
         answer = model.tokenizer.decode(
             batch.input_ids[r, batch.answer_start[r]: batch.answer_start[r] + batch.answer_length[r]]
         )
-        assert answer.startswith(item["answer"])
+        facts = [data.pool[item["kb"][j]] for j in item["sources"]]
+        rendered = render(item["answer"], facts)  # through the tokenizer: a character one lacks "$"
+        assert answer.startswith(model.tokenizer.decode(model.tokenizer(rendered, add_special_tokens=False)["input_ids"]))
         if item["kind"] == "simple":
             assert batch.gold[r] == item["sources"][0]
         if item["kind"] == "unanswerable":
             assert batch.gold[r] == batch.keys.shape[1]  # the null slot
+
+
+def test_span_batches_mark_each_span_once_and_quote_it_after(hash_encoder):
+    cfg, model, data = _setup("unused", hash_encoder, steps=1, spans=True)
+    rows = list(range(12))
+    batch = collate(model, data, rows)
+    tok = model.tokenizer
+    for r, row in enumerate(rows):
+        item = data.examples[row]
+        facts = [data.pool[item["kb"][j]] for j in item["sources"]]
+        n = int(batch.answer_length[r])
+        ids = batch.input_ids[r, batch.answer_start[r]: batch.answer_start[r] + n]
+        rendered = render(item["answer"], facts, model.config.refusal)
+        assert ids[:-1].tolist() == tok(rendered, add_special_tokens=False)["input_ids"]  # end-of-turn last
+        starts = (batch.span_kind[r, :n] > 0).nonzero()[:, 0].tolist()
+        columns = batch.span_column[r, starts].tolist()
+        want = list(item["sources"]) if item["kind"] != "unanswerable" else [batch.keys.shape[1]]  # null slot
+        assert columns == want
+        for start, column in zip(starts, columns, strict=True):
+            assert not batch.quoted[r, start, column] and bool(batch.quoted[r, start + 1:n, column].all())
+            assert not batch.inside_span[r, start]
+        inside = int(batch.inside_span[r, :n].sum())
+        spans_text = sum(len(tok(p, add_special_tokens=False)["input_ids"]) for p in _span_pieces(item, facts))
+        assert inside == spans_text - len(starts)  # every span token but the first is inside
+
+
+def _span_pieces(item, facts):
+    from kb_builders.questions import segments
+    from kblam.spans import span_text
+
+    text, pieces = "", []
+    for kind, what in segments(item["answer"]):
+        piece = what if kind == "text" else span_text(kind, None if what is None else facts[what], text,
+                                                     "I'm sorry, I cannot find that in the knowledge base.")
+        if kind != "text":
+            pieces.append(piece)
+        text += piece
+    return pieces
+
+
+def test_span_loss_falls_and_trains_the_gate(tmp_path, hash_encoder):
+    cfg, model, data = _setup(tmp_path / "spans", hash_encoder, steps=30, spans=True)
+    gate_before = model.adapter.span_gate.weight.detach().clone()
+    with torch.no_grad():
+        before = answer_loss(model, collate(model, data, list(range(24))))[1]
+    train(cfg, model=model, data=data, progress=False, log=lambda *_: None)
+    with torch.no_grad():
+        after = answer_loss(model, collate(model, data, list(range(24))))[1]
+    assert after["answer_loss"] < before["answer_loss"] - 0.15, (before, after)
+    assert after["span_loss"] < before["span_loss"] - 1.0, (before, after)
+    assert not torch.equal(gate_before, model.adapter.span_gate.weight)
 
 
 def test_every_rank_sees_every_kind_of_question():

@@ -971,12 +971,10 @@ def is_store(path: str | os.PathLike) -> bool:
 
 
 def load_kb(path: str | os.PathLike) -> KBStore | KnowledgeBase:
-    """A KB given by path: a store folder (``KBStore.shared``) or a KB file (``KnowledgeBase.from_file``)."""
-    if is_store(path):
-        return KBStore.shared(path)
-    if Path(path).is_file():
-        return KnowledgeBase.from_file(path)
-    raise ValueError(f"{path} is neither a KB store folder (no {MANIFEST} in it) nor a KB file")
+    """A KB given by path: a folder is a store (``KBStore.shared``: read-only, one per folder, kept at
+    the newest generation), anything else a KB file (``KnowledgeBase.from_file``); each says what is
+    wrong with a path that is neither."""
+    return KBStore.shared(path) if Path(path).is_dir() else KnowledgeBase.from_file(path)
 
 
 class StoreView(NamedTuple):

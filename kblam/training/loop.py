@@ -35,6 +35,7 @@ class TrainConfig:
     prior_scale: float = 20.0
     null_slot: bool = False
     copy_values: bool = False
+    span_kinds: list[str] | None = None  # answers quote whole spans (kblam.spans), e.g. [value, fact]
     system_prompt: str | None = None
     # losses
     retrieval_loss: float = 0.0
@@ -45,6 +46,8 @@ class TrainConfig:
     mix: dict[str, float] = field(
         default_factory=lambda: {"simple": 0.7, "multi": 0.1, "open": 0.1, "unanswerable": 0.1}
     )
+    whole_entities: float = 0.0  # share of training KBs made of whole entities (build_examples)
+    variants: bool = False  # questions also with synonyms, lower case, no "?", typos
     # optimisation
     steps: int = 1000
     batch_size: int = 8
@@ -80,7 +83,7 @@ class TrainConfig:
             kb_layers=self.kb_layers, kb_layer_frequency=self.kb_layer_frequency,
             kb_scale_factor=self.kb_scale_factor, query_rank=self.query_rank,
             retrieval_prior=self.retrieval_prior, prior_scale=self.prior_scale, null_slot=self.null_slot,
-            copy_values=self.copy_values, system_prompt=self.system_prompt,
+            copy_values=self.copy_values, span_kinds=self.span_kinds, system_prompt=self.system_prompt,
         )
 
 
@@ -142,7 +145,7 @@ def train(cfg: TrainConfig, *, model=None, data=None, progress: bool = True, log
     if data is None:
         pool, examples = build_examples(
             cfg.train_entities, cfg.train_examples, seed=cfg.seed, split="train",
-            kb_size=tuple(cfg.kb_size), mix=cfg.mix,
+            kb_size=tuple(cfg.kb_size), mix=cfg.mix, whole_entities=cfg.whole_entities, variants=cfg.variants,
         )
         data = prepare(model, pool, examples, cache=Path(cfg.cache_dir) if cfg.cache_dir else out / "cache")
     params = [p for p in model.adapter.parameters() if p.requires_grad]
@@ -157,8 +160,20 @@ def train(cfg: TrainConfig, *, model=None, data=None, progress: bool = True, log
         start = state["step"]
         log(f"resumed {out} at step {start}")
     elif cfg.init_from:
-        model.adapter.load_state_dict(torch.load(cfg.init_from, map_location=device, weights_only=False)["adapter"])
-        log(f"started from the adapter in {cfg.init_from}")
+        if Path(cfg.init_from).is_dir():  # an exported adapter folder: keep the parts both adapters share
+            from safetensors.torch import load_file
+
+            from kblam.adapter import WEIGHTS_NAME
+
+            own = model.adapter.state_dict()
+            state = {k: v.float() for k, v in load_file(str(Path(cfg.init_from) / WEIGHTS_NAME)).items()
+                     if k in own and own[k].shape == v.shape}
+            model.adapter.load_state_dict(state, strict=False)
+            log(f"started from the adapter in {cfg.init_from}; new: {sorted(set(own) - set(state))}")
+        else:
+            model.adapter.load_state_dict(
+                torch.load(cfg.init_from, map_location=device, weights_only=False)["adapter"])
+            log(f"started from the adapter in {cfg.init_from}")
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
     model.base.eval()  # no dropout in the frozen base; the adapter has none
     metrics: dict = {}

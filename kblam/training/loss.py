@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from kblam import copying
+from kblam import copying, spans
 from kblam.training.data import Batch
 
 
@@ -16,6 +16,8 @@ def answer_loss(model, batch: Batch, retrieval_weight: float = 0.0) -> tuple[tor
     of single-fact questions.
     """
     cfg = model.config
+    if cfg.span_kinds:
+        return span_loss(model, batch, retrieval_weight)
     copy = cfg.copy_values
     with model.attach_embeddings(
         batch.keys, batch.values, batch.kb_mask,
@@ -49,6 +51,58 @@ def answer_loss(model, batch: Batch, retrieval_weight: float = 0.0) -> tuple[tor
         has = (batch.gold >= 0)[:, None] & valid
         gold = batch.gold.clamp_min(0)[:, None, None].expand(-1, pred_pos.shape[1], 1)
         on_gold = at(weights).gather(-1, gold)[..., 0]
+        retrieval = -(torch.log(on_gold + 1e-9) * has).sum() / has.sum().clamp_min(1)
+        metrics["retrieval_loss"] = float(retrieval.detach())
+        loss = loss + retrieval_weight * retrieval
+    metrics["loss"] = float(loss.detach())
+    return loss, metrics
+
+
+def span_loss(model, batch: Batch, retrieval_weight: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
+    """Negative log-likelihood of the answer under the span decision of kblam.spans.
+
+    The first token of a span costs -log g_kind - log a_column (the gate chose a span of that kind and
+    the KB attention chose its triple); any other answer token -log g_lm - log p_lm(token); tokens
+    inside a span cost nothing (they are emitted verbatim). Plus retrieval_weight x the retrieval loss.
+    """
+    cfg = model.config
+    with model.attach_embeddings(
+        batch.keys, batch.values, batch.kb_mask,
+        queries=batch.queries if cfg.retrieval_prior else None, tap=True,
+    ):
+        logits = model.base(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        weights = model.kb_weights()
+        hidden = model._lm_input
+
+    b, t, v = logits.shape
+    steps = torch.arange(batch.span_kind.shape[1], device=logits.device)
+    valid = steps[None] < batch.answer_length[:, None]  # (B, A)
+    target_pos = (batch.answer_start[:, None] + steps).clamp_max(t - 1)
+    pred_pos = target_pos - 1  # the logits at position p predict token p + 1
+    targets = batch.input_ids.gather(1, target_pos)
+
+    def at(x: torch.Tensor) -> torch.Tensor:
+        return x.gather(1, pred_pos[..., None].expand(-1, -1, x.shape[-1]))
+
+    w = at(weights).float()  # (B, A, M')
+    gate = spans.gate_log_probs(model.adapter, at(hidden), w, batch.quoted)  # (B, A, 1 + K)
+    lm = torch.log_softmax(at(logits).float(), dim=-1).gather(-1, targets[..., None])[..., 0]
+    lm_lp = gate[..., 0] + lm
+    kind = batch.span_kind.clamp_min(1) - 1
+    options = spans.candidate_weights(w, batch.quoted, tuple(cfg.span_kinds), cfg.null_slot)  # (B, A, K, M')
+    chosen = options.gather(2, kind[..., None, None].expand(-1, -1, 1, options.shape[-1]))[:, :, 0]
+    span_a = chosen.gather(-1, batch.span_column.clamp_min(0)[..., None])[..., 0]
+    span_lp = gate.gather(-1, (kind + 1)[..., None])[..., 0] + torch.log(span_a + 1e-9)
+    log_p = torch.where(batch.span_kind > 0, span_lp, lm_lp)
+    counted = valid & ~batch.inside_span
+    loss = -(log_p * counted).sum() / counted.sum()
+    starts = counted & (batch.span_kind > 0)
+    metrics = {"answer_loss": float(loss.detach()),
+               "span_loss": float(-(span_lp.detach() * starts).sum() / starts.sum().clamp_min(1))}
+    if retrieval_weight > 0:
+        has = (batch.gold >= 0)[:, None] & counted
+        gold = batch.gold.clamp_min(0)[:, None, None].expand(-1, pred_pos.shape[1], 1)
+        on_gold = w.gather(-1, gold)[..., 0]
         retrieval = -(torch.log(on_gold + 1e-9) * has).sum() / has.sum().clamp_min(1)
         metrics["retrieval_loss"] = float(retrieval.detach())
         loss = loss + retrieval_weight * retrieval

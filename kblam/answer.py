@@ -1,0 +1,242 @@
+"""`ask`: one question's walk from text to a grounded answer (`KBLaM.ask` calls `ask` here).
+
+1. The question is checked and wrapped in the base model's chat template (model.format_prompt).
+2. The KB is attached (kblam.model): all of it, or each question's pre-filtered candidates.
+3. The prompt's forward pass reads the KB; its KB attention gives the sources, and with the encoder's
+   cosines the signals of answerability (kblam.confidence). A calibrated confidence below
+   `min_confidence` refuses the question there and then.
+4. The answer is decoded with value spans (kblam.spans): each step is the LM's token or a whole span
+   quoted from the KB; `Answer.quoted` lists the triples quoted, in order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from kblam import spans as span_decoding
+from kblam.confidence import QuestionSignals, signals
+from kblam.encoder import KBEmbeddings
+from kblam.kb import KnowledgeBase, Triple
+from kblam.prefilter import KBPrefilter
+from kblam.store import KBStore, load_kb
+
+
+@dataclass
+class Answer:
+    """A generated answer, the triples it drew on and quoted, and how sure the model is of it.
+
+    sources: triples by their share of the KB attention paid by the question's tokens, best first.
+    quoted: the triples whose text the answer quotes, in order (kblam.spans).
+    confidence: the calibrated probability that the answer states a fact the KB holds (None when the
+    adapter has no calibration or no KB was given). refused: the answer is the refusal.
+    signals: the measured signals the confidence was computed from (kblam.confidence).
+    """
+
+    question: str
+    text: str
+    sources: list[tuple[Triple, float]] = field(default_factory=list)
+    quoted: list[Triple] = field(default_factory=list)
+    confidence: float | None = None
+    refused: bool = False
+    signals: dict[str, float] = field(default_factory=dict, repr=False)
+
+    def __str__(self) -> str:
+        return self.text
+
+
+def clean_question(question) -> str:
+    """The question as text the tokenizer accepts: lone surrogates (undecodable bytes) become U+FFFD."""
+    if not isinstance(question, str) or not question.strip():
+        raise ValueError(f"ask() needs non-empty question strings, got {question!r:.80}")
+    return question.encode("utf-8", "surrogatepass").decode("utf-8", "replace") if _has_surrogates(question) \
+        else question
+
+
+def _has_surrogates(text: str) -> bool:
+    return any("\ud800" <= ch <= "\udfff" for ch in text)
+
+
+def resolve_kb(model, kb):
+    """A KB as ask() reads it: a KBStore, or KBEmbeddings (files and folders opened, lists de-duplicated)."""
+    if kb is None or isinstance(kb, (KBStore, KBEmbeddings)):
+        return kb
+    if isinstance(kb, (str, Path)):
+        path = Path(kb)
+        kb = load_kb(path)  # a folder: one shared read-only KBStore per folder (kblam.store); else a KB file
+        return kb if isinstance(kb, KBStore) else model.encode_kb(kb)
+    if isinstance(kb, KnowledgeBase):
+        return model.encode_kb(kb)
+    if isinstance(kb, Sequence) and not isinstance(kb, (bytes, str)):
+        if not all(isinstance(t, Triple) for t in kb):
+            raise TypeError("kb must be a KnowledgeBase, KBStore, KBEmbeddings, a list of Triples or a file path")
+        return model.encode_kb(KnowledgeBase(list(kb)))  # merges exact duplicates
+    raise TypeError(
+        f"kb must be a KnowledgeBase, KBStore, KBEmbeddings, a list of Triples or a file path, not {type(kb).__name__}"
+    )
+
+
+def ask(
+    model,
+    question: str | Sequence[str],
+    kb=None,
+    *,
+    max_new_tokens: int = 48,
+    max_sources: int = 5,
+    min_confidence: float | None = None,
+    spans: bool | None = None,
+    prefilter: bool | KBPrefilter | None = None,
+    prefilter_above: int | None = None,
+    prefilter_k: int | None = None,
+    **generate_kwargs,
+) -> Answer | list[Answer]:
+    """Answer one question (-> Answer) or a list (-> list[Answer], generated as one batch). See KBLaM.ask."""
+    single = isinstance(question, str)
+    questions = [clean_question(q) for q in ([question] if single else list(question))]
+    if not questions:
+        raise ValueError("ask() needs a non-empty question string, or a list of them")
+    if not isinstance(max_sources, int) or max_sources < 0:
+        raise ValueError(f"max_sources must be a non-negative int, got {max_sources!r}")
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+    calibrator = getattr(model, "calibrator", None)
+    if min_confidence is None:
+        min_confidence = calibrator.threshold if calibrator is not None else 0.0
+    if not 0.0 <= min_confidence <= 1.0:
+        raise ValueError(f"min_confidence must be in [0, 1], got {min_confidence}")
+    cfg = model.config
+    can_quote = bool(cfg.span_kinds or cfg.copy_values)
+    spans = can_quote if spans is None else spans
+    if spans and not can_quote:
+        raise ValueError("this adapter cannot quote spans (it has neither span_kinds nor copy_values)")
+    if not spans and cfg.span_kinds:
+        raise ValueError("this adapter was trained to quote spans: spans=False has no token-level copy path")
+
+    tok = model.tokenizer
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    prompts = [model.format_prompt(q) for q in questions]
+    inputs = tok(prompts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False,
+                 return_offsets_mapping=bool(getattr(tok, "is_fast", False)))
+    offsets = inputs.pop("offset_mapping", None)
+    _check_length(model, inputs["input_ids"].shape[1], max_new_tokens)
+    from kblam.model import KBAttentionRecorder, question_token_mask
+
+    device = next(model.base.parameters()).device
+    recorder = KBAttentionRecorder(question_token_mask(prompts, questions, offsets, inputs["attention_mask"]).to(device))
+    inputs = inputs.to(device)
+    generate_kwargs.setdefault("do_sample", False)
+    if not generate_kwargs["do_sample"]:
+        for knob in ("temperature", "top_p", "top_k"):  # greedy: drop a generation_config's sampling knobs
+            generate_kwargs.setdefault(knob, None)
+    generate_kwargs.setdefault("pad_token_id", tok.pad_token_id)
+
+    kb = resolve_kb(model, kb)
+    context, source_of, kb_size = nullcontext(), None, 0
+    if kb is not None:
+        kb_size = len(kb)
+        above = model.prefilter_above if prefilter_above is None else prefilter_above
+        narrow = prefilter if isinstance(prefilter, bool) else (
+            prefilter is not None or (above is not None and kb_size > above))
+        if narrow:
+            index = prefilter if isinstance(prefilter, KBPrefilter) else None
+            context, source_of = model._attach_candidates(
+                kb, questions, recorder, prefilter_k or model.prefilter_k, index, tap=spans)
+        else:
+            embeddings = model.encode_kb(kb)
+            context = model.attach(embeddings, record=recorder, questions=questions, tap=spans)
+            source_of = lambda i, j: embeddings.triples[j] if j < kb_size else None  # noqa: E731
+
+    measured: list[dict[str, float]] = []
+    confidences: list[float | None] = [None] * len(questions)
+
+    def on_prefill(input_ids: torch.Tensor) -> torch.Tensor:
+        """After the prompt's forward pass: signals, confidence, and which rows to refuse now."""
+        refuse = torch.zeros(len(questions), dtype=torch.bool)
+        if source_of is None:
+            return refuse
+        measured.extend(_signals(model, recorder, questions, source_of, kb_size))
+        if calibrator is not None:
+            for i, c in enumerate(calibrator.confidence(measured)):
+                confidences[i] = c
+                refuse[i] = c < min_confidence
+        return refuse
+
+    budget = max_new_tokens
+    longest = _longest_span(kb, cfg) if spans and kb is not None else 0
+    decoder = span_decoding.SpanDecoder(
+        model, inputs["input_ids"].shape[1], source_of or (lambda i, j: None), budget=budget, spans=spans,
+        on_prefill=on_prefill, sample=bool(generate_kwargs["do_sample"]),
+    )
+    from transformers import LogitsProcessorList
+
+    processors = LogitsProcessorList(generate_kwargs.pop("logits_processor", None) or [])
+    processors.insert(0, decoder)
+    with context:
+        if not spans and cfg.copy_values and kb is not None:
+            from kblam.model import CopyProcessor
+
+            processors.insert(0, CopyProcessor(model, inputs["input_ids"].shape[1]))
+        output = model.base.generate(**inputs, max_new_tokens=budget + longest + 1, logits_processor=processors,
+                                     **generate_kwargs)
+    texts = tok.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    scores = recorder.scores() if source_of is not None else None
+    answers = []
+    for i, (q, text) in enumerate(zip(questions, texts, strict=True)):
+        sources = []
+        if scores is not None and max_sources:
+            best = torch.topk(scores[i], k=min(max_sources, scores.shape[-1]))
+            for s, j in zip(best.values.tolist(), best.indices.tolist(), strict=True):
+                triple = source_of(i, j)
+                if triple is not None:
+                    sources.append((triple, s))
+        quoted, refused = [], bool(decoder.refused is not None and decoder.refused[i])
+        for column, _kind in decoder.quotes[i] if decoder.quotes else []:
+            triple = source_of(i, column)
+            if triple is None:
+                refused = True  # the null slot's span is the refusal
+            else:
+                quoted.append(triple)
+        if refused:
+            text, quoted = cfg.refusal, []
+        text = text.strip()
+        refused = refused or (cfg.refusal in text and not quoted)
+        answers.append(Answer(question=q, text=text, sources=sources, quoted=quoted, confidence=confidences[i],
+                              refused=refused, signals=measured[i] if i < len(measured) else {}))
+    return answers[0] if single else answers
+
+
+def _check_length(model, prompt_tokens: int, max_new_tokens: int) -> None:
+    """A prompt that cannot fit the model's context fails at once, with the numbers."""
+    limit = getattr(model.base.config, "max_position_embeddings", None)
+    if limit and prompt_tokens + max_new_tokens > limit:
+        raise ValueError(
+            f"the question is too long: its prompt is {prompt_tokens} tokens and max_new_tokens is "
+            f"{max_new_tokens}, over the base model's context of {limit} tokens"
+        )
+
+
+def _longest_span(kb, cfg) -> int:
+    """An upper bound on a span's tokens (a token is at least one byte), so a started span completes."""
+    triples = kb.triples() if isinstance(kb, KBStore) else kb.triples
+    longest = max((len(t.value.encode()) + (len(t.name.encode()) + len(t.property.encode()) + 16
+                                            if "fact" in (cfg.span_kinds or ()) else 0) for t in triples), default=0)
+    return max(longest, len(cfg.refusal.encode())) + 2
+
+
+def _signals(model, recorder, questions: list[str], source_of, kb_size: int) -> list[dict[str, float]]:
+    attached = model._attached
+    shares = recorder.scores()
+    null = recorder.null_share()
+    cosines = attached.cosine if attached.cosine is not None else torch.zeros_like(shares)
+    items = [
+        QuestionSignals(question=q, shares=shares[i].cpu(), null_share=float(null[i]),
+                        cosines=cosines[min(i, cosines.shape[0] - 1)].cpu(),
+                        triple=lambda j, i=i: source_of(i, j), kb_size=kb_size)
+        for i, q in enumerate(questions)
+    ]
+    return signals(items, model.encoder)

@@ -1,0 +1,206 @@
+"""Answerability as a calibrated decision: signals measured while reading the question, and a fitted map
+from those signals to the probability that the answer states a fact the KB holds.
+
+The null slot alone refuses badly: one learned logit cannot outweigh the sum of many small KB weights,
+and the unknowns users ask are near misses (an absent entity asked with a property the KB has, a KB
+entity asked a property it lacks), not random names. The signals below separate them far better
+(`signals`); a logistic regression fitted on validation KBs (`Calibrator.fit`, never on test KBs)
+turns them into `Answer.confidence`, and `ask` refuses below a threshold chosen on the same data.
+
+Signals, per question, from the prompt's forward pass and the encoder:
+- top_share, margin, entity_share: the KB attention of the question's tokens on its best triple, that
+  minus the second best, and the share on all triples of the best triple's entity;
+- null_share: the KB attention on the null slot, against all knowledge tokens;
+- cosine_top, cosine_margin: the encoder's question-key cosine of the best triple; best minus second;
+- name_match: how well the best triple's entity name appears in the question (1 exact, falling with
+  the edit distance of the closest run of words: one typo still scores high, Iron for Iridium does not);
+- property_match: the encoder cosine between the question without that name and the triple's property
+  ("When was discovered?" against "year of discovery");
+- log_size: log of the number of triples, so the fit can allow for a flatter attention in a large KB.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from kblam.kb import Triple
+
+CALIBRATION_NAME = "calibration.json"
+SIGNALS = ("top_share", "margin", "entity_share", "null_share", "cosine_top", "cosine_margin",
+           "name_match", "property_match", "log_size")
+_WORD = re.compile(r"\w+", re.UNICODE)
+
+
+def _edit_distance(a: str, b: str) -> int:
+    """Edit distance with adjacent transpositions (optimal string alignment): a typo such as "Gadoilnium"
+    costs 1. Names are short, and the standard library has no edit distance."""
+    before, previous = None, list(range(len(b) + 1))
+    for i in range(1, len(a) + 1):
+        current = [i]
+        for j in range(1, len(b) + 1):
+            cost = min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (a[i - 1] != b[j - 1]))
+            if before is not None and i > 1 and j > 1 and a[i - 1] == b[j - 2] and a[i - 2] == b[j - 1]:
+                cost = min(cost, before[j - 2] + 1)
+            current.append(cost)
+        before, previous = previous, current
+    return previous[-1]
+
+
+def name_match(name: str, question: str) -> tuple[float, tuple[int, int] | None]:
+    """(score in [0, 1], the matched character span of the question or None).
+
+    The score is 1 - edit distance / length over the run of question words closest to the name
+    (case-insensitive, runs one word shorter or longer included, for a split or merged word).
+    """
+    target = " ".join(_WORD.findall(name.lower()))
+    words = list(_WORD.finditer(question.lower()))
+    if not target or not words:
+        return 0.0, None
+    n = len(target.split())
+    best, span = 0.0, None
+    for size in {max(1, n - 1), n, n + 1}:
+        for start in range(0, len(words) - size + 1):
+            run = words[start:start + size]
+            text = " ".join(w.group() for w in run)
+            score = 1.0 - _edit_distance(text, target) / max(len(target), len(text))
+            if score > best:
+                best, span = score, (run[0].start(), run[-1].end())
+    return max(best, 0.0), span
+
+
+@dataclass
+class QuestionSignals:
+    """What `signals` needs of one question's KB reading."""
+
+    question: str
+    shares: torch.Tensor  # (M,) KB attention on the triples, summing to 1
+    null_share: float
+    cosines: torch.Tensor  # (M,) question-key cosine (-1 where a column is padding)
+    triple: callable  # column -> Triple | None
+    kb_size: int
+
+
+def signals(items: Sequence[QuestionSignals], encoder) -> list[dict[str, float]]:
+    """The signals of each question (see the module's docstring)."""
+    out, masked, properties = [], [], []
+    for it in items:
+        k = min(2, it.shares.numel())
+        top = torch.topk(it.shares, k)
+        column = int(top.indices[0])
+        best: Triple | None = it.triple(column)
+        cos = torch.topk(it.cosines, min(2, it.cosines.numel())).values
+        same = [j for j in range(it.shares.numel())
+                if best is not None and (t := it.triple(j)) is not None and t.name == best.name]
+        score, span = name_match(best.name, it.question) if best is not None else (0.0, None)
+        rest = it.question if span is None else it.question[:span[0]] + it.question[span[1]:]
+        masked.append(rest)
+        properties.append(best.property if best is not None else "")
+        out.append({
+            "top_share": float(top.values[0]),
+            "margin": float(top.values[0] - (top.values[1] if k > 1 else 0.0)),
+            "entity_share": float(it.shares[same].sum()) if same else 0.0,
+            "null_share": float(it.null_share),
+            "cosine_top": float(it.cosines[column]),
+            "cosine_margin": float(cos[0] - (cos[1] if cos.numel() > 1 else -1.0)),
+            "name_match": score,
+            "log_size": math.log(max(it.kb_size, 1)),
+        })
+    if out:
+        q = torch.nn.functional.normalize(encoder.encode(masked), dim=-1)
+        p = torch.nn.functional.normalize(encoder.encode(properties), dim=-1)
+        for row, value in zip(out, (q * p).sum(-1).tolist(), strict=True):
+            row["property_match"] = value
+    return out
+
+
+@dataclass
+class Calibrator:
+    """Logistic regression from signals to P(the answer states a fact the KB holds), and a threshold."""
+
+    features: list[str]
+    mean: list[float]
+    scale: list[float]
+    weights: list[float]
+    bias: float
+    threshold: float = 0.5  # ask(min_confidence=None) refuses below this
+    report: dict = field(default_factory=dict)  # how it was fitted and how it scored, for the model card
+
+    def confidence(self, rows: Sequence[dict[str, float]]) -> list[float]:
+        if not rows:
+            return []
+        x = torch.tensor([[r[f] for f in self.features] for r in rows], dtype=torch.float64)
+        z = (x - torch.tensor(self.mean, dtype=torch.float64)) / torch.tensor(self.scale, dtype=torch.float64)
+        logits = z @ torch.tensor(self.weights, dtype=torch.float64) + self.bias
+        return torch.sigmoid(logits).tolist()
+
+    @classmethod
+    def fit(cls, rows: Sequence[dict[str, float]], labels: Sequence[bool], *,
+            features: Sequence[str] = SIGNALS, l2: float = 1e-3) -> Calibrator:
+        """Fit by L-BFGS on the mean log-loss plus l2 x |w|^2 over standardised features."""
+        if len(rows) != len(labels) or len(set(labels)) < 2:
+            raise ValueError("fitting a calibrator needs rows of both labels, one label per row")
+        x = torch.tensor([[r[f] for f in features] for r in rows], dtype=torch.float64)
+        y = torch.tensor([float(v) for v in labels], dtype=torch.float64)
+        mean, scale = x.mean(0), x.std(0).clamp_min(1e-6)
+        z = (x - mean) / scale
+        w = torch.zeros(z.shape[1], dtype=torch.float64, requires_grad=True)
+        b = torch.zeros((), dtype=torch.float64, requires_grad=True)
+        opt = torch.optim.LBFGS([w, b], max_iter=500, line_search_fn="strong_wolfe")
+
+        def closure():
+            opt.zero_grad()
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(z @ w + b, y) + l2 * (w * w).sum()
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+        return cls(list(features), mean.tolist(), scale.tolist(), w.detach().tolist(), float(b.detach()))
+
+    def save(self, folder: str | Path) -> Path:
+        path = Path(folder, CALIBRATION_NAME)
+        path.write_text(json.dumps(asdict(self), indent=2) + "\n", encoding="utf-8")
+        return path
+
+    @classmethod
+    def load(cls, folder: str | Path) -> Calibrator | None:
+        """The folder's calibrator, or None when it has none."""
+        path = Path(folder, CALIBRATION_NAME)
+        if not path.is_file():
+            return None
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            calibrator = cls(**data)
+        except (ValueError, TypeError) as error:
+            raise ValueError(f"{path}: not a kblam calibration file ({error})") from None
+        n = len(calibrator.features)
+        unknown = sorted(set(calibrator.features) - set(SIGNALS))
+        if unknown or any(len(v) != n for v in (calibrator.mean, calibrator.scale, calibrator.weights)):
+            raise ValueError(f"{path}: features {unknown or calibrator.features} do not match their weights "
+                             f"or are not kblam signals {SIGNALS}")
+        values = [*calibrator.mean, *calibrator.scale, *calibrator.weights, calibrator.bias, calibrator.threshold]
+        if not all(math.isfinite(v) for v in values) or not 0.0 <= calibrator.threshold <= 1.0:
+            raise ValueError(f"{path}: weights must be finite and the threshold in [0, 1]")
+        return calibrator
+
+
+def reliability(probs: Sequence[float], labels: Sequence[bool], bins: int = 10) -> tuple[float, list[dict]]:
+    """(expected calibration error, per-bin mean confidence / accuracy / count) over equal-width bins."""
+    table = []
+    ece, n = 0.0, max(len(probs), 1)
+    for k in range(bins):
+        lo, hi = k / bins, (k + 1) / bins
+        members = [(p, y) for p, y in zip(probs, labels, strict=True) if lo <= p < hi or (k == bins - 1 and p == 1.0)]
+        if not members:
+            continue
+        conf = sum(p for p, _ in members) / len(members)
+        acc = sum(bool(y) for _, y in members) / len(members)
+        ece += len(members) / n * abs(conf - acc)
+        table.append({"lo": lo, "hi": hi, "confidence": conf, "accuracy": acc, "count": len(members)})
+    return ece, table

@@ -1,0 +1,220 @@
+"""Value spans: the answer quotes a triple's text whole, or the LM writes the next token.
+
+Copying a value token by token (kblam.copying) truncates ("9." for 9.012), repeats ("GUF GUF") and
+blends two values once the KB attention spreads over many triples. Here the choice is made once per
+span instead. At every decoding step a small gate reads the LM's final hidden state and the KB
+attention, and weighs three kinds of next move:
+
+    p(the LM's token w)            = g_lm   * p_lm(w)
+    p(the value of triple i)       = g_value * a_i       (i not quoted yet; the null slot's "value"
+                                                           is the refusal sentence)
+    p(the whole fact of triple i)  = g_fact  * a_i       "the {property} of {name} is {value}"
+
+where a is the KB attention at this position (mean over KB layers and heads, renormalised over the
+knowledge tokens). Greedy decoding takes the largest; a chosen span is then emitted verbatim, token by
+token, and control goes back to the LM. A triple is quoted at most once per answer, so a value cannot
+repeat, and its text is the KB's own, so it cannot be truncated or blended. The gate also sees the KB
+mass already spent on quoted triples: once the asked facts are stated, the LM finishes the sentence.
+
+The same arithmetic is the training loss (kblam.training.loss): -log g_kind - log a_i at the first
+token of a span, -log g_lm - log p_lm(w) at every other answer token, nothing inside a span.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from kblam.kb import Triple
+
+KINDS = ("value", "fact")
+
+
+def span_text(kind: str, triple: Triple | None, before: str, refusal: str) -> str:
+    """The text a span adds after the answer text `before`: a leading space unless at a word boundary.
+
+    triple None is the null slot: its span is the refusal. A fact that opens a sentence is capitalised.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"unknown span kind {kind!r}; use one of {KINDS}")
+    if triple is None:
+        text = refusal
+    elif kind == "value":
+        text = triple.value
+    else:
+        text = f"the {triple.property} of {triple.name} is {triple.value}"
+        if not before.strip() or before.rstrip()[-1] in ".!?:":
+            text = text[0].upper() + text[1:]
+    return text if not before or before[-1].isspace() else " " + text
+
+
+def gate_features(weights: torch.Tensor, quoted: torch.Tensor, null_slot: bool) -> torch.Tensor:
+    """(.., 2): KB mass on the null slot, and on triples already quoted. weights, quoted (.., M')."""
+    null = weights[..., -1] if null_slot else torch.zeros_like(weights[..., 0])
+    return torch.stack([null, (weights * quoted).sum(-1)], dim=-1)
+
+
+def gate_log_probs(adapter, hidden: torch.Tensor, weights: torch.Tensor, quoted: torch.Tensor) -> torch.Tensor:
+    """(.., 1 + K) log-probabilities of (the LM's token, a span of each of the adapter's span kinds).
+
+    An adapter trained with the token-level copy gate (copy_values, no span_kinds) decides value
+    spans with that gate: g_value is its copy probability.
+    """
+    cfg = adapter.config
+    if cfg.span_kinds:
+        features = gate_features(weights, quoted, cfg.null_slot)
+        gate = adapter.span_gate
+        x = torch.cat([hidden.float(), features.float()], dim=-1).to(gate.weight.dtype)
+        return torch.log_softmax(gate(x).float(), dim=-1)
+    if not cfg.copy_values:
+        raise ValueError("this adapter has neither span kinds nor a copy gate: it cannot quote spans")
+    null = weights[..., -1] if cfg.null_slot else torch.zeros_like(weights[..., 0])
+    features = torch.stack([torch.zeros_like(null), null], dim=-1)  # no copy in progress, ever
+    gate = adapter.copy_gate
+    logit = gate(torch.cat([hidden.float(), features.float()], dim=-1).to(gate.weight.dtype)).float()
+    return torch.cat([torch.nn.functional.logsigmoid(-logit), torch.nn.functional.logsigmoid(logit)], dim=-1)
+
+
+def adapter_kinds(config) -> tuple[str, ...]:
+    return tuple(config.span_kinds) if config.span_kinds else ("value",)
+
+
+def candidate_weights(weights: torch.Tensor, quoted: torch.Tensor, kinds: Sequence[str], null_slot: bool):
+    """(.., K, M'): the KB attention each kind may quote: unquoted triples; the null slot for values only."""
+    free = weights * ~quoted
+    rows = []
+    for kind in kinds:
+        if kind != "value" and null_slot:
+            rows.append(torch.cat([free[..., :-1], torch.zeros_like(free[..., -1:])], dim=-1))
+        else:
+            rows.append(free)
+    return torch.stack(rows, dim=-2)
+
+
+_GLUE: dict[int, torch.Tensor] = {}
+
+
+def glue_tokens(tokenizer, vocab: int) -> torch.Tensor:
+    """(vocab,) bool: tokens that begin with a letter or digit, which would fuse onto a span just emitted
+    ("Nd" + "E"). Computed once per tokenizer."""
+    key = id(tokenizer)
+    if key not in _GLUE or _GLUE[key].shape[0] != vocab:
+        mask = torch.zeros(vocab, dtype=torch.bool)
+        for i in range(min(vocab, len(tokenizer))):
+            text = tokenizer.decode([i])
+            mask[i] = bool(text) and text[0].isalnum()
+        _GLUE[key] = mask
+    return _GLUE[key]
+
+
+class SpanDecoder:
+    """A transformers logits processor that makes each step either the LM's token or a whole span.
+
+    `triples(row, column)` gives the triple of a knowledge-token column (None for the null slot).
+    `on_prefill(input_ids) -> (B,) bool` is called once, after the prompt's forward pass, and names
+    rows to refuse without generating (the calibrated decision in kblam.answer); they end at once.
+    Rows stop at `budget` new tokens, except that a span under way always completes. Right after a
+    span, the LM may not glue letters or digits onto it: the value reads exactly as the KB holds it.
+    After generation, `quotes[row]` lists the (column, kind) quoted, in order.
+    """
+
+    def __init__(self, model, prompt_length: int, triples: Callable[[int, int], Triple | None], *,
+                 budget: int, spans: bool = True, on_prefill=None, sample: bool = False):
+        self.model, self.prompt_length, self.triples = model, prompt_length, triples
+        self.budget, self.spans, self.on_prefill, self.sample = budget, spans, on_prefill, sample
+        self.kinds = adapter_kinds(model.config)
+        tok = model.tokenizer
+        eos = model.base.generation_config.eos_token_id
+        eos = [eos] if isinstance(eos, int) else list(eos or [])
+        self.eos = sorted({*eos, *([tok.eos_token_id] if tok.eos_token_id is not None else [])})
+        self.queue: list[list[int]] = []
+        self.quotes: list[list[tuple[int, str]]] = []
+        self.refused: torch.Tensor | None = None
+        self.quoted: torch.Tensor | None = None
+        self.done: list[bool] = []
+        self.after_span: list[bool] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        b, step = input_ids.shape[0], input_ids.shape[1] - self.prompt_length
+        scores = torch.log_softmax(scores.float(), dim=-1)
+        kb = self.model._attached
+        if step == 0:
+            self.queue = [[] for _ in range(b)]
+            self.quotes = [[] for _ in range(b)]
+            self.done = [False] * b
+            self.after_span = [False] * b
+            width = 0 if kb is None or kb.tap is None else kb.tap.shape[-1]
+            self.quoted = torch.zeros(b, width, dtype=torch.bool, device=scores.device)
+            refuse = self.on_prefill(input_ids) if self.on_prefill is not None else torch.zeros(b, dtype=torch.bool)
+            self.refused = refuse.cpu()
+        else:
+            for row in range(b):
+                self.done[row] = self.done[row] or int(input_ids[row, -1]) in self.eos
+        forced: dict[int, int] = {}
+        for row in range(b):
+            if self.done[row] or self.refused[row]:
+                forced[row] = self.eos[0]
+            elif self.queue[row]:
+                forced[row] = self.queue[row].pop(0)
+                self.after_span[row] = not self.queue[row]
+                continue
+            elif step >= self.budget:
+                forced[row] = self.eos[0]
+        glued = [row for row in range(b) if row not in forced and self.after_span[row]]
+        if glued:
+            scores[glued] = scores[glued].masked_fill(glue_tokens(self.model.tokenizer, scores.shape[-1]).to(
+                scores.device), float("-inf"))
+        for row in glued:
+            self.after_span[row] = False
+        free = [row for row in range(b) if row not in forced]
+        if free and self.spans and kb is not None and kb.tap is not None:
+            forced.update(self._choose(input_ids, scores, free, kb))
+        for row, token in forced.items():
+            scores[row] = float("-inf")
+            scores[row, token] = 0.0
+        return scores
+
+    def _choose(self, input_ids, scores, rows: list[int], kb) -> dict[int, int]:
+        """Span or LM token for each row in `rows`; returns {row: first token of its span}."""
+        model, cfg = self.model, self.model.config
+        index = torch.tensor(rows, device=scores.device)
+        weights = kb.weights()[index, -1].float()  # (R, M')
+        quoted = self.quoted[index]
+        gate = gate_log_probs(model.adapter, model._lm_input[index, -1], weights, quoted)  # (R, 1 + K)
+        spans = candidate_weights(weights, quoted, self.kinds, cfg.null_slot)  # (R, K, M')
+        span_score = gate[:, 1:, None] + torch.log(spans.clamp_min(1e-30))  # (R, K, M')
+        span_score = span_score.masked_fill(spans <= 0, float("-inf"))
+        if self.sample:
+            lm_mass = gate[:, 0].exp()
+            span_mass = (gate[:, 1:, None].exp() * spans).flatten(1)  # (R, K*M')
+            total = lm_mass + span_mass.sum(-1)
+            takes_span = torch.rand(len(rows), device=scores.device) * total > lm_mass
+            pick = torch.multinomial(span_mass.clamp_min(0) + 1e-30, 1)[:, 0]
+        else:
+            best_lm = gate[:, 0] + scores[index].max(-1).values
+            flat = span_score.flatten(1)
+            best_span, pick = flat.max(-1)
+            takes_span = best_span > best_lm
+        chosen = {}
+        width = spans.shape[-1]
+        for r, row in enumerate(rows):
+            if not takes_span[r]:
+                continue
+            kind, column = self.kinds[int(pick[r]) // width], int(pick[r]) % width
+            triple = self.triples(row, column)
+            if triple is None and not (cfg.null_slot and column == width - 1):
+                continue  # a padding column: never quoted
+            before = self.model.tokenizer.decode(input_ids[row, self.prompt_length:], skip_special_tokens=True)
+            text = span_text(kind, triple, before, cfg.refusal)
+            ids = self.model.tokenizer(text, add_special_tokens=False)["input_ids"]
+            if not ids:
+                continue
+            if triple is None:
+                ids = ids + [self.eos[0]]  # the refusal is the whole answer
+            self.quoted[row, column] = True
+            self.quotes[row].append((column, kind))
+            self.queue[row] = list(ids[1:])
+            self.after_span[row] = len(ids) == 1
+            chosen[row] = ids[0]
+        return chosen

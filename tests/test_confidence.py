@@ -1,0 +1,75 @@
+"""Answerability signals and their calibration (kblam.confidence). Fast, no models."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+
+import pytest
+
+from kblam.confidence import SIGNALS, Calibrator, name_match, reliability
+
+
+def test_name_match_tolerates_a_typo_not_another_name():
+    assert name_match("Gold", "What is the symbol of gold?") == (1.0, (22, 26))
+    assert name_match("Beryllium", "atomic mass of Berylium")[0] == pytest.approx(1 - 1 / 9)
+    assert name_match("New York City", "what is the population of new york city")[0] == 1.0
+    assert name_match("Iron", "What is the symbol of iridium?")[0] < 0.6
+    assert name_match("Niger", "What is the capital of Nigeria?")[0] < name_match("Nigeria", "capital of Nigera")[0]
+    assert name_match("Gadolinium", "How dense is Gadoilnium?")[0] == pytest.approx(0.9)  # a swap is one edit
+    assert name_match("Gold", "")[0] == 0.0
+
+
+def _rows(n: int, seed: int):
+    """Signals at random; the label drawn with P = sigmoid(12 (top_share - 0.5)), a logistic truth."""
+    rng = random.Random(seed)
+    rows, labels = [], []
+    for _ in range(n):
+        row = {f: rng.random() for f in SIGNALS}
+        rows.append(row)
+        labels.append(rng.random() < 1 / (1 + math.exp(-12 * (row["top_share"] - 0.5))))
+    return rows, labels
+
+
+def test_fit_separates_and_is_calibrated_on_held_out_rows():
+    rows, labels = _rows(2000, 0)
+    calibrator = Calibrator.fit(rows, labels)
+    test_rows, test_labels = _rows(3000, 1)
+    probs = calibrator.confidence(test_rows)
+    accuracy = sum((p >= 0.5) == y for p, y in zip(probs, test_labels, strict=True)) / len(probs)
+    assert accuracy > 0.8
+    ece, bins = reliability(probs, test_labels)
+    assert ece < 0.06 and sum(b["count"] for b in bins) == len(probs)
+    weights = dict(zip(calibrator.features, calibrator.weights, strict=True))
+    assert weights["top_share"] == max(weights.values())  # the only informative signal weighs most
+
+
+def test_save_load_round_trip_and_bad_files(tmp_path):
+    rows, labels = _rows(100, 2)
+    calibrator = Calibrator.fit(rows, labels)
+    calibrator.threshold = 0.3
+    calibrator.save(tmp_path)
+    again = Calibrator.load(tmp_path)
+    assert again == calibrator and again.confidence(rows[:5]) == calibrator.confidence(rows[:5])
+    assert Calibrator.load(tmp_path / "nowhere") is None
+    data = json.loads((tmp_path / "calibration.json").read_text())
+    for broken in ({**data, "threshold": 2.0}, {**data, "weights": data["weights"][:-1]},
+                   {**data, "features": ["made_up"] + data["features"][1:]}, {**data, "bias": float("nan")}):
+        (tmp_path / "calibration.json").write_text(json.dumps(broken))
+        with pytest.raises(ValueError, match="calibration.json"):
+            Calibrator.load(tmp_path)
+    (tmp_path / "calibration.json").write_text("{not json")
+    with pytest.raises(ValueError, match="calibration.json"):
+        Calibrator.load(tmp_path)
+
+
+def test_fit_needs_both_labels():
+    rows, _ = _rows(10, 3)
+    with pytest.raises(ValueError, match="both labels"):
+        Calibrator.fit(rows, [True] * 10)
+
+
+def test_reliability_of_perfect_and_overconfident_predictions():
+    assert reliability([0.0, 0.0, 1.0, 1.0], [False, False, True, True])[0] == 0.0
+    assert reliability([0.95] * 10, [True] * 5 + [False] * 5)[0] == pytest.approx(0.45)
