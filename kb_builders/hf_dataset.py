@@ -12,7 +12,7 @@ from typing import Any
 
 from kblam.kb import KBFormatError, KnowledgeBase
 
-from .records import RecordReader, read_all, resolve_columns
+from .records import MAX_FIELD_CHARS, RecordReader, read_all, resolve_columns
 from .textio import check_file
 
 # suffix -> (datasets builder, extra builder arguments)
@@ -36,6 +36,8 @@ def _load_local(path: str | os.PathLike, split: str):
         raise KBFormatError(f"from_dataset cannot read {p.suffix or 'files without a suffix'!r}; "
                             f"supported: {', '.join(_BUILDERS)}", path=path)
     name, extra = builder
+    if name == "parquet":
+        _check_parquet(p)
     if name == "csv":
         extra = {**extra, **_csv_as_strings(p, extra.get("sep", ","))}
     # A throwaway cache dir + keep_in_memory: converting a KB file should not leave Arrow copies
@@ -49,11 +51,40 @@ def _load_local(path: str | os.PathLike, split: str):
             return datasets.load_dataset(name, data_files=os.fspath(p), split=split, cache_dir=cache,
                                          keep_in_memory=True, **extra)
     except Exception as err:
-        raise KBFormatError(f"datasets could not read it: {type(err).__name__}: {err}", path=path) from err
+        raise KBFormatError(f"datasets could not read it: {_root_cause(err)}", path=path) from err
     finally:
         if not bars_were_off:
             datasets.enable_progress_bars()
         ds_logging.set_verbosity(verbosity)
+
+
+def _root_cause(err: BaseException) -> str:
+    """The innermost exception's first line: datasets wraps the parser's useful message (e.g. "EOF
+    inside string starting at row 1") in a generic DatasetGenerationError."""
+    for _ in range(10):  # a bounded walk: exception chains can loop
+        inner = err.__cause__ or err.__context__
+        if inner is None:
+            break
+        err = inner
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0] if lines else ''}"
+
+
+def _check_parquet(path) -> None:
+    # datasets reports an empty or broken parquet file as a generic DatasetGenerationError; the
+    # file's footer says it all in milliseconds, before datasets starts.
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if path.stat().st_size == 0:
+        raise KBFormatError("file is empty", path=path)
+    try:
+        meta = pq.read_metadata(path)
+    except (pa.ArrowException, OSError) as err:
+        raise KBFormatError(f"not a readable parquet file ({err})", path=path) from None
+    if meta.num_rows == 0:
+        names = ", ".join(repr(n) for n in meta.schema.names) or "none"
+        raise KBFormatError(f"the parquet file has no rows (columns: {names})", path=path)
 
 
 def _csv_as_strings(path, sep: str) -> dict[str, Any]:
@@ -63,18 +94,24 @@ def _csv_as_strings(path, sep: str) -> dict[str, Any]:
 
     import datasets
 
+    from .tabular import repeated_column
     from .textio import read_text
 
     lines = (ln for ln in read_text(path).splitlines() if ln.strip())
     header = next(csv.reader([next(lines, "")], delimiter=sep))
+    if (repeat := repeated_column([c.strip() for c in header])) is not None:
+        # pandas would rename the repeat to 'value.1' and the KB would quietly use the first.
+        raise KBFormatError(repeat, path=path, line=1)
     features = datasets.Features({col: datasets.Value("string") for col in header})
     return {"features": features, "keep_default_na": False, "na_values": [""]}
 
 
 def load_dataset_kb(dataset_or_path: Any, *, strict: bool = False, columns: Mapping[str, str] | None = None,
-                    split: str = "train", source: str | None = None) -> KnowledgeBase:
+                    split: str = "train", source: str | None = None,
+                    max_field_chars: int | None = MAX_FIELD_CHARS) -> KnowledgeBase:
     """Build a KnowledgeBase from a ``datasets.Dataset``/``DatasetDict`` (``split`` picks from a
-    dict) or a local .parquet/.csv/.tsv/.json/.jsonl file. Errors say "row N" (1-based)."""
+    dict) or a local .parquet/.csv/.tsv/.json/.jsonl file. Errors say "row N" (1-based).
+    Names, properties and values longer than ``max_field_chars`` are errors (None: no limit)."""
     import datasets
 
     if isinstance(dataset_or_path, (str, os.PathLike)):
@@ -104,7 +141,7 @@ def load_dataset_kb(dataset_or_path: Any, *, strict: bool = False, columns: Mapp
             problems.append(f"ignored extra column(s): {', '.join(map(repr, cmap.extra))}")
         ds = ds.select_columns(list(cmap.fields.values()))
         columns = cmap.fields
-    reader = RecordReader(columns)
+    reader = RecordReader(columns, max_field_chars)
     items, rows = read_all(reader, ds, label=label, where=where, unit="row")
     if not rows:
         raise KBFormatError("the dataset has no rows", path=label)

@@ -8,6 +8,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+from kblam.display import printable
 from kblam.kb import Conflict, KnowledgeBase, LoadReport, Triple
 
 from .files import load_file
@@ -84,4 +85,5 @@ def format_inspect(result: InspectResult, *, max_conflicts: int = 20) -> str:
     if r.sample:
         lines.append("  first triples as the model sees them (key -> value):")
         lines.extend(f"    {t.key_text()} -> {t.value_text()}" for t in r.sample)
-    return "\n".join(lines)
+    # Each entry is one line; KB text inside it may hold newlines or terminal escapes.
+    return "\n".join(printable(line) for line in lines)

@@ -7,7 +7,15 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from kblam.kb import FIELDS, KBFormatError, KnowledgeBase, Triple, normalize_field
+from kblam.kb import (
+    FIELDS,
+    MAX_FIELD_CHARS,
+    KBFormatError,
+    KnowledgeBase,
+    Triple,
+    _short_repr,
+    normalize_field,
+)
 
 # Accepted header/key names per field, in priority order (matched case-insensitively).
 ALIASES: dict[str, tuple[str, ...]] = {
@@ -17,12 +25,19 @@ ALIASES: dict[str, tuple[str, ...]] = {
 }
 
 
+def preview(value: Any) -> str:
+    """A short repr for messages, safe for values 10 MB long or nested thousands of levels deep."""
+    return _short_repr(value, 50)
+
+
 def _fold(name: str) -> str:
     return name.replace("\ufeff", "").strip().casefold()
 
 
-def _quoted(names: Iterable[str]) -> str:
-    return ", ".join(repr(n) for n in names)
+def _quoted(names: Iterable[str], show: int = 12) -> str:
+    names = list(names)
+    more = f" and {len(names) - show} more" if len(names) > show else ""
+    return ", ".join(preview(n) for n in names[:show]) + more
 
 
 @dataclass
@@ -83,12 +98,35 @@ def resolve_columns(available: Sequence[str], columns: Mapping[str, str] | None 
         raise KBFormatError(
             f"missing the {' and '.join(repr(f) for f in missing)} {what}{'s' if len(missing) > 1 else ''}; "
             f"found {what}s: {found}; accepted names ({accepted}), or pass columns={{...}}")
+    for f, col in chosen.items():
+        exact = f in overrides and overrides[f] in available  # columns= named it exactly: no ambiguity
+        same = [c for c in available if (c == col if exact else _fold(c) == _fold(col))]
+        if len(same) > 1:
+            if len(set(same)) == 1:
+                raise KBFormatError(f"{what} {col!r} appears {len(same)} times; rename or remove the repeats")
+            raise KBFormatError(f"{what}s {_quoted(same)} differ only in case, so any could be the {f!r} {what}; "
+                                f"rename one, or pass columns={{{f!r}: ...}} with the exact name")
     used = set(chosen.values())
     extra = [c for c in available if c not in used]
     return ColumnMap({f: chosen[f] for f in FIELDS}, extra, notes)
 
 
-def triples_from_fields(raw: Mapping[str, Any], cmap: ColumnMap | None = None) -> list[Triple]:
+def check_field(value: Any, field_name: str, max_chars: int | None = MAX_FIELD_CHARS) -> str:
+    """``normalize_field`` plus the loaders' length limit; every failure is a KBFormatError."""
+    try:
+        text = normalize_field(value, field_name)
+    except KBFormatError:
+        raise
+    except ValueError as err:  # str() of an int with more than sys.get_int_max_str_digits() digits
+        raise KBFormatError(f"'{field_name}' cannot be converted to text ({err})") from None
+    if max_chars is not None and len(text) > max_chars:
+        raise KBFormatError(f"'{field_name}' is {len(text):,} characters long, over the limit of "
+                            f"{max_chars:,} (the loaders' max_field_chars= changes it)")
+    return text
+
+
+def triples_from_fields(raw: Mapping[str, Any], cmap: ColumnMap | None = None,
+                        max_chars: int | None = MAX_FIELD_CHARS) -> list[Triple]:
     """Build triples from ``raw[field]`` values. A list/tuple value gives one triple per item.
 
     Error reasons name the input column when it differs from the field, e.g.
@@ -103,9 +141,9 @@ def triples_from_fields(raw: Mapping[str, Any], cmap: ColumnMap | None = None) -
             if f == "value" and isinstance(value, (list, tuple)):
                 if not value:
                     raise KBFormatError("empty list for 'value'")
-                clean[f] = [normalize_field(v, f) for v in value]
+                clean[f] = [check_field(v, f, max_chars) for v in value]
             else:
-                clean[f] = normalize_field(value, f)
+                clean[f] = check_field(value, f, max_chars)
         except KBFormatError as err:
             raise KBFormatError(err.reason + hint) from None
     values = clean["value"] if isinstance(clean["value"], list) else [clean["value"]]
@@ -118,15 +156,16 @@ class RecordReader:
     Column resolution is cached per key set, and ignored keys are tallied for the report.
     """
 
-    def __init__(self, columns: Mapping[str, str] | None = None):
+    def __init__(self, columns: Mapping[str, str] | None = None, max_chars: int | None = MAX_FIELD_CHARS):
         self.columns = check_columns_arg(columns)
+        self.max_chars = max_chars
         self._maps: dict[tuple[str, ...], ColumnMap] = {}
         self._extra: Counter[str] = Counter()
         self._notes: dict[str, None] = {}
 
     def read(self, item: Any) -> list[Triple]:
-        if isinstance(item, Triple):
-            return [item]
+        if isinstance(item, Triple):  # already normalised; only the length limit is left to check
+            return triples_from_fields(item.to_record(), max_chars=self.max_chars)
         if isinstance(item, Mapping):
             keys = tuple(k for k in item if isinstance(k, str))
             cmap = self._maps.get(keys)
@@ -134,13 +173,13 @@ class RecordReader:
                 cmap = self._maps[keys] = resolve_columns(keys, self.columns, what="key")
                 self._notes.update(dict.fromkeys(cmap.notes))
             self._extra.update(cmap.extra)
-            return triples_from_fields({f: item[c] for f, c in cmap.fields.items()}, cmap)
+            return triples_from_fields({f: item[c] for f, c in cmap.fields.items()}, cmap, self.max_chars)
         if isinstance(item, (list, tuple)):
             if len(item) != 3:
                 raise KBFormatError(f"expected 3 items (name, property, value), got {len(item)}")
-            return triples_from_fields(dict(zip(FIELDS, item, strict=True)))
+            return triples_from_fields(dict(zip(FIELDS, item, strict=True)), max_chars=self.max_chars)
         raise KBFormatError(f"expected a record (dict) or a (name, property, value) sequence, "
-                            f"got {type(item).__name__} {repr(item)[:60]}")
+                            f"got {type(item).__name__} {preview(item)}")
 
     def problems(self) -> list[str]:
         out = list(self._notes)
@@ -166,10 +205,10 @@ def read_all(reader: RecordReader, records: Iterable[Any], *, label: str, where:
 
 
 def load_records(records: Iterable[Any], *, strict: bool = False, columns: Mapping[str, str] | None = None,
-                 source: str | None = None) -> KnowledgeBase:
+                 source: str | None = None, max_field_chars: int | None = MAX_FIELD_CHARS) -> KnowledgeBase:
     """Build a KnowledgeBase from in-memory records; errors say "record N" (1-based)."""
     label = source or "<records>"
-    reader = RecordReader(columns)
+    reader = RecordReader(columns, max_field_chars)
     items, rows = read_all(reader, records, label=label, where=label, unit="record")
     return KnowledgeBase._assemble(items, source=source, strict=strict, rows_read=rows,
                                    problems=reader.problems())

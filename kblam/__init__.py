@@ -1,9 +1,10 @@
 """kblam: knowledge bases that a frozen Hugging Face causal LM reads directly (KBLaM, Wang et al., ICLR 2025)."""
 
 from kblam._version import __version__
+from kblam.adapter_check import AdapterLoadError
 from kblam.kb import KBFormatError, KnowledgeBase, Triple
 
-__all__ = ["KBLaM", "Answer", "KBEncoder", "KnowledgeBase", "Triple", "KBFormatError", "__version__"]
+__all__ = ["KBLaM", "Answer", "KBEncoder", "KnowledgeBase", "Triple", "KBFormatError", "AdapterLoadError", "__version__"]
 
 
 def __getattr__(name):

@@ -19,16 +19,23 @@ Optional parts, off in the paper-faithful configuration (see train/recipes/ for 
 
 from __future__ import annotations
 
+import errno
 import json
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 from torch import nn
 
+from kblam import adapter_check as ac
 from kblam._version import __version__
+from kblam.adapter_check import AdapterLoadError
+from kblam.confidence import CALIBRATION_NAME, Calibrator
 from kblam.kb import KEY_TEMPLATE, VALUE_TEMPLATE
+from kblam.spans import KINDS
 
 REFUSAL = "I'm sorry, I cannot find that in the knowledge base."
 
@@ -36,34 +43,45 @@ CONFIG_NAME = "kblam_config.json"
 WEIGHTS_NAME = "kblam_adapter.safetensors"
 
 
+def _check(rule) -> dict:
+    """Field metadata: the rule kblam.adapter_check applies to this field when a config is loaded."""
+    return {"check": rule}
+
+
 @dataclass
 class KBLaMConfig:
-    """Everything needed to rebuild the adapter and to check it meets the right base model and encoder."""
+    """Everything needed to rebuild the adapter and to check it meets the right base model and encoder.
 
-    base_model: str
+    Loading checks every field against its annotation and its `check` rule (kblam.adapter_check):
+    a new field needs a type and, if its range matters, a rule; a field with a default is optional,
+    so configs written before it existed still load.
+    """
+
+    base_model: str = field(metadata=_check(ac.non_empty))
     base_fingerprint: str
-    encoder: str
-    encoder_dim: int
-    kb_layers: list[int]
-    hidden_size: int
-    num_attention_heads: int
-    num_key_value_heads: int
-    head_dim: int
-    num_hidden_layers: int
-    kb_scale_factor: float | None = 100.0
-    key_template: str = KEY_TEMPLATE
-    value_template: str = VALUE_TEMPLATE
+    encoder: str = field(metadata=_check(ac.non_empty))
+    encoder_dim: int = field(metadata=_check(ac.at_least(1)))
+    kb_layers: list[int] = field(metadata=_check(ac.layer_indices))
+    hidden_size: int = field(metadata=_check(ac.at_least(1)))
+    num_attention_heads: int = field(metadata=_check(ac.at_least(1)))
+    num_key_value_heads: int = field(metadata=_check(ac.divides("num_attention_heads")))
+    head_dim: int = field(metadata=_check(ac.at_least(1)))
+    num_hidden_layers: int = field(metadata=_check(ac.at_least(1)))
+    kb_scale_factor: float | None = field(default=100.0, metadata=_check(ac.positive))  # log(C) shifts KB logits
+    key_template: str = field(default=KEY_TEMPLATE, metadata=_check(ac.triple_template))
+    value_template: str = field(default=VALUE_TEMPLATE, metadata=_check(ac.triple_template))
     trained: bool = False
-    query_rank: int | None = None  # None: full-rank KB query heads copied from q_proj
+    query_rank: int | None = field(default=None, metadata=_check(ac.at_least(1)))  # None: full-rank KB query heads copied from q_proj
     retrieval_prior: bool = False
-    prior_scale: float = 20.0  # initial scale of the prior (learned)
+    prior_scale: float = field(default=20.0, metadata=_check(ac.positive))  # initial scale of the prior (learned, kept as its log)
     null_slot: bool = False
     copy_values: bool = False
-    max_value_tokens: int = 24  # tokens of a value the copy path can reproduce
-    copy_commit_after: int | None = 2  # copied this many tokens of a value: finish it (None: the gate decides)
+    max_value_tokens: int = field(default=24, metadata=_check(ac.at_least(1)))  # tokens of a value the copy path can reproduce
+    # copied this many tokens of a value: finish it (None: the gate decides)
+    copy_commit_after: int | None = field(default=2, metadata=_check(ac.at_least(1)))
     # Span kinds the answer may quote (kblam.spans.KINDS), e.g. ["value", "fact"]; None: no span gate.
-    span_kinds: list[str] | None = None
-    refusal: str = REFUSAL
+    span_kinds: list[str] | None = field(default=None, metadata=_check(ac.distinct_among(KINDS)))
+    refusal: str = field(default=REFUSAL, metadata=_check(ac.non_empty))
     system_prompt: str | None = None  # None: the chat template's default
     kblam_version: str = __version__
     extra: dict = field(default_factory=dict)  # training recipe, scores: for the model card
@@ -73,15 +91,52 @@ class KBLaMConfig:
 
     @classmethod
     def load(cls, folder: str | Path) -> KBLaMConfig:
-        path = Path(folder, CONFIG_NAME)
+        """Read and check `folder/kblam_config.json`; AdapterLoadError names the file and the field."""
+        folder = Path(folder)
+        try:  # stat, not exists(): a symbolic-link loop or a permission problem is not "not found"
+            folder.stat()
+        except FileNotFoundError:
+            raise FileNotFoundError(errno.ENOENT, "adapter folder not found", str(folder)) from None
+        if not folder.is_dir():
+            raise AdapterLoadError(f"is a file; an adapter is a folder with {CONFIG_NAME} and {WEIGHTS_NAME}",
+                                   path=folder)
+        path = folder / CONFIG_NAME
         if not path.is_file():
-            raise FileNotFoundError(f"{folder} is not a kblam adapter folder: {CONFIG_NAME} is missing")
-        data = json.loads(path.read_text(encoding="utf-8"))
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"{path}: unknown config fields {unknown} (written by a newer kblam?)")
-        return cls(**data)
+            raise AdapterLoadError(f"is missing: {folder} is not a kblam adapter folder", path=path)
+        return ac.config_from_dict(cls, ac.read_json_object(path), path)
+
+
+def load_weights(folder: str | Path, config: KBLaMConfig) -> dict[str, torch.Tensor]:
+    """Read `folder/kblam_adapter.safetensors` and check it against `config` (names, shapes, finite
+    values) without building the adapter: the expected shapes come from a KBAdapter on the meta device."""
+    path = Path(folder, WEIGHTS_NAME)
+    if not path.is_file():
+        raise AdapterLoadError("is missing: an adapter folder holds its config and these weights", path=path)
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError) as err:
+        raise AdapterLoadError(f"is not a readable safetensors file ({err})", path=path) from None
+    try:
+        with torch.device("meta"):
+            expected = {k: tuple(v.shape) for k, v in KBAdapter(config).state_dict().items()}
+    except (RuntimeError, ValueError, OverflowError) as err:  # sizes beyond what torch can describe
+        raise AdapterLoadError(f"describes an adapter that cannot be built ({err})",
+                               path=Path(folder, CONFIG_NAME)) from None
+    ac.check_weights(state, expected, path)
+    return state
+
+
+def load_calibration(folder: str | Path) -> Calibrator | None:
+    """The folder's calibration.json (kblam.confidence), or None: its field types are checked against
+    the Calibrator dataclass first, so that a string where a number belongs is named, not a TypeError."""
+    path = Path(folder, CALIBRATION_NAME)
+    if not path.is_file():
+        return None
+    ac.config_from_dict(Calibrator, ac.read_json_object(path), path)
+    try:
+        return Calibrator.load(folder)  # its own checks: known signals, matching lengths, the threshold
+    except ValueError as err:
+        raise AdapterLoadError(str(err).removeprefix(f"{path}: "), path=path) from None
 
 
 def query_projection(attn: nn.Module, q_out: int) -> tuple[torch.Tensor, torch.Tensor | None]:

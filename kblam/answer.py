@@ -6,7 +6,8 @@
    cosines the signals of answerability (kblam.confidence). A calibrated confidence below
    `min_confidence` refuses the question there and then.
 4. The answer is decoded with value spans (kblam.spans): each step is the LM's token or a whole span
-   quoted from the KB; `Answer.quoted` lists the triples quoted, in order.
+   quoted from the KB; `Answer.quoted` lists the triples quoted, in order. With a calibrated adapter the
+   refusal is that decision's alone: an answered question never quotes the null slot's refusal.
 """
 
 from __future__ import annotations
@@ -170,7 +171,7 @@ def ask(
     longest = _longest_span(kb, cfg) if spans and kb is not None else 0
     decoder = span_decoding.SpanDecoder(
         model, inputs["input_ids"].shape[1], source_of or (lambda i, j: None), budget=budget, spans=spans,
-        on_prefill=on_prefill, sample=bool(generate_kwargs["do_sample"]),
+        on_prefill=on_prefill, sample=bool(generate_kwargs["do_sample"]), block_null=calibrator is not None,
     )
     from transformers import LogitsProcessorList
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from kblam import cli_kb
 from kblam._version import __version__
+from kblam.display import json_line, printable
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -37,6 +38,8 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--out", default=None, help="run folder (default: the recipe's); resumes if it has a checkpoint")
     train.add_argument("--steps", type=int, default=None, help="override the recipe's step count")
     train.add_argument("--export", default=None, help="after training, save the adapter to this folder")
+    train.add_argument("--plan", action="store_true",
+                       help="print parameter counts, the peak GPU memory estimate and tokens per step; load nothing")
 
     evaluate = commands.add_parser(
         "eval", help="measure an adapter's answers on held-out KBs: exact values, refusals (see docs/benchmarks.md)")
@@ -53,6 +56,8 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--counterfactual", type=int, default=20,
                           help="questions per KB over a copy with values swapped among entities (smallest size)")
     evaluate.add_argument("--min-confidence", type=float, default=None, help="default: the adapter's threshold")
+    evaluate.add_argument("--tokens", action="store_true",
+                          help="answer with the token-level copy mix instead of spans (adapters with a copy gate)")
     evaluate.add_argument("--seed", type=int, default=1234)
     evaluate.add_argument("--json", default=None, help="also write the results to this JSON file")
 
@@ -100,21 +105,21 @@ def _ask(args) -> int:
         )
     answers = model.ask(args.questions, kb=kb, max_new_tokens=args.max_new_tokens, max_sources=args.sources,
                         min_confidence=args.min_confidence)
-    for answer in answers:
+    for answer in answers:  # KB text (and the question) are escaped: see kblam.display
         if args.json:
             sources = [{**t.to_record(), "score": round(s, 4)} for t, s in answer.sources]
             quoted = [t.to_record() for t in answer.quoted]
             confidence = None if answer.confidence is None else round(answer.confidence, 4)
-            print(json.dumps({"question": answer.question, "answer": answer.text, "refused": answer.refused,
-                              "confidence": confidence, "quoted": quoted, "sources": sources}, ensure_ascii=False))
+            print(json_line({"question": answer.question, "answer": answer.text, "refused": answer.refused,
+                             "confidence": confidence, "quoted": quoted, "sources": sources}))
             continue
-        print(f"Q: {answer.question}\nA: {answer.text}")
+        print(f"Q: {printable(answer.question)}\nA: {printable(answer.text)}")
         if answer.confidence is not None:
             print(f"   confidence {answer.confidence:.2f}" + (" (refused)" if answer.refused else ""))
         for triple in answer.quoted:
-            print(f"   quoted  {triple}")
+            print(f"   quoted  {printable(str(triple))}")
         for triple, score in answer.sources:
-            print(f"   {score:6.3f}  {triple}")
+            print(f"   {score:6.3f}  {printable(str(triple))}")
         print()
     return 0
 
@@ -123,9 +128,26 @@ def _train(args) -> int:
     from transformers.utils import logging as hf_logging
 
     from kblam.training.loop import TrainConfig, build_model, train
+    from kblam.training.plan import check_fits, estimate, visible_gpu_memory
 
     hf_logging.disable_progress_bar()
     cfg = TrainConfig.from_yaml(args.recipe, out=args.out, steps=args.steps)
+    gpu = visible_gpu_memory() if cfg.device == "auto" or cfg.device.startswith("cuda") else None
+    if args.plan:
+        plan = estimate(cfg, device="cuda")
+        print(plan.format())
+        if gpu is None:
+            cpu = estimate(cfg, device="cpu")
+            print(f"no GPU is visible here: on this CPU (float32) the run would need about {cpu.peak / 2**30:.1f} GiB")
+        else:
+            try:
+                check_fits(plan, *gpu)
+                print(f"fits this GPU: {gpu[0] / 2**30:.1f} GiB free of {gpu[1] / 2**30:.1f} GiB")
+            except ValueError as error:
+                print(str(error).split("\n")[0])
+        return 0
+    if gpu is not None:
+        check_fits(estimate(cfg, device="cuda"), *gpu)  # refuse before loading any weights
     model = build_model(cfg)
     final = train(cfg, model=model)
     print(json.dumps(final))
@@ -161,7 +183,7 @@ def _eval(args) -> int:
         threshold = model.calibrator.threshold if model.calibrator is not None else 0.0
     records = answer_eval.evaluate(
         model, names, sizes, kbs=args.kbs, seed=args.seed, simple=args.simple, unknown=args.unknown,
-        multi=args.multi, opened=args.open, counterfactual=args.counterfactual,
+        multi=args.multi, opened=args.open, counterfactual=args.counterfactual, spans=False if args.tokens else None,
     )
     text, rows = answer_eval.table(records, threshold)
     print(f"refusing below confidence {threshold:.2f}\n{text}")
@@ -213,13 +235,14 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError, KeyError, ModuleNotFoundError, KBStoreError) as error:
         # KBFormatError is a ValueError; its message already names the file, line and problem.
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
-        print(f"kblam: error: {message}", file=sys.stderr)
+        # Messages quote file names and KB text: escape each line (a conflict list has several).
+        print("kblam: error: " + "\n".join(map(printable, str(message).split("\n"))), file=sys.stderr)
         return 1
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
     """Warnings as one line a shell user reads (not a source location)."""
-    print(f"kblam: warning: {message}", file=sys.stderr if file is None else file)
+    print(f"kblam: warning: {printable(str(message))}", file=sys.stderr if file is None else file)
 
 
 if __name__ == "__main__":

@@ -70,6 +70,13 @@ def run(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------------------ helpers
 
 
+def _say(text: str) -> None:
+    """One or more lines of output, KB text and paths escaped for the terminal (kblam.display)."""
+    from kblam.display import printable
+
+    print("\n".join(printable(line) for line in str(text).split("\n")))
+
+
 def _store_path(path: str) -> Path:
     from kblam.store import is_store
 
@@ -112,7 +119,7 @@ def _inspect(args) -> int:
     if not is_store(args.path):
         from kb_builders.inspect import format_inspect, inspect_file
 
-        print(format_inspect(inspect_file(args.path)))
+        _say(format_inspect(inspect_file(args.path)))
         return 0
     from kblam.store import KBStore
     from kblam.store import index as store_index
@@ -123,7 +130,7 @@ def _inspect(args) -> int:
         m = store._manifest
         hidden = int(m["rows"]) - len(store)
         writer = _read_lock_pid(folder)
-        print("\n".join([
+        _say("\n".join([
             f"{folder} (KB store, format {m['version']}, generation {store.generation})",
             f"  triples:          {len(store):,}"
             + (f" ({hidden:,} replaced or removed rows kept until `kblam kb compact`)" if hidden else ""),
@@ -173,11 +180,11 @@ def _import(args) -> int:
     with store:
         before = len(store)
         stats = import_sources(store, args.sources, commit_every=args.commit_every, strict=args.strict)
-        print(f"{args.store}: {stats['rows']:,} rows read, {stats['changed']:,} triples new or changed, "
+        _say(f"{args.store}: {stats['rows']:,} rows read, {stats['changed']:,} triples new or changed, "
               f"{stats['unchanged']:,} already stored; {before:,} -> {len(store):,} triples "
               f"(generation {store.generation})")
         if args.index == "yes" or (args.index == "auto" and len(store) > PREFILTER_ABOVE):
-            print(f"pre-filter index: {repr(store.prefilter())}")
+            _say(f"pre-filter index: {repr(store.prefilter())}")
     return 0
 
 
@@ -195,7 +202,7 @@ def _edit(args) -> int:
         else:
             done = f"removed {store.remove(args.name, args.property)} triple(s):"
         what = args.name if args.property is None else f"({args.name!r}, {args.property!r})"
-        print(f"{args.store}: {done} {what}; {len(store):,} triples (generation {store.generation})")
+        _say(f"{args.store}: {done} {what}; {len(store):,} triples (generation {store.generation})")
     return 0
 
 
@@ -208,7 +215,7 @@ def _verify(args) -> int:
         status = store_index.status(store)
         m = store._manifest
         blocks = sum(len(m["files"][k]["blocks"]) for k in ("triples", "keys", "values"))
-        print(f"{args.store}: ok: {len(store):,} triples, generation {store.generation}, all {blocks} blocks "
+        _say(f"{args.store}: ok: {len(store):,} triples, generation {store.generation}, all {blocks} blocks "
               f"match their checksums\npre-filter index: {status}")
     return 0  # an unusable index is derived data, rebuilt on next use: the status line says so
 
@@ -217,7 +224,7 @@ def _compact(args) -> int:
     with _writer(args.store) as store:
         rows = int(store._manifest["rows"])
         store.compact()
-        print(f"{args.store}: {rows:,} rows -> {len(store):,} (generation {store.generation})")
+        _say(f"{args.store}: {rows:,} rows -> {len(store):,} (generation {store.generation})")
     return 0
 
 
@@ -228,7 +235,7 @@ def _export(args) -> int:
     with KBStore.open(_store_path(args.store), readonly=True) as store:
         triples = store.triples()
         save_triples(args.file, triples)
-        print(f"{args.file}: {len(triples):,} triples from {args.store} (generation {store.generation})")
+        _say(f"{args.file}: {len(triples):,} triples from {args.store} (generation {store.generation})")
     return 0
 
 
@@ -239,5 +246,5 @@ def _index(args) -> int:
         if args.kind is not None:
             store_index.build(store, kind=args.kind)
         pre = store.prefilter()
-        print(f"{args.store}: {pre!r}\npre-filter index: {store_index.status(store)}")
+        _say(f"{args.store}: {pre!r}\npre-filter index: {store_index.status(store)}")
     return 0

@@ -14,8 +14,11 @@ Signals, per question, from the prompt's forward pass and the encoder:
 - cosine_top, cosine_margin: the encoder's question-key cosine of the best triple; best minus second;
 - name_match: how well the best triple's entity name appears in the question (1 exact, falling with
   the edit distance of the closest run of words: one typo still scores high, Iron for Iridium does not);
-- property_match: the encoder cosine between the question without that name and the triple's property
-  ("When was discovered?" against "year of discovery");
+- name_close: 1 when that run is the name or the name with one typo (one edit), else 0: a step that a
+  logistic fit cannot draw from name_match alone;
+- property_match: the best encoder cosine between the question without that name and a property the
+  KB holds for that entity ("When was discovered?" against "year of discovery"): low when the entity
+  lacks the property asked;
 - log_size: log of the number of triples, so the fit can allow for a flatter attention in a large KB.
 """
 
@@ -34,7 +37,7 @@ from kblam.kb import Triple
 
 CALIBRATION_NAME = "calibration.json"
 SIGNALS = ("top_share", "margin", "entity_share", "null_share", "cosine_top", "cosine_margin",
-           "name_match", "property_match", "log_size")
+           "name_match", "name_close", "property_match", "log_size")
 _WORD = re.compile(r"\w+", re.UNICODE)
 
 
@@ -53,8 +56,8 @@ def _edit_distance(a: str, b: str) -> int:
     return previous[-1]
 
 
-def name_match(name: str, question: str) -> tuple[float, tuple[int, int] | None]:
-    """(score in [0, 1], the matched character span of the question or None).
+def name_match(name: str, question: str) -> tuple[float, tuple[int, int] | None, int]:
+    """(score in [0, 1], the matched character span of the question or None, its edit distance).
 
     The score is 1 - edit distance / length over the run of question words closest to the name
     (case-insensitive, runs one word shorter or longer included, for a split or merged word).
@@ -62,17 +65,18 @@ def name_match(name: str, question: str) -> tuple[float, tuple[int, int] | None]
     target = " ".join(_WORD.findall(name.lower()))
     words = list(_WORD.finditer(question.lower()))
     if not target or not words:
-        return 0.0, None
+        return 0.0, None, len(target)
     n = len(target.split())
-    best, span = 0.0, None
+    best, span, distance = 0.0, None, len(target)
     for size in {max(1, n - 1), n, n + 1}:
         for start in range(0, len(words) - size + 1):
             run = words[start:start + size]
             text = " ".join(w.group() for w in run)
-            score = 1.0 - _edit_distance(text, target) / max(len(target), len(text))
+            edits = _edit_distance(text, target)
+            score = 1.0 - edits / max(len(target), len(text))
             if score > best:
-                best, span = score, (run[0].start(), run[-1].end())
-    return max(best, 0.0), span
+                best, span, distance = score, (run[0].start(), run[-1].end()), edits
+    return max(best, 0.0), span, distance
 
 
 @dataclass
@@ -89,7 +93,7 @@ class QuestionSignals:
 
 def signals(items: Sequence[QuestionSignals], encoder) -> list[dict[str, float]]:
     """The signals of each question (see the module's docstring)."""
-    out, masked, properties = [], [], []
+    out, masked, properties = [], [], []  # properties: per question, those its best entity has
     for it in items:
         k = min(2, it.shares.numel())
         top = torch.topk(it.shares, k)
@@ -98,10 +102,10 @@ def signals(items: Sequence[QuestionSignals], encoder) -> list[dict[str, float]]
         cos = torch.topk(it.cosines, min(2, it.cosines.numel())).values
         same = [j for j in range(it.shares.numel())
                 if best is not None and (t := it.triple(j)) is not None and t.name == best.name]
-        score, span = name_match(best.name, it.question) if best is not None else (0.0, None)
+        score, span, edits = name_match(best.name, it.question) if best is not None else (0.0, None, 99)
         rest = it.question if span is None else it.question[:span[0]] + it.question[span[1]:]
         masked.append(rest)
-        properties.append(best.property if best is not None else "")
+        properties.append(sorted({it.triple(j).property for j in same}) or [""])
         out.append({
             "top_share": float(top.values[0]),
             "margin": float(top.values[0] - (top.values[1] if k > 1 else 0.0)),
@@ -110,13 +114,17 @@ def signals(items: Sequence[QuestionSignals], encoder) -> list[dict[str, float]]
             "cosine_top": float(it.cosines[column]),
             "cosine_margin": float(cos[0] - (cos[1] if cos.numel() > 1 else -1.0)),
             "name_match": score,
+            "name_close": float(best is not None and edits <= (1 if len(best.name) >= 4 else 0)),
             "log_size": math.log(max(it.kb_size, 1)),
         })
     if out:
         q = torch.nn.functional.normalize(encoder.encode(masked), dim=-1)
-        p = torch.nn.functional.normalize(encoder.encode(properties), dim=-1)
-        for row, value in zip(out, (q * p).sum(-1).tolist(), strict=True):
-            row["property_match"] = value
+        flat = [p for ps in properties for p in ps]
+        p = torch.nn.functional.normalize(encoder.encode(flat), dim=-1)
+        at = 0
+        for i, (row, ps) in enumerate(zip(out, properties, strict=True)):
+            row["property_match"] = float((p[at:at + len(ps)] @ q[i]).max())
+            at += len(ps)
     return out
 
 

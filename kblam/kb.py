@@ -23,6 +23,7 @@ import json
 import math
 import numbers
 import os
+import reprlib
 import sys
 import tempfile
 import warnings
@@ -37,6 +38,13 @@ FIELDS = ("name", "property", "value")
 # record the templates they were trained with, these are the defaults.
 KEY_TEMPLATE = "The {property} of {name}"
 VALUE_TEMPLATE = "{value}"
+
+# The longest name, property or value a loader accepts, in characters; every loader (CSV, JSON,
+# JSONL, records, datasets) takes max_field_chars= to change it (None: no limit). The sentence
+# encoder reads only the first ~256 word pieces (about 1,000 characters) and the copy path the first
+# max_value_tokens tokens, so a longer field adds nothing to an answer, while a 10 MB value costs
+# seconds and memory on every ask.
+MAX_FIELD_CHARS = 10_000
 
 # How many examples reports and error messages show before saying "and N more".
 _SHOW = 10
@@ -75,8 +83,14 @@ def _type_name(value: Any) -> str:
     return type(value).__name__
 
 
+# reprlib stops at a fixed depth and length: a 10 MB value, or a list nested thousands of levels
+# deep, gives a short message instead of a huge string or a RecursionError.
+_REPR = reprlib.Repr()  # (keyword arguments only from Python 3.12)
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother, _REPR.maxlist, _REPR.maxdict = 3, 50, 50, 4, 4
+
+
 def _short_repr(value: Any, limit: int = 60) -> str:
-    text = repr(value)
+    text = _REPR.repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
@@ -304,43 +318,55 @@ class KnowledgeBase:
 
     @classmethod
     def from_csv(cls, path: str | os.PathLike, *, strict: bool = False, delimiter: str | None = None,
-                 columns: dict[str, str] | None = None, encoding: str | None = None) -> KnowledgeBase:
-        """Read a CSV/TSV with a header row. See ``kb_builders.tabular.load_csv``."""
+                 columns: dict[str, str] | None = None, encoding: str | None = None,
+                 max_field_chars: int | None = MAX_FIELD_CHARS) -> KnowledgeBase:
+        """Read a CSV/TSV with a header row. See ``kb_builders.tabular.load_csv``.
+
+        Every ``from_*`` loader takes ``max_field_chars`` (default ``MAX_FIELD_CHARS``, 10,000; None:
+        no limit): a longer name, property or value is an error naming the file and line.
+        """
         from kb_builders.tabular import load_csv
 
-        return load_csv(path, strict=strict, delimiter=delimiter, columns=columns, encoding=encoding)
+        return load_csv(path, strict=strict, delimiter=delimiter, columns=columns, encoding=encoding,
+                        max_field_chars=max_field_chars)
 
     @classmethod
     def from_json(cls, path: str | os.PathLike, *, strict: bool = False,
-                  columns: dict[str, str] | None = None) -> KnowledgeBase:
+                  columns: dict[str, str] | None = None,
+                  max_field_chars: int | None = MAX_FIELD_CHARS) -> KnowledgeBase:
         """A JSON list of records, or ``{name: {property: value}}``. List values give one triple each."""
         from kb_builders.jsonfile import load_json
 
-        return load_json(path, strict=strict, columns=columns)
+        return load_json(path, strict=strict, columns=columns, max_field_chars=max_field_chars)
 
     @classmethod
     def from_jsonl(cls, path: str | os.PathLike, *, strict: bool = False,
-                   columns: dict[str, str] | None = None) -> KnowledgeBase:
+                   columns: dict[str, str] | None = None,
+                   max_field_chars: int | None = MAX_FIELD_CHARS) -> KnowledgeBase:
         """One JSON object per line; blank lines are skipped."""
         from kb_builders.jsonfile import load_jsonl
 
-        return load_jsonl(path, strict=strict, columns=columns)
+        return load_jsonl(path, strict=strict, columns=columns, max_field_chars=max_field_chars)
 
     @classmethod
     def from_records(cls, records: Iterable[Any], *, strict: bool = False,
-                     columns: dict[str, str] | None = None, source: str | None = None) -> KnowledgeBase:
+                     columns: dict[str, str] | None = None, source: str | None = None,
+                     max_field_chars: int | None = MAX_FIELD_CHARS) -> KnowledgeBase:
         """Dicts (keys: name/property/value or their aliases), 3-tuples/lists, or Triples."""
         from kb_builders.records import load_records
 
-        return load_records(records, strict=strict, columns=columns, source=source)
+        return load_records(records, strict=strict, columns=columns, source=source,
+                            max_field_chars=max_field_chars)
 
     @classmethod
     def from_dataset(cls, dataset_or_path: Any, *, strict: bool = False,
-                     columns: dict[str, str] | None = None, split: str = "train") -> KnowledgeBase:
+                     columns: dict[str, str] | None = None, split: str = "train",
+                     max_field_chars: int | None = MAX_FIELD_CHARS) -> KnowledgeBase:
         """A ``datasets.Dataset`` (or DatasetDict), or a local .parquet/.csv/.json/.jsonl file."""
         from kb_builders.hf_dataset import load_dataset_kb
 
-        return load_dataset_kb(dataset_or_path, strict=strict, columns=columns, split=split)
+        return load_dataset_kb(dataset_or_path, strict=strict, columns=columns, split=split,
+                               max_field_chars=max_field_chars)
 
     @classmethod
     def from_file(cls, path: str | os.PathLike, **kw: Any) -> KnowledgeBase:

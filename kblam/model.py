@@ -25,11 +25,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from kblam import attention, copying
-from kblam.adapter import CONFIG_NAME, WEIGHTS_NAME, KBAdapter, KBLaMConfig
+from kblam.adapter import CONFIG_NAME, WEIGHTS_NAME, KBAdapter, KBLaMConfig, load_calibration, load_weights
 from kblam.answer import Answer
 from kblam.confidence import Calibrator
 from kblam.encoder import KBEmbeddings, KBEncoder
@@ -292,7 +292,11 @@ class KBLaM(nn.Module):
                 base_model, tokenizer = defaults.load_default_base(dtype)
             return cls.from_base(base_model, tokenizer, encoder or defaults.DEFAULT_ENCODER)
         folder = Path(path) if path is not None else SHIPPED_ADAPTER
+        # The whole folder is checked (config fields, tensor names, shapes, finite values, calibration)
+        # before the base model loads: a damaged adapter fails in milliseconds with the file and field named.
         config = KBLaMConfig.load(folder)
+        state = load_weights(folder, config)
+        calibrator = load_calibration(folder)
         if base_model is None:
             if config.base_model == defaults.DEFAULT_BASE_MODEL:
                 base_model, tokenizer = defaults.load_default_base(dtype)
@@ -319,10 +323,9 @@ class KBLaM(nn.Module):
         if not config.trained:
             warnings.warn(f"the adapter in {folder} is marked untrained", UntrainedAdapterWarning, stacklevel=2)
         adapter = KBAdapter(config)
-        state = load_file(str(folder / WEIGHTS_NAME))
         adapter.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
         model = cls(base_model, tokenizer, encoder, adapter)
-        model.calibrator = Calibrator.load(folder)
+        model.calibrator = calibrator
         return model
 
     def save_pretrained(self, folder: str | Path, *, dtype: torch.dtype = torch.float32, card: str | None = None) -> Path:

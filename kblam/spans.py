@@ -80,12 +80,14 @@ def adapter_kinds(config) -> tuple[str, ...]:
     return tuple(config.span_kinds) if config.span_kinds else ("value",)
 
 
-def candidate_weights(weights: torch.Tensor, quoted: torch.Tensor, kinds: Sequence[str], null_slot: bool):
-    """(.., K, M'): the KB attention each kind may quote: unquoted triples; the null slot for values only."""
+def candidate_weights(weights: torch.Tensor, quoted: torch.Tensor, kinds: Sequence[str], null_slot: bool,
+                      block_null: bool = False):
+    """(.., K, M'): the KB attention each kind may quote: unquoted triples; the null slot for values only
+    (never with block_null: the calibrated decision has already said to answer)."""
     free = weights * ~quoted
     rows = []
     for kind in kinds:
-        if kind != "value" and null_slot:
+        if null_slot and (kind != "value" or block_null):
             rows.append(torch.cat([free[..., :-1], torch.zeros_like(free[..., -1:])], dim=-1))
         else:
             rows.append(free)
@@ -114,14 +116,16 @@ class SpanDecoder:
     `triples(row, column)` gives the triple of a knowledge-token column (None for the null slot).
     `on_prefill(input_ids) -> (B,) bool` is called once, after the prompt's forward pass, and names
     rows to refuse without generating (the calibrated decision in kblam.answer); they end at once.
+    With `block_null` (that decision was made) the rows it answers never quote the null slot's refusal.
     Rows stop at `budget` new tokens, except that a span under way always completes. Right after a
     span, the LM may not glue letters or digits onto it: the value reads exactly as the KB holds it.
     After generation, `quotes[row]` lists the (column, kind) quoted, in order.
     """
 
     def __init__(self, model, prompt_length: int, triples: Callable[[int, int], Triple | None], *,
-                 budget: int, spans: bool = True, on_prefill=None, sample: bool = False):
+                 budget: int, spans: bool = True, on_prefill=None, sample: bool = False, block_null: bool = False):
         self.model, self.prompt_length, self.triples = model, prompt_length, triples
+        self.block_null = block_null
         self.budget, self.spans, self.on_prefill, self.sample = budget, spans, on_prefill, sample
         self.kinds = adapter_kinds(model.config)
         tok = model.tokenizer
@@ -182,7 +186,7 @@ class SpanDecoder:
         weights = kb.weights()[index, -1].float()  # (R, M')
         quoted = self.quoted[index]
         gate = gate_log_probs(model.adapter, model._lm_input[index, -1], weights, quoted)  # (R, 1 + K)
-        spans = candidate_weights(weights, quoted, self.kinds, cfg.null_slot)  # (R, K, M')
+        spans = candidate_weights(weights, quoted, self.kinds, cfg.null_slot, self.block_null)  # (R, K, M')
         span_score = gate[:, 1:, None] + torch.log(spans.clamp_min(1e-30))  # (R, K, M')
         span_score = span_score.masked_fill(spans <= 0, float("-inf"))
         if self.sample:

@@ -128,3 +128,25 @@ def tiny_tokenizer():
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
     )
+
+
+# An adapter config with every optional part on, for a 3-layer base that never needs to exist: tests
+# of reading adapter folders (tests/test_adapter_loading.py, test_fuzz.py, test_cli_hardening.py).
+TINY_ADAPTER = dict(base_model="test/tiny", base_fingerprint="0123456789abcdef", encoder="test/hash-encoder",
+                    encoder_dim=8, kb_layers=[0, 2], hidden_size=16, num_attention_heads=4, num_key_value_heads=2,
+                    head_dim=4, num_hidden_layers=3, query_rank=2, retrieval_prior=True, null_slot=True,
+                    copy_values=True, trained=True)
+
+
+def save_tiny_adapter(folder, seed: int = 0):
+    """Write an adapter folder (config + seeded random weights) as save_pretrained would, without a base."""
+    from safetensors.torch import save_file
+
+    from kblam.adapter import WEIGHTS_NAME, KBAdapter, KBLaMConfig
+
+    config = KBLaMConfig(**TINY_ADAPTER)
+    folder.mkdir(parents=True, exist_ok=True)
+    config.save(folder)
+    torch.manual_seed(seed)
+    save_file({k: v.contiguous() for k, v in KBAdapter(config).state_dict().items()}, str(folder / WEIGHTS_NAME))
+    return folder

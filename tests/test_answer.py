@@ -158,3 +158,16 @@ def test_kb_given_as_a_path_or_a_list_with_duplicates(hash_encoder, tmp_path):
     assert from_path.text == direct.text
     repeated = model.ask("What is the symbol of Gold?", kb=[KB[0]] * 100, max_new_tokens=3, min_confidence=0.0)
     assert [t for t, _ in repeated.sources] == [KB[0]] and repeated.sources[0][1] == pytest.approx(1.0)
+
+
+def test_the_calibrated_decision_alone_refuses(hash_encoder):
+    """With the null slot drawing most KB attention, the span path quotes the refusal; once a calibrated
+    decision has said to answer, it quotes a triple instead."""
+    model = span_model(hash_encoder, null_slot=True)
+    with torch.no_grad():
+        model.adapter.null_bias.fill_(30.0)
+    alone = model.ask("What is the symbol of Gold?", kb=KB, max_new_tokens=6)
+    assert alone.refused and alone.text == model.config.refusal and alone.confidence is None
+    model.calibrator = Calibrator(["top_share"], [0.0], [1.0], [0.0], bias=5.0, threshold=0.5)
+    decided = model.ask("What is the symbol of Gold?", kb=KB, max_new_tokens=6)
+    assert not decided.refused and decided.quoted and decided.confidence > 0.99

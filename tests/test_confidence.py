@@ -12,12 +12,14 @@ from kblam.confidence import SIGNALS, Calibrator, name_match, reliability
 
 
 def test_name_match_tolerates_a_typo_not_another_name():
-    assert name_match("Gold", "What is the symbol of gold?") == (1.0, (22, 26))
+    assert name_match("Gold", "What is the symbol of gold?") == (1.0, (22, 26), 0)
     assert name_match("Beryllium", "atomic mass of Berylium")[0] == pytest.approx(1 - 1 / 9)
     assert name_match("New York City", "what is the population of new york city")[0] == 1.0
     assert name_match("Iron", "What is the symbol of iridium?")[0] < 0.6
     assert name_match("Niger", "What is the capital of Nigeria?")[0] < name_match("Nigeria", "capital of Nigera")[0]
     assert name_match("Gadolinium", "How dense is Gadoilnium?")[0] == pytest.approx(0.9)  # a swap is one edit
+    assert name_match("Gadolinium", "How dense is Gadoilnium?")[2] == 1
+    assert name_match("Yttrium", "Ytterbium symbol")[2] >= 2
     assert name_match("Gold", "")[0] == 0.0
 
 

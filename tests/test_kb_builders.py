@@ -415,7 +415,7 @@ def test_dataset_from_local_csv_keeps_values_as_written(tmp_path):
 
 def test_dataset_unreadable_file(tmp_path):
     path = write(tmp_path, "bad.parquet", "not parquet at all")
-    assert "datasets could not read it" in str(error_of(KnowledgeBase.from_file, path))
+    assert "not a readable parquet file" in str(error_of(KnowledgeBase.from_file, path))
 
 
 def test_dataset_conflict_locations(tmp_path):

@@ -10,7 +10,7 @@ A crash is an ``OSError`` from the n-th ``os.fsync`` of an operation, with the s
 switched off, as if the process had died there; the store is then reopened, as the next process would.
 It must hold the state before the operation, or after it when the commit point had passed.
 
-CI runs a few dozen sequences; ``make fuzz-store`` runs many more (KBLAM_FUZZ_EXAMPLES).
+CI runs a few dozen sequences; ``make fuzz-store`` runs many more (KBLAM_STORE_FUZZ_EXAMPLES).
 """
 
 from __future__ import annotations
@@ -182,8 +182,8 @@ class StoreMachine(RuleBasedStateMachine):
 
 TestStoreStateful = StoreMachine.TestCase
 TestStoreStateful.settings = settings(
-    max_examples=int(os.environ.get("KBLAM_FUZZ_EXAMPLES", "25")),
-    stateful_step_count=int(os.environ.get("KBLAM_FUZZ_STEPS", "20")),
+    max_examples=int(os.environ.get("KBLAM_STORE_FUZZ_EXAMPLES", "25")),
+    stateful_step_count=int(os.environ.get("KBLAM_STORE_FUZZ_STEPS", "20")),
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
     database=None,  # examples are drawn afresh each run; a failure prints its steps to replay

@@ -269,13 +269,13 @@ class Record:
 
 
 def run(model, kb: list[Triple], items: Sequence[Item], *, batch_size: int = 8, prefilter: bool | None = None,
-        max_new_tokens: int = 64, progress=None, dataset_name: str = "") -> list[Record]:
+        max_new_tokens: int = 64, progress=None, dataset_name: str = "", spans: bool | None = None) -> list[Record]:
     embeddings = model.encode_kb(kb)
     records = []
     for start in range(0, len(items), batch_size):
         chunk = list(items[start:start + batch_size])
         answers = model.ask([it.question for it in chunk], kb=embeddings, max_new_tokens=max_new_tokens,
-                            max_sources=1, min_confidence=0.0, prefilter=prefilter)
+                            max_sources=1, min_confidence=0.0, prefilter=prefilter, spans=spans)
         for it, a in zip(chunk, answers, strict=True):
             records.append(Record(it, a.text, list(a.quoted), a.sources[0][0] if a.sources else None,
                                   a.confidence, a.refused, dict(a.signals), len(kb), dataset_name))
@@ -349,7 +349,7 @@ def _open_precision(records: Sequence[Record], threshold: float) -> float:
 
 def evaluate(model, names: Sequence[str], sizes: Sequence[int], *, kbs: int = 2, seed: int = 1234,
              simple: int = 40, unknown: int = 24, multi: int = 6, opened: int = 6, counterfactual: int = 0,
-             prefilter_from: int = 10_000, batch_size: int = 8, progress: bool = True,
+             prefilter_from: int = 10_000, batch_size: int = 8, progress: bool = True, spans: bool | None = None,
              log=print) -> list[Record]:
     """Ask every dataset's KBs of every size (those the dataset can fill); returns all records.
 
@@ -374,7 +374,7 @@ def evaluate(model, names: Sequence[str], sizes: Sequence[int], *, kbs: int = 2,
                                     multi=multi, opened=opened)
                 with tqdm(total=len(items), desc=f"{name} {size} #{k}", disable=not progress, leave=False) as bar:
                     got = run(model, kb, items, batch_size=batch_size, prefilter=size >= prefilter_from,
-                              progress=bar, dataset_name=name)
+                              progress=bar, dataset_name=name, spans=spans)
                 records += got
                 if counterfactual and size == min(sizes):
                     swapped = swap(kb, seed=seed + k)
@@ -385,7 +385,7 @@ def evaluate(model, names: Sequence[str], sizes: Sequence[int], *, kbs: int = 2,
                     for t in rng.sample(swapped, min(counterfactual, len(swapped))):
                         question, mention = _vary(data.wording(t, rng), t.name, rng, False)
                         cf_items.append(Item(question, "counterfactual", (t,), mention))
-                    records += run(model, cf_kb, cf_items, batch_size=batch_size, dataset_name=name)
+                    records += run(model, cf_kb, cf_items, batch_size=batch_size, dataset_name=name, spans=spans)
                 log(f"{name} {size} #{k}: {len(got)} questions in {time.perf_counter() - began:.0f} s")
     return records
 

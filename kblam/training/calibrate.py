@@ -64,6 +64,9 @@ def calibrate(model, *, names: Sequence[str] = VALIDATION, sizes: Sequence[int] 
               records: Sequence[answer_eval.Record] | None = None, log=print) -> tuple[Calibrator, list]:
     """Fit model.calibrator on validation records (asked now unless given); returns it and the records."""
     if records is None:
+        # Asked as a calibrated adapter answers (the null slot's refusal blocked: the decision is the
+        # calibrator's), through a stand-in that is sure of everything.
+        model.calibrator = Calibrator([], [], [], [], bias=20.0, threshold=0.0)
         records = answer_eval.evaluate(model, names, sizes, kbs=kbs, seed=seed, multi=0, opened=0, log=log)
     rows, labels = labelled(records)
     calibrator = Calibrator.fit(rows, labels, features=features)

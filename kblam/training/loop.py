@@ -4,7 +4,8 @@ Plain and linear, nanoGPT style. One step = `grad_accum` micro-batches of `batch
 rows of step s are drawn from a generator seeded by (seed, s), so a resumed run sees exactly the
 batches it would have seen. With `accelerate launch`, the step's rows are drawn for all ranks at once
 and dealt out round-robin (`shard_rows`): every rank gets every kind of question, unlike the
-reference, which sent all refusal questions to the last rank.
+reference, which sent all refusal questions to the last rank. Checkpoints are safetensors
+(kblam.training.checkpoint): nothing is ever unpickled.
 """
 
 from __future__ import annotations
@@ -13,12 +14,19 @@ import json
 import math
 import random
 import time
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
 
-CHECKPOINT = "checkpoint.pt"
+from kblam.training.checkpoint import (
+    CHECKPOINT,
+    CheckpointError,
+    load_adapter_weights,
+    load_checkpoint,
+    save_checkpoint,
+)
 
 
 @dataclass
@@ -63,8 +71,18 @@ class TrainConfig:
     eval_kb_size: int = 100
     eval_questions: int = 32
     device: str = "auto"
+    # The base model's weights: "auto" is bfloat16 on a GPU (with bfloat16 autocast) and float32 on a CPU,
+    # where bfloat16 is 6 to 30 times slower; a CPU run always uses float32.
+    dtype: str = "auto"
+    gradient_checkpointing: bool = False  # recompute each layer from the first KB layer on in the backward pass
     cache_dir: str | None = None  # encoder cache; default <out>/cache (runs with the same data can share one)
-    init_from: str | None = None  # start from another run's checkpoint.pt (a second stage), unless resuming
+    # Start from another run (a second stage), unless resuming: an exported adapter folder, a run folder
+    # or its checkpoint.safetensors.
+    init_from: str | None = None
+    # Planning figures for `kblam train --plan` (kblam.training.plan): the longest padded sequence and
+    # answer of a batch, in tokens of this model's tokenizer with its chat template.
+    plan_seq_len: int = 128
+    plan_answer_len: int = 96
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides) -> TrainConfig:
@@ -106,10 +124,21 @@ def shard_rows(rows: list[int], rank: int, world: int) -> list[int]:
     return rows[rank::world]
 
 
-def build_model(cfg: TrainConfig, dtype: torch.dtype = torch.float32):
+def weights_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
+    """The base model's dtype for this run: bfloat16 on a GPU unless the recipe says float32; float32 on a CPU."""
+    if cfg.dtype not in ("auto", "bfloat16", "float32"):
+        raise ValueError(f"dtype must be auto, bfloat16 or float32, not {cfg.dtype!r}")
+    if device.type != "cuda" or cfg.dtype == "float32":
+        return torch.float32
+    return torch.bfloat16
+
+
+def build_model(cfg: TrainConfig, dtype: torch.dtype | None = None, *, encoder=None):
+    """The frozen base (in `dtype`, default: weights_dtype for this machine) with a fresh adapter."""
     from kblam import defaults
     from kblam.model import KBLaM
 
+    dtype = dtype or weights_dtype(cfg, _device(cfg, None))
     if cfg.base_model == "default":
         base, tokenizer = defaults.load_default_base(dtype)
     else:
@@ -118,29 +147,30 @@ def build_model(cfg: TrainConfig, dtype: torch.dtype = torch.float32):
         base = AutoModelForCausalLM.from_pretrained(cfg.base_model, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(cfg.base_model)
     options = {k: v for k, v in cfg.adapter_options().items() if v is not None or k == "system_prompt"}
-    return KBLaM.from_base(base, tokenizer, cfg.encoder, seed=cfg.seed, **options)
+    return KBLaM.from_base(base, tokenizer, encoder or cfg.encoder, seed=cfg.seed, **options)
 
 
 def train(cfg: TrainConfig, *, model=None, data=None, progress: bool = True, log=print,
-          until: int | None = None) -> dict:
+          until: int | None = None, on_step=None) -> dict:
     """Train (or resume) the run in cfg.out; returns the last step's metrics.
 
     `model`/`data` skip building the defaults; `until` stops after that step (with a checkpoint), to
-    split a long run into sessions: the schedule is still the one of cfg.steps.
+    split a long run into sessions: the schedule is still the one of cfg.steps. `on_step(step, model,
+    metrics)` is called after every optimizer step, on every rank.
     """
     from tqdm.auto import tqdm
 
     from kblam.training.data import build_examples, collate, prepare
     from kblam.training.loss import answer_loss
 
-    accelerator = _accelerator()
+    accelerator = _accelerator(cfg)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "recipe.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n", encoding="utf-8")
     torch.manual_seed(cfg.seed)
-    if model is None:
-        model = build_model(cfg)
     device = _device(cfg, accelerator)
+    if model is None:
+        model = build_model(cfg, weights_dtype(cfg, device))
     model.to(device)
     if data is None:
         pool, examples = build_examples(
@@ -153,90 +183,136 @@ def train(cfg: TrainConfig, *, model=None, data=None, progress: bool = True, log
     start = 0
     checkpoint = out / CHECKPOINT
     if checkpoint.is_file():
-        state = torch.load(checkpoint, map_location=device, weights_only=False)
-        model.adapter.load_state_dict(state["adapter"])
-        optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["torch_rng"])
-        start = state["step"]
+        start = load_checkpoint(checkpoint, model, optimizer)
         log(f"resumed {out} at step {start}")
+    elif (out / "checkpoint.pt").is_file():
+        raise CheckpointError(
+            f"{out} holds a pickled checkpoint.pt from an older kblam: it is not read (unpickling can run "
+            "code). Move it away to start this run over."
+        )
     elif cfg.init_from:
-        if Path(cfg.init_from).is_dir():  # an exported adapter folder: keep the parts both adapters share
-            from safetensors.torch import load_file
-
-            from kblam.adapter import WEIGHTS_NAME
-
-            own = model.adapter.state_dict()
-            state = {k: v.float() for k, v in load_file(str(Path(cfg.init_from) / WEIGHTS_NAME)).items()
-                     if k in own and own[k].shape == v.shape}
-            model.adapter.load_state_dict(state, strict=False)
-            log(f"started from the adapter in {cfg.init_from}; new: {sorted(set(own) - set(state))}")
-        else:
-            model.adapter.load_state_dict(
-                torch.load(cfg.init_from, map_location=device, weights_only=False)["adapter"])
-            log(f"started from the adapter in {cfg.init_from}")
+        log(f"started from {load_adapter_weights(cfg.init_from, model)}")
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
-    model.base.eval()  # no dropout in the frozen base; the adapter has none
     metrics: dict = {}
     log_path = out / "log.jsonl"
     stop = cfg.steps if until is None else min(until, cfg.steps)
     bar = tqdm(range(start, stop), initial=start, total=cfg.steps, disable=not progress or rank != 0)
     n = len(data.examples)
-    for step in bar:
-        began = time.perf_counter()
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(cfg, step)
-        optimizer.zero_grad(set_to_none=True)
-        totals: dict[str, float] = {}
-        rows = step_rows(n, step, cfg.batch_size * cfg.grad_accum * world, cfg.seed)
-        mine = shard_rows(rows, rank, world)
-        for micro in range(cfg.grad_accum):
-            batch = collate(model, data, mine[micro * cfg.batch_size:(micro + 1) * cfg.batch_size]).to(device)
-            with _autocast(device):
-                loss, parts = answer_loss(model, batch, cfg.retrieval_loss)
-            (loss / cfg.grad_accum).backward()
-            for k, v in parts.items():
-                totals[k] = totals.get(k, 0.0) + v / cfg.grad_accum
-        if world > 1:
-            for p in params:  # the adapter is driven by hooks, not DDP's forward: average by hand
-                if p.grad is not None:
-                    p.grad = accelerator.reduce(p.grad, reduction="mean")
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-        optimizer.step()
-        metrics = {"step": step + 1, **{k: round(v, 4) for k, v in totals.items()},
-                   "grad_norm": round(float(grad_norm), 4), "lr": learning_rate(cfg, step),
-                   "seconds": round(time.perf_counter() - began, 3)}
-        if cfg.retrieval_prior:
-            metrics["prior_scale"] = round(float(model.adapter.prior_scale.detach()), 3)
-        bar.set_postfix(loss=f"{totals['loss']:.3f}", s_per_step=f"{metrics['seconds']:.2f}")
-        if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and rank == 0:
-            from kblam.training.evaluate import quick_check
+    with _training_mode(model, cfg.gradient_checkpointing):
+        for step in bar:
+            began = time.perf_counter()
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(cfg, step)
+            optimizer.zero_grad(set_to_none=True)
+            totals: dict[str, float] = {}
+            rows = step_rows(n, step, cfg.batch_size * cfg.grad_accum * world, cfg.seed)
+            mine = shard_rows(rows, rank, world)
+            for micro in range(cfg.grad_accum):
+                batch = collate(model, data, mine[micro * cfg.batch_size:(micro + 1) * cfg.batch_size]).to(device)
+                with _autocast(device):
+                    loss, parts = answer_loss(model, batch, cfg.retrieval_loss)
+                (loss / cfg.grad_accum).backward()
+                for k, v in parts.items():
+                    totals[k] = totals.get(k, 0.0) + v / cfg.grad_accum
+            if world > 1:
+                for p in params:  # the adapter is driven by hooks, not DDP's forward: average by hand
+                    if p.grad is not None:
+                        p.grad = accelerator.reduce(p.grad, reduction="mean")
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            optimizer.step()
+            metrics = {"step": step + 1, **{k: round(v, 4) for k, v in totals.items()},
+                       "grad_norm": round(float(grad_norm), 4), "lr": learning_rate(cfg, step),
+                       "seconds": round(time.perf_counter() - began, 3)}
+            if cfg.retrieval_prior:
+                metrics["prior_scale"] = round(float(model.adapter.prior_scale.detach()), 3)
+            bar.set_postfix(loss=f"{totals['loss']:.3f}", s_per_step=f"{metrics['seconds']:.2f}")
+            if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and rank == 0:
+                from kblam.training.evaluate import quick_check
 
-            metrics.update(quick_check(model, cfg))
-        if rank == 0:
-            with log_path.open("a", encoding="utf-8") as f:
-                f.write(json.dumps(metrics) + "\n")
-            if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == stop:
-                save_checkpoint(checkpoint, model, optimizer, step + 1)
+                metrics.update(quick_check(model, cfg))
+            if on_step is not None:
+                on_step(step + 1, model, metrics)
+            if rank == 0:
+                with log_path.open("a", encoding="utf-8") as f:
+                    f.write(json.dumps(metrics) + "\n")
+                if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == stop:
+                    save_checkpoint(checkpoint, model, optimizer, step + 1)
     bar.close()
     return metrics
 
 
-def save_checkpoint(path: Path, model, optimizer, step: int) -> None:
-    """Atomically: a crash mid-save leaves the previous checkpoint."""
-    tmp = path.with_suffix(".tmp")
-    torch.save({"adapter": model.adapter.state_dict(), "optimizer": optimizer.state_dict(),
-                "torch_rng": torch.get_rng_state(), "step": step}, tmp)
-    tmp.replace(path)
+@contextmanager
+def _training_mode(model, checkpointing: bool):
+    """The frozen base in eval mode (no dropout) and without a KV cache; optionally with checkpointed layers.
+
+    The cache is off because nothing reads it in training (it would hold every layer's keys and
+    values), and a recomputed layer would append to it a second time.
+    """
+    base = model.base
+    was_training, use_cache = base.training, base.config.use_cache
+    base.eval()
+    base.config.use_cache = False
+    wrapped = _checkpoint_layers(model) if checkpointing else []
+    try:
+        yield
+    finally:
+        for layer in wrapped:
+            del layer.forward  # back to the class's forward
+        base.config.use_cache = use_cache
+        base.train(was_training)
 
 
-def _accelerator():
+def _checkpoint_layers(model) -> list[torch.nn.Module]:
+    """Recompute the decoder layers from the first KB layer on in the backward pass, keeping only their inputs.
+
+    The layers before the first KB layer keep nothing for the backward pass (nothing there needs a
+    gradient), so they are left alone. transformers' own gradient checkpointing does not fit: it runs
+    in train mode only, and its recomputation would call the KB layers' hooks after the KB was
+    detached (kblam.training.loss attaches it around the forward pass only). Here each recomputation
+    re-attaches the KB that the layer's forward pass saw, on the thread that runs it (on a GPU,
+    autograd's device thread; the attached KB is per thread).
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    from kblam.model import attention_modules
+
+    first = min(model.config.kb_layers)
+    names = {id(m): name for name, m in model.base.named_modules()}
+    wrapped = []
+    for index, attn in attention_modules(model.base).items():
+        if index < first:
+            continue
+        layer = model.base.get_submodule(names[id(attn)].rsplit(".", 1)[0])
+        forward = layer.forward
+
+        def run(*args, _forward=forward, **kwargs):
+            if not torch.is_grad_enabled():
+                return _forward(*args, **kwargs)
+            attached = model._attached
+
+            def again(*a, **k):
+                previous, model._attached = model._attached, attached
+                try:
+                    return _forward(*a, **k)
+                finally:
+                    model._attached = previous
+
+            return checkpoint(again, *args, use_reentrant=False, **kwargs)
+
+        layer.forward = run
+        wrapped.append(layer)
+    return wrapped
+
+
+def _accelerator(cfg: TrainConfig):
     import os
 
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return None
     from accelerate import Accelerator
 
-    return Accelerator()
+    # Without cpu=True, accelerate on a machine with no GPU runs every process on its own, silently.
+    return Accelerator(cpu=cfg.device == "cpu" or not torch.cuda.is_available())
 
 
 def _device(cfg: TrainConfig, accelerator) -> torch.device:
@@ -248,8 +324,6 @@ def _device(cfg: TrainConfig, accelerator) -> torch.device:
 
 
 def _autocast(device: torch.device):
-    from contextlib import nullcontext
-
     # bfloat16 autocast on CUDA; float32 on CPU, where bfloat16 is 6 to 30 times slower.
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
