@@ -223,9 +223,12 @@ def _check_length(model, prompt_tokens: int, max_new_tokens: int) -> None:
 
 def _longest_span(kb, cfg) -> int:
     """An upper bound on a span's tokens (a token is at least one byte), so a started span completes."""
-    triples = kb.triples() if isinstance(kb, KBStore) else kb.triples
-    longest = max((len(t.value.encode()) + (len(t.name.encode()) + len(t.property.encode()) + 16
-                                            if "fact" in (cfg.span_kinds or ()) else 0) for t in triples), default=0)
+    fact = "fact" in (cfg.span_kinds or ())
+    if isinstance(kb, KBStore):  # a bound from the file's longest line: a million triples are not read
+        longest = kb.max_triple_bytes() + (16 if fact else 0)
+    else:
+        longest = max((len(t.value.encode()) + (len(t.name.encode()) + len(t.property.encode()) + 16
+                                                if fact else 0) for t in kb.triples), default=0)
     return max(longest, len(cfg.refusal.encode())) + 2
 
 

@@ -119,6 +119,8 @@ if TYPE_CHECKING:
 # did), for a manifest of ~12,000 block entries (~1 MB) at that size.
 BLOCK_ROWS = 256
 BATCH_SIZE = 4096  # triples encoded and appended per step of add()/rebuild()
+# The bytes of a stored line around its three strings: {"name":"","property":"","value":""}
+_RECORD_OVERHEAD = len(_triple_line(Triple("n", "p", "v"))) - 1 - 3
 
 
 def _as_triple(item: Any, number: int) -> Triple:
@@ -575,6 +577,12 @@ class KBStore:
     def value_matrix(self) -> np.ndarray:
         """The values as float16 (M, dim); a memmap under the same condition as key_matrix()."""
         return self._logical_rows("values")
+
+    def max_triple_bytes(self) -> int:
+        """An upper bound on any stored triple's UTF-8 bytes of name + property + value (replaced and
+        removed rows included), from the longest line of the triples file: no triple is parsed. What a
+        caller that must bound an answer span needs without reading a million triples."""
+        return max(0, self._st().phys.max_line_bytes() - _RECORD_OVERHEAD)
 
     def view(self) -> StoreView:
         """(keys, values, triples) of this generation, read on demand by row (in triples() order).

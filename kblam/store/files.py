@@ -357,6 +357,8 @@ class _Lines:
         self._starts: dict[int, np.ndarray] = {}  # block -> file offset of each line start, then the end
         self._parsed: dict[int, Triple] = {}
         self._all: list[Triple] | None = None
+        self._max_line: int | None = None
+        self._extra_max, self._extra_seen = 0, 0
 
     def __len__(self) -> int:
         return self.rows + len(self.extra)
@@ -397,6 +399,29 @@ class _Lines:
             self._all = out
             self._parsed.clear()
         return self._all + self.extra
+
+    def max_line_bytes(self) -> int:
+        """The longest line's bytes (newline excluded), committed rows and appended ones: one pass of
+        newline search over the file, remembered, without parsing a triple."""
+        if self._max_line is None:
+            longest, fd, pos, end, carry = 0, self.fh.fileno(), 0, self.table.bytes, 0
+            while pos < end:
+                chunk = np.frombuffer(_pread_all(fd, min(1 << 26, end - pos), pos), dtype=np.uint8)
+                if not len(chunk):
+                    break
+                ends = np.flatnonzero(chunk == 10)
+                if len(ends):
+                    lengths = np.diff(ends, prepend=-1) - 1
+                    lengths[0] += carry  # the line that began in the previous chunk
+                    longest, carry = max(longest, int(lengths.max())), len(chunk) - 1 - int(ends[-1])
+                else:
+                    carry += len(chunk)
+                pos += len(chunk)
+            self._max_line = longest
+        for t in self.extra[self._extra_seen:]:  # rows a writer appended since the snapshot
+            self._extra_max = max(self._extra_max, len(_triple_line(t)) - 1)
+        self._extra_seen = len(self.extra)
+        return max(self._max_line, self._extra_max)
 
     def _read_block(self, b: int) -> bytes:
         start, (end, sha) = self.table.start(b), self.table.blocks[b]
