@@ -561,10 +561,10 @@ def test_max_triple_bytes_bounds_every_triple_without_parsing(tmp_path, small_bl
         longest = max(len(f"{t.name}{t.property}{t.value}".encode()) for t in store.triples())
         assert longest <= store.max_triple_bytes() <= longest + 4  # JSON escapes only make lines longer
         store.update("entity 3", "property 0", "x" * 500)  # appended by this writer
-        assert store.max_triple_bytes() == len("entity 3property 0".encode()) + 500
+        assert store.max_triple_bytes() == len(b"entity 3property 0") + 500
     monkeypatch.setattr(store_module._Lines, "_parse", lambda *a: pytest.fail("no triple is parsed"))
     with KBStore.open(tmp_path / "kb", readonly=True) as reader:
-        assert reader.max_triple_bytes() == len("entity 3property 0".encode()) + 500
+        assert reader.max_triple_bytes() == len(b"entity 3property 0") + 500
 
 
 def test_rebuild_moves_a_store_to_another_encoder(tmp_path):

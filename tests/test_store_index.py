@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import threading
 import warnings
 
 import pytest
@@ -197,7 +198,12 @@ def test_a_store_path_is_a_kb(model, store_path, hash_encoder):
     assert got == expected
     again = model.ask(QUESTIONS[0], store_path, max_new_tokens=4)
     assert (again.text, [t for t, _ in again.sources]) == expected[0]
-    assert KBStore.shared(store_path) is KBStore.shared(str(store_path))  # one per folder
+    assert KBStore.shared(store_path) is KBStore.shared(str(store_path))  # one per folder and thread
+    other: list = []
+    thread = threading.Thread(target=lambda: other.append(KBStore.shared(store_path)))
+    thread.start()
+    thread.join()
+    assert other[0] is not KBStore.shared(store_path) and len(other[0]) == 60
 
     with KBStore.open(store_path, hash_encoder) as writer:  # another writer changes the store:
         writer.update("thing 12", "colour", "ultramarine")  # the shared reader moves to it

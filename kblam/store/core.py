@@ -66,6 +66,7 @@ import contextlib
 import hashlib
 import os
 import sys
+import threading
 import warnings
 import weakref
 from collections.abc import Iterable, Iterator
@@ -381,15 +382,18 @@ class KBStore:
 
     @classmethod
     def shared(cls, path: str | os.PathLike) -> KBStore:
-        """A read-only store for this folder, one per folder in this process (so its triples, checked
-        blocks and pre-filter index are read once), moved to the newest generation on each call.
-        What ``ask(question, "facts.kbstore")`` uses."""
+        """A read-only store for this folder, kept per folder and thread (so its parsed triples and
+        loaded pre-filter index are reused; checked blocks and the index's pages are shared by the whole
+        process), moved to the newest generation on each call. What ``ask(question, "facts.kbstore")``
+        uses. Per thread, because a KBStore is not thread-safe: one thread's reload() would swap the
+        files under another's reads."""
         folder = Path(path).resolve()
-        store = _SHARED.get(folder)
+        stores = _SHARED.__dict__.setdefault("stores", {})
+        store = stores.get(folder)
         if store is None or store._snap is None:
-            store = _SHARED[folder] = cls.open(folder, readonly=True)
-            while len(_SHARED) > _SHARED_MAX:
-                _SHARED.pop(next(iter(_SHARED))).close()
+            store = stores[folder] = cls.open(folder, readonly=True)
+            while len(stores) > _SHARED_MAX:
+                stores.pop(next(iter(stores))).close()
         else:
             store.reload()
         return store
@@ -969,7 +973,7 @@ class KBStore:
                     os.unlink(self.path / name)
 
 
-_SHARED: dict[Path, KBStore] = {}  # KBStore.shared(): folder -> its read-only store, oldest first
+_SHARED = threading.local()  # KBStore.shared(): .stores, folder -> this thread's read-only store, oldest first
 _SHARED_MAX = 4
 
 
