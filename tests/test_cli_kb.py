@@ -141,6 +141,25 @@ def test_parquet_shards_with_precomputed_embeddings(tmp_path, capsys, monkeypatc
                                    atol=2e-3)
 
 
+def test_parquet_shards_of_triples_are_encoded(tmp_path, capsys, encoders):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for i, part in enumerate((things(7), things(5, start=7))):
+        pq.write_table(pa.table({"name": [t.name for t in part], "property": [t.property for t in part],
+                                 "value": [t.value for t in part]}), shards / f"{i:05d}.parquet")
+    (shards / "00002.parquet").write_bytes(b"not parquet")
+    code, _, err = run(capsys, "kb", "import", shards, tmp_path / "kb")
+    assert code == 1 and "00002.parquet" in err and "parquet" in err  # one line, no traceback
+    (shards / "00002.parquet").unlink()
+    code, out, _ = run(capsys, "kb", "import", shards, tmp_path / "kb")
+    assert code == 0 and "12 triples new or changed" in out
+    with KBStore.open(tmp_path / "kb", readonly=True) as store:
+        assert store.triples() == things(12)
+
+
 class SlowHashEncoder(HashEncoder):
     def encode(self, texts, **kw):
         time.sleep(0.002 * len(texts))  # an import that takes seconds, to be killed midway

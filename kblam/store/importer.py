@@ -2,10 +2,11 @@
 
     stats = import_sources(store, ["facts.csv", "encoded/"], commit_every=65536)
 
-Sources: a KB file (CSV/TSV, JSON, JSONL, parquet: ``KnowledgeBase.from_file``), or a parquet file
-or folder of ``*.parquet`` shards with columns ``name``, ``property``, ``value`` and, optionally,
-``key_emb`` and ``value_emb``: embeddings computed elsewhere (docs/scale.md shows how, across
-processes or machines), which are then stored as they are instead of encoded.
+Sources: a KB file (CSV/TSV, JSON, JSONL, parquet: ``KnowledgeBase.from_file``, column aliases and
+all its checks), or a folder of ``*.parquet`` shards with columns ``name``, ``property`` and
+``value``, read a batch at a time. Shards, or a parquet file, with ``key_emb`` and ``value_emb``
+columns as well carry embeddings computed elsewhere (docs/scale.md shows how, across processes or
+machines): those are stored as they are instead of encoded.
 
 Resuming: the triples are added ``commit_every`` at a time, each batch one atomic ``add()``. An
 import that is killed keeps every committed batch; run it again and the store skips what it holds
@@ -60,23 +61,29 @@ def _parquet_files(source: Path) -> list[Path]:
     return [source]
 
 
+def _open_parquet(path: Path):
+    """A pyarrow ParquetFile, or KBFormatError naming the file (pyarrow's own message does not)."""
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.ParquetFile(path)
+    except (OSError, ValueError) as err:
+        raise KBFormatError(f"cannot read it as parquet: {err}", path=path) from None
+
+
 def _has_embeddings(source: Path) -> bool:
     if not (source.is_dir() or source.suffix.lower() == ".parquet"):
         return False
-    import pyarrow.parquet as pq
-
-    names = set(pq.read_schema(_parquet_files(source)[0]).names)
+    names = set(_open_parquet(_parquet_files(source)[0]).schema_arrow.names)
     return {"key_emb", "value_emb"} <= names
 
 
 def _shard_batches(source: Path, with_embeddings: bool) -> Iterator[tuple[list[Triple], Any, Any]]:
     """(triples, key embeddings, value embeddings) per batch of each shard, in file order."""
-    import pyarrow.parquet as pq
-
     columns = ["name", "property", "value"] + (["key_emb", "value_emb"] if with_embeddings else [])
     for path in _parquet_files(source):
         try:
-            shard = pq.ParquetFile(path)
+            shard = _open_parquet(path)
             missing = [c for c in columns if c not in shard.schema_arrow.names]
             if missing:
                 raise KBFormatError(f"missing column(s) {', '.join(missing)} (has {', '.join(shard.schema_arrow.names)})",
@@ -112,12 +119,11 @@ def _file_batches(source: Path, strict: bool, bar) -> Iterator[tuple[list[Triple
 
 
 def count_rows(source: Path) -> int | None:
-    """Rows in a parquet source (from its metadata), for the progress bar; None for other files."""
-    if not (source.is_dir() or source.suffix.lower() == ".parquet"):
+    """Rows in a parquet source read shard by shard (from its metadata), for the progress bar; None
+    for a KB file, which the loaders read whole (and count once read)."""
+    if not (source.is_dir() or _has_embeddings(source)):
         return None
-    import pyarrow.parquet as pq
-
-    return sum(pq.ParquetFile(p).metadata.num_rows for p in _parquet_files(source))
+    return sum(_open_parquet(p).metadata.num_rows for p in _parquet_files(source))
 
 
 def import_sources(store: KBStore, sources: list[str | os.PathLike], *, commit_every: int = 65_536,
@@ -144,7 +150,7 @@ def import_sources(store: KBStore, sources: list[str | os.PathLike], *, commit_e
                 lookup = _Precomputed(store.dim)
                 store.encoder = KBEncoder(lookup, name=store.encoder_name)
                 batches = _shard_batches(path, True)
-            elif path.is_dir() or path.suffix.lower() == ".parquet":
+            elif path.is_dir():  # shards of triples only: read a batch at a time, encoded here
                 batches = _shard_batches(path, False)
             else:
                 batches = _file_batches(path, strict, bar)
