@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.kblam-installed
 
-.PHONY: install demo test lint quality fuzz clean
+.PHONY: install demo test lint quality fuzz fuzz-store clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,14 @@ fuzz: install
 	KBLAM_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) OMP_NUM_THREADS=1 $(BIN)/python -m pytest tests/test_fuzz.py \
 		-p no:cacheprovider --hypothesis-show-statistics -q > fuzz-report.txt 2>&1; \
 		status=$$?; cat fuzz-report.txt; exit $$status
+
+# The KBStore state machine (tests/test_store_stateful.py) at length: 2,000 random sequences of up to 40
+# steps (add, update, remove, compact, reopen, a crash at any fsync) instead of the 25 x 20 that `make test` runs.
+STORE_FUZZ_EXAMPLES ?= 2000
+STORE_FUZZ_STEPS ?= 40
+fuzz-store: install
+	KBLAM_STORE_FUZZ_EXAMPLES=$(STORE_FUZZ_EXAMPLES) KBLAM_STORE_FUZZ_STEPS=$(STORE_FUZZ_STEPS) OMP_NUM_THREADS=1 \
+		$(BIN)/python -m pytest -q -p no:cacheprovider tests/test_store_stateful.py --hypothesis-show-statistics
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

@@ -24,7 +24,7 @@ from kblam.confidence import QuestionSignals, signals
 from kblam.encoder import KBEmbeddings
 from kblam.kb import KnowledgeBase, Triple
 from kblam.prefilter import KBPrefilter
-from kblam.store import KBStore
+from kblam.store import KBStore, load_kb
 
 
 @dataclass
@@ -68,7 +68,7 @@ def resolve_kb(model, kb):
         return kb
     if isinstance(kb, (str, Path)):
         path = Path(kb)
-        kb = KBStore.open(path) if path.is_dir() else KnowledgeBase.from_file(path)
+        kb = load_kb(path)  # a folder: one shared read-only KBStore per folder (kblam.store); else a KB file
         return kb if isinstance(kb, KBStore) else model.encode_kb(kb)
     if isinstance(kb, KnowledgeBase):
         return model.encode_kb(kb)
@@ -223,9 +223,12 @@ def _check_length(model, prompt_tokens: int, max_new_tokens: int) -> None:
 
 def _longest_span(kb, cfg) -> int:
     """An upper bound on a span's tokens (a token is at least one byte), so a started span completes."""
-    triples = kb.triples() if isinstance(kb, KBStore) else kb.triples
-    longest = max((len(t.value.encode()) + (len(t.name.encode()) + len(t.property.encode()) + 16
-                                            if "fact" in (cfg.span_kinds or ()) else 0) for t in triples), default=0)
+    fact = "fact" in (cfg.span_kinds or ())
+    if isinstance(kb, KBStore):  # a bound from the file's longest line: a million triples are not read
+        longest = kb.max_triple_bytes() + (16 if fact else 0)
+    else:
+        longest = max((len(t.value.encode()) + (len(t.name.encode()) + len(t.property.encode()) + 16
+                                                if fact else 0) for t in kb.triples), default=0)
     return max(longest, len(cfg.refusal.encode())) + 2
 
 

@@ -12,6 +12,7 @@ import sys
 import warnings
 from pathlib import Path
 
+from kblam import cli_kb
 from kblam._version import __version__
 from kblam.display import json_line, printable
 
@@ -21,9 +22,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"kblam {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    ask = commands.add_parser("ask", help="answer questions from a KB file (CSV, JSON, JSONL, parquet)")
+    ask = commands.add_parser("ask", help="answer questions from a KB file (CSV, JSON, JSONL, parquet) or store")
     ask.add_argument("questions", nargs="+", metavar="QUESTION", help="one or more questions, answered as a batch")
-    ask.add_argument("--kb", required=True, help="the knowledge base file")
+    ask.add_argument("--kb", required=True, help="the knowledge base: a file, or a store folder (kblam kb import)")
     ask.add_argument("--adapter", default=None, help="an adapter folder (default: the embedded default model)")
     ask.add_argument("--max-new-tokens", type=int, default=48, help="longest answer in tokens (default 48)")
     ask.add_argument("--sources", type=int, default=3, help="sources to show per answer (default 3)")
@@ -70,16 +71,16 @@ def _parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--max-false-refusals", type=float, default=0.03,
                            help="the most answerable questions the threshold may refuse on validation (default 0.03)")
 
-    kb = commands.add_parser("kb", help="knowledge base tools")
-    kb_commands = kb.add_subparsers(dest="kb_command", required=True, metavar="KB_COMMAND")
-    inspect = kb_commands.add_parser("inspect", help="counts, duplicates, conflicts and problems of a KB file")
-    inspect.add_argument("path", help="the knowledge base file")
+    cli_kb.add_parser(commands)
     return parser
 
 
 def _load_kb(path: str, strict: bool = False):
     from kblam.kb import KnowledgeBase
+    from kblam.store import KBStore, is_store
 
+    if is_store(path):  # opened before the model loads, so that a bad store fails at once
+        return KBStore.open(path, readonly=True)
     return KnowledgeBase.from_file(path, strict=strict)
 
 
@@ -220,27 +221,29 @@ def _calibrate(args) -> int:
     return 0
 
 
-def _inspect(args) -> int:
-    from kb_builders.inspect import format_inspect, inspect_file
-
-    print(format_inspect(inspect_file(args.path)))
-    return 0
-
-
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    from kblam.store import KBStoreError
+
     try:
-        commands = {"ask": _ask, "train": _train, "eval": _eval, "calibrate": _calibrate, "kb": _inspect}
-        return commands[args.command](args)
+        with warnings.catch_warnings():  # restored on return: main() may run inside another program
+            warnings.showwarning = _show_warning
+            commands = {"ask": _ask, "train": _train, "eval": _eval, "calibrate": _calibrate, "kb": cli_kb.run}
+            return commands[args.command](args)
     except KeyboardInterrupt:
         print("kblam: interrupted", file=sys.stderr)
         return 130
-    except (OSError, ValueError, KeyError, ModuleNotFoundError) as error:
+    except (OSError, ValueError, KeyError, ModuleNotFoundError, KBStoreError) as error:
         # KBFormatError is a ValueError; its message already names the file, line and problem.
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
         # Messages quote file names and KB text: escape each line (a conflict list has several).
         print("kblam: error: " + "\n".join(map(printable, str(message).split("\n"))), file=sys.stderr)
         return 1
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings as one line a shell user reads (not a source location)."""
+    print(f"kblam: warning: {printable(str(message))}", file=sys.stderr if file is None else file)
 
 
 if __name__ == "__main__":

@@ -536,22 +536,28 @@ class KnowledgeBase:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write .jsonl, .json (a list of records) or .csv/.tsv by suffix, UTF-8, atomically."""
-        path = Path(path)
-        suffix = path.suffix.lower()
-        if suffix == ".jsonl":
-            text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in self.to_records())
-        elif suffix == ".json":
-            text = json.dumps(self.to_records(), ensure_ascii=False, indent=2) + "\n"
-        elif suffix in (".csv", ".tsv"):
-            buf = io.StringIO(newline="")
-            writer = csv.writer(buf, delimiter="\t" if suffix == ".tsv" else ",", lineterminator="\n")
-            writer.writerow(FIELDS)
-            writer.writerows((t.name, t.property, t.value) for t in self._triples)
-            text = buf.getvalue()
-        else:
-            raise KBFormatError(f"cannot save as {path.suffix or 'a file without suffix'!r}; "
-                                "use .jsonl, .json, .csv or .tsv", path=path)
-        _atomic_write(path, text)
+        save_triples(path, self._triples)
+
+
+def save_triples(path: str | os.PathLike, triples: Iterable[Triple]) -> None:
+    """Write triples as .jsonl, .json (a list of records) or .csv/.tsv by suffix, UTF-8, atomically
+    (``KnowledgeBase.save``, and ``kblam kb export`` from a store)."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        text = "".join(json.dumps(t.to_record(), ensure_ascii=False) + "\n" for t in triples)
+    elif suffix == ".json":
+        text = json.dumps([t.to_record() for t in triples], ensure_ascii=False, indent=2) + "\n"
+    elif suffix in (".csv", ".tsv"):
+        buf = io.StringIO(newline="")
+        writer = csv.writer(buf, delimiter="\t" if suffix == ".tsv" else ",", lineterminator="\n")
+        writer.writerow(FIELDS)
+        writer.writerows((t.name, t.property, t.value) for t in triples)
+        text = buf.getvalue()
+    else:
+        raise KBFormatError(f"cannot save as {path.suffix or 'a file without suffix'!r}; "
+                            "use .jsonl, .json, .csv or .tsv", path=path)
+    _atomic_write(path, text)
 
 
 def _caller_stacklevel() -> int:

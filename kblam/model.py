@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import threading
 import warnings
 import weakref
@@ -35,7 +36,7 @@ from kblam.encoder import KBEmbeddings, KBEncoder
 from kblam.kb import KnowledgeBase, Triple
 from kblam.model_card import write_model_card
 from kblam.prefilter import KBPrefilter
-from kblam.store import KBStore
+from kblam.store import KBStore, load_kb
 
 SHIPPED_ADAPTER = Path(__file__).parent / "adapters" / "smollm2-135m-instruct"
 
@@ -370,6 +371,8 @@ class KBLaM(nn.Module):
         self._lm_input = args[0]
 
     def encode_kb(self, kb: KnowledgeBase | Sequence[Triple] | KBEmbeddings | KBStore) -> KBEmbeddings:
+        if isinstance(kb, (str, os.PathLike)):
+            kb = load_kb(kb)  # a store folder or a KB file
         if isinstance(kb, KBEmbeddings):
             return kb
         if isinstance(kb, KBStore):
@@ -653,13 +656,14 @@ class KBLaM(nn.Module):
         entry = self._prefilters.get(id(owner))
         if not options and entry is not None and entry[0]() is owner and entry[1] == version:
             return index or entry[2], entry[3] or (kb.keys, kb.values, kb.triples)
-        if store:
-            view = (self._check_store(kb).key_matrix(), kb.value_matrix(), kb.triples())
+        if store:  # rows read on demand: a question reads its candidates' rows only
+            view = self._check_store(kb).view()
         else:
             view = (kb.keys, kb.values, kb.triples)
         if index is not None:
             return index, view
-        index = KBPrefilter(view[0], **options)
+        # A store's own index is saved in it (memory-mapped, kept current across edits).
+        index = kb.prefilter() if store and not options else KBPrefilter(view[0], **options)
         live = [(i, e) for i, e in self._prefilters.items() if e[0]() is not None and i != id(owner)]
         self._prefilters = dict(live[-3:])  # a FAISS index over 1M keys holds 1.5 GB: keep a few
         # Not a KBEmbeddings' own tensors: the entry must not keep its owner alive.

@@ -33,12 +33,26 @@ Which index (``kind``):
 
 Row numbering follows the KB: ``add(keys)`` appends rows at the end (as ``KBStore.add`` does for
 new triples) and ``remove(rows)`` shifts later rows down (as ``KBStore.remove`` does). An in-place
-value update in the store keeps its key, so the index needs no change.
+value update in the store keeps its key, so the index needs no change. A removed key stays in the
+FAISS index and is skipped by an ``IDSelectorBitmap`` at search time (every kind, HNSW included):
+top-k is still k live rows, and FAISS never has to rewrite its lists. Rebuild after removing a
+large share of the KB, which would otherwise still be scanned.
+
+On disk: ``save(path)`` is FAISS's own ``write_index``; ``KBPrefilter.load(path, settings)`` reads it
+back memory-mapped (``IO_FLAG_MMAP_IFC``: the codes stay in the page cache, shared between
+processes, and loading a million-key index takes milliseconds). A mapped index is read-only to
+FAISS, so keys added afterwards go to a small exact side index searched alongside it; that is how a
+``KBStore`` keeps a saved index current between rebuilds (``kblam.store.index``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -75,11 +89,22 @@ def _normalised(x: np.ndarray) -> np.ndarray:
     return out
 
 
+def _live_selector(rows_of: np.ndarray, first: int, count: int):
+    """An IDSelectorBitmap over ids [first, first + count) keeping those that hold a KB row (and the
+    bitmap itself, which FAISS does not copy and must stay alive)."""
+    import faiss
+
+    bits = np.packbits(rows_of[first:first + count] >= 0, bitorder="little")
+    return faiss.IDSelectorBitmap(count, faiss.swig_ptr(bits)), bits
+
+
 class KBPrefilter:
     """Cosine top-k over KB keys with FAISS; see the module docstring for the choice of index."""
 
     def __init__(self, keys: Any, *, kind: str = "auto", exact_up_to: int = 200_000, nlist: int | None = None,
-                 nprobe: int | None = None, hnsw_m: int = 32, ef_search: int | None = None, seed: int = 0):
+                 nprobe: int | None = None, hnsw_m: int = 32, ef_search: int | None = None, seed: int = 0,
+                 on_added: Callable[[int], Any] | None = None):
+        """``on_added(n)`` is called as each chunk of n keys is added (after IVF training): a progress bar."""
         import faiss
 
         if kind not in KINDS:
@@ -91,9 +116,7 @@ class KBPrefilter:
         self._kind = kind
         self._nprobe_given = nprobe is not None
         self._ef_given = ef_search
-        self._ids: np.ndarray | None = None  # IVF after a removal: KB row -> faiss id
-        self._rows_of: np.ndarray | None = None  # IVF after a removal: faiss id -> KB row (-1: gone)
-        self._next_id = 0
+        self._init_rows()
         self.nlist = self.nprobe = None
         if kind == "exact":
             self.index = faiss.IndexFlatIP(self.dim)
@@ -120,7 +143,14 @@ class KBPrefilter:
             sample = np.sort(rng.choice(m, size=n_train, replace=False)) if n_train < m else slice(None)
             self.index.train(_normalised(keys[sample]))
             self.index.nprobe = self.nprobe
-        self._add(keys)
+        self._add(keys, on_added)
+
+    def _init_rows(self) -> None:
+        self._mapped = False  # True: the main index is a read-only memory map (FAISS aborts on writes)
+        self._tail = None  # exact side index for keys added to a mapped index; ids follow the main ones
+        self._rows_of: np.ndarray | None = None  # FAISS id -> KB row, -1: removed (None: id == row)
+        self._rows = 0  # live KB rows
+        self._selectors: dict[str, tuple] = {}  # cached IDSelectorBitmaps while rows are removed
 
     # -------------------------------------------------------------------------------- info
 
@@ -131,13 +161,16 @@ class KBPrefilter:
 
     @property
     def ntotal(self) -> int:
-        return int(self.index.ntotal)
+        """KB rows the index answers with (removed ones not counted)."""
+        return self._rows
 
     def __len__(self) -> int:
         return self.ntotal
 
     def __repr__(self) -> str:
         extra = f", nlist={self.nlist}, nprobe={self.nprobe}" if self._kind == "ivf" else ""
+        if self._mapped:
+            extra += f", memory-mapped, {0 if self._tail is None else self._tail.ntotal} added since"
         return f"KBPrefilter({self._kind}, {self.ntotal} keys, dim {self.dim}{extra})"
 
     # ------------------------------------------------------------------------------ search
@@ -152,22 +185,53 @@ class KBPrefilter:
         k = min(int(k), self.ntotal)
         if k == 0 or len(q) == 0:
             return np.empty((len(q), k), np.float32), np.empty((len(q), k), np.int64)
-        self._set_search_params(k)
-        scores, ids = self.index.search(_normalised(q), k)
+        q = _normalised(q)
+        scores, ids = self.index.search(q, k, params=self._params("main", k))
         ids = ids.astype(np.int64, copy=False)
+        if self._tail is not None and self._tail.ntotal:
+            import faiss
+
+            first = int(self.index.ntotal)
+            sel = self._selector("tail", first, int(self._tail.ntotal))
+            t_scores, t_ids = self._tail.search(q, k, params=faiss.SearchParameters(sel=sel) if sel else None)
+            t_ids = np.where(t_ids >= 0, t_ids + first, -1)
+            scores, ids = np.concatenate([scores, t_scores], 1), np.concatenate([ids, t_ids], 1)
+            scores[ids < 0] = -np.inf
+            best = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+            scores, ids = np.take_along_axis(scores, best, 1), np.take_along_axis(ids, best, 1)
         if self._rows_of is not None:
             ids = np.where(ids >= 0, self._rows_of[np.maximum(ids, 0)], -1)
         scores[ids < 0] = -np.inf
         return scores, ids
 
-    def _set_search_params(self, k: int) -> None:
+    def _selector(self, part: str, first: int, count: int):
+        """The live-ids selector for the main index or the tail, or None while nothing is removed there."""
+        if self._rows_of is None or (self._rows_of[first:first + count] >= 0).all():
+            return None
+        if part not in self._selectors:
+            self._selectors[part] = _live_selector(self._rows_of, first, count)
+        return self._selectors[part][0]
+
+    def nprobe_for(self, k: int) -> int | None:
+        """IVF: the lists a search for k candidates probes (nprobe, raised so that they hold ~4k keys
+        on average unless nprobe was given or tuned)."""
+        if self._kind != "ivf":
+            return None
+        nprobe = self.nprobe
+        if not self._nprobe_given:
+            nprobe = max(nprobe, math.ceil(4 * k * self.nlist / max(self.ntotal, 1)))
+        return min(self.nlist, nprobe)
+
+    def _params(self, part: str, k: int):
+        """FAISS search parameters for the main index: the live-ids selector and this k's nprobe/efSearch."""
+        import faiss
+
+        sel = self._selector(part, 0, int(self.index.ntotal))
         if self._kind == "ivf":
-            nprobe = self.nprobe
-            if not self._nprobe_given:  # probe enough lists to hold ~4k keys on average
-                nprobe = max(nprobe, math.ceil(4 * k * self.nlist / max(self.ntotal, 1)))
-            self.index.nprobe = min(self.nlist, nprobe)
-        elif self._kind == "hnsw":
-            self.index.hnsw.efSearch = max(self._ef_given or 64, 2 * k)
+            return faiss.SearchParametersIVF(sel=sel, nprobe=self.nprobe_for(k))
+        if self._kind == "hnsw":
+            return faiss.SearchParametersHNSW(sel=sel, efSearch=max(self._ef_given or 64, 2 * k))
+        return faiss.SearchParameters(sel=sel) if sel is not None else None
 
     def tune_nprobe(self, queries: Any, k: int, target_recall: float = 0.95) -> int:
         """IVF only: set nprobe to the smallest value (doubling) whose recall@k, against exhaustive
@@ -192,43 +256,119 @@ class KBPrefilter:
 
     # ------------------------------------------------------------------------------ changes
 
-    def _add(self, keys: np.ndarray) -> None:
+    def _add(self, keys: np.ndarray, on_added: Callable[[int], Any] | None = None) -> None:
+        import faiss
+
         n = len(keys)
+        if self._mapped and self._tail is None and n:
+            self._tail = faiss.IndexFlatIP(self.dim)
+        target = self._tail if self._mapped else self.index
         for start in range(0, n, _CHUNK):
             chunk = _normalised(keys[start:start + _CHUNK])
-            if self._kind == "ivf":  # explicit ids: faiss would reuse ids (ntotal + i) after a removal
-                first = self._next_id + start
-                self.index.add_with_ids(chunk, np.arange(first, first + len(chunk), dtype=np.int64))
-            else:
-                self.index.add(chunk)
-        if self._ids is not None:
-            self._ids = np.concatenate([self._ids, np.arange(self._next_id, self._next_id + n, dtype=np.int64)])
-            self._rows_of = np.concatenate([self._rows_of, np.arange(len(self._ids) - n, len(self._ids))])
-        self._next_id += n
+            target.add(chunk)  # ids continue from the last one
+            if on_added is not None:
+                on_added(len(chunk))
+        if self._rows_of is not None:
+            self._rows_of = np.concatenate([self._rows_of, np.arange(self._rows, self._rows + n, dtype=np.int64)])
+        self._rows += n
+        self._selectors.pop("tail" if self._mapped else "main", None)
 
     def add(self, keys: Any) -> None:
-        """Append keys as the next KB rows (IVF: assigned to the trained lists, no retraining)."""
+        """Append keys as the next KB rows (IVF: assigned to the trained lists, no retraining; a
+        memory-mapped index: into its exact side index)."""
         keys = _as_matrix(keys, "keys")
         if keys.shape[1] != self.dim:
             raise ValueError(f"keys have dim {keys.shape[1]}, the index has dim {self.dim}")
         self._add(keys)
 
     def remove(self, rows: Any) -> None:
-        """Remove KB rows; later rows shift down, as in ``KBStore.remove``. Not for HNSW (rebuild)."""
+        """Remove KB rows; later rows shift down, as in ``KBStore.remove``. The keys stay in FAISS and
+        are skipped at search time (see the module docstring)."""
         rows = np.unique(np.asarray(rows, dtype=np.int64).ravel())
         if len(rows) == 0:
             return
         if rows[0] < 0 or rows[-1] >= self.ntotal:
             raise IndexError(f"rows must be in [0, {self.ntotal}); got {rows[0]}..{rows[-1]}")
-        if self._kind == "hnsw":
-            raise NotImplementedError("faiss cannot remove from an HNSW index; build a new KBPrefilter "
-                                      "from the updated keys (or use kind='ivf' / 'exact')")
-        if self._kind == "exact":
-            self.index.remove_ids(rows)  # a flat index renumbers, so rows stay ids
-            return
-        if self._ids is None:
-            self._ids = np.arange(self._next_id, dtype=np.int64)
-        self.index.remove_ids(self._ids[rows])
-        self._ids = np.delete(self._ids, rows)
-        self._rows_of = np.full(self._next_id, -1, dtype=np.int64)
-        self._rows_of[self._ids] = np.arange(len(self._ids))
+        current = self._ids_to_rows()
+        shifted = current - np.searchsorted(rows, current)  # rows below each one that go
+        self.set_rows(np.where((current >= 0) & ~np.isin(current, rows), shifted, -1))
+
+    def _ids_to_rows(self) -> np.ndarray:
+        total = int(self.index.ntotal) + (0 if self._tail is None else int(self._tail.ntotal))
+        return np.arange(total, dtype=np.int64) if self._rows_of is None else self._rows_of
+
+    def set_rows(self, rows_of: Any) -> None:
+        """Say which KB row each key added so far holds, in the order added (-1: none, skipped at
+        search time). How a ``KBStore`` maps its physical rows, some replaced or removed, to the
+        rows of ``triples()``; ``remove`` is this with the later rows shifted down."""
+        rows_of = np.asarray(rows_of, dtype=np.int64)
+        total = len(self._ids_to_rows())
+        if rows_of.shape != (total,):
+            raise ValueError(f"set_rows needs one row per key added ({total}), got shape {rows_of.shape}")
+        live = rows_of[rows_of >= 0]
+        if len(live) and (live.max() >= len(live) or not (np.bincount(live, minlength=len(live)) == 1).all()):
+            raise ValueError("set_rows: the live rows must be 0..n-1, each once")
+        self._rows_of = rows_of.copy()
+        self._rows = len(live)
+        self._selectors = {}
+
+    # ------------------------------------------------------------------------------ on disk
+
+    def settings(self) -> dict:
+        """What ``load`` needs beside the FAISS file (JSON-ready)."""
+        return {"kind": self._kind, "dim": self.dim, "ntotal": int(self.index.ntotal), "nlist": self.nlist,
+                "nprobe": self.nprobe, "nprobe_given": self._nprobe_given, "ef_search": self._ef_given}
+
+    def save(self, path: str | os.PathLike) -> dict:
+        """Write the FAISS index with ``faiss.write_index`` (to a temp file, fsynced, then renamed:
+        a reader never sees half a file); returns ``settings()``. Only an index as built (plus adds)
+        can be saved: removals and a mapped index's side index live in memory."""
+        import faiss
+
+        if self._mapped or self._rows_of is not None:
+            raise ValueError("save() writes an index as built and added to; this one was memory-mapped or "
+                             "had rows removed, which live in memory only: build a new KBPrefilter to save")
+        path = Path(path)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        try:
+            faiss.write_index(self.index, tmp)
+            with open(tmp, "rb") as fh:
+                os.fsync(fh.fileno())
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)  # mkstemp made it 0600: other users' readers need it too
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        return self.settings()
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, settings: dict, *, mmap: bool = True) -> KBPrefilter:
+        """An index written by ``save``, memory-mapped by default (read-only to FAISS: later ``add``s
+        go to an exact side index). Raises ValueError if the file does not match ``settings``."""
+        import faiss
+
+        flags = faiss.IO_FLAG_MMAP_IFC if mmap else 0
+        try:
+            index = faiss.read_index(str(path), flags)
+        except RuntimeError as err:  # FAISS reports a short or garbled file this way
+            raise ValueError(f"{path}: FAISS cannot read it ({str(err).splitlines()[0][:200]})") from None
+        kind = settings["kind"]
+        expected = {"exact": faiss.IndexFlatIP, "ivf": faiss.IndexIVFScalarQuantizer, "hnsw": faiss.IndexHNSWFlat}
+        if (not isinstance(index, expected.get(kind, ())) or index.d != settings["dim"]
+                or index.ntotal != settings["ntotal"]):
+            raise ValueError(f"{path} holds a {type(index).__name__} of {index.ntotal} x {index.d} keys, "
+                             f"not the {kind} index of {settings['ntotal']} x {settings['dim']} it should")
+        self = cls.__new__(cls)
+        self.index, self.dim, self._kind = index, int(index.d), kind
+        self._init_rows()
+        self._mapped = mmap
+        self._rows = int(index.ntotal)
+        self.nlist, self.nprobe = settings.get("nlist"), settings.get("nprobe")
+        self._nprobe_given, self._ef_given = bool(settings.get("nprobe_given")), settings.get("ef_search")
+        if kind == "ivf":
+            self.index.nprobe = self.nprobe
+        return self

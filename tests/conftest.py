@@ -105,6 +105,13 @@ def wrap(family: str, encoder, seed: int = 0, **kwargs):
     return model
 
 
+def ask_model(family: str, encoder, **options):
+    """A wrapped tiny model with the character tokenizer, ready for ask()."""
+    model = wrap(family, encoder, **options)
+    model.tokenizer = tiny_tokenizer()
+    return model
+
+
 def tiny_tokenizer():
     """A character-level fast tokenizer of < 128 tokens (fits the tiny models' vocabulary), built offline."""
     import string

@@ -107,13 +107,46 @@ def test_add_and_remove_follow_kb_rows(kind):
         pre.remove([len(expected)])
 
 
-def test_hnsw_search_and_no_removal():
+def test_hnsw_search_and_removal():
     keys, _ = clustered(2000, 8, 10, seed=9)
     pre = KBPrefilter(keys, kind="hnsw", hnsw_m=16)
     _, rows = pre.search(keys[:20], 5)
     assert (rows[:, 0] == np.arange(20)).all()
-    with pytest.raises(NotImplementedError, match="build a new KBPrefilter"):
-        pre.remove([1])
+    pre.remove([1])  # skipped at search time: FAISS cannot remove from HNSW itself
+    _, rows = pre.search(keys[:3], 5)
+    assert rows[0, 0] == 0 and 1 not in rows[1] and rows[2, 0] == 1  # row 2 is now row 1
+
+
+@pytest.mark.parametrize("kind", ["exact", "ivf", "hnsw"])
+def test_save_and_load_memory_mapped(kind, tmp_path):
+    keys, _ = clustered(3000, 12, 16, seed=10)
+    queries, _ = clustered(40, 12, 16, seed=11)
+    built = KBPrefilter(keys[:2500], kind=kind, nprobe=16 if kind == "ivf" else None, hnsw_m=16)
+    settings = built.save(tmp_path / "index.faiss")
+    assert [p.name for p in tmp_path.iterdir()] == ["index.faiss"]  # no temp file left
+    loaded = KBPrefilter.load(tmp_path / "index.faiss", settings)
+    assert loaded.kind == kind and loaded.ntotal == 2500 and "memory-mapped" in repr(loaded)
+    np.testing.assert_array_equal(loaded.search(queries, 10)[1], built.search(queries, 10)[1])
+
+    # A mapped index is read-only to FAISS (a write would abort the process): adds go to a side index,
+    # and the rows come out numbered as in an index that took them all.
+    for pre in (built, loaded):
+        pre.add(keys[2500:])
+        pre.remove([3, 2600, 2999])
+    assert loaded.ntotal == built.ntotal == 2997
+    scores, rows = loaded.search(queries, 10)
+    _, want = brute_force(np.delete(keys, [3, 2600, 2999], axis=0), queries, 10)
+    found = np.mean([len(set(r) & set(w)) / 10 for r, w in zip(rows, want, strict=True)])
+    assert found > 0.95 and (np.diff(scores, axis=1) <= 1e-6).all()  # merged best first
+    with pytest.raises(ValueError, match="memory-mapped or had rows removed"):
+        loaded.save(tmp_path / "again.faiss")
+
+    with pytest.raises(ValueError, match="not the .* index of 2400"):
+        KBPrefilter.load(tmp_path / "index.faiss", {**settings, "ntotal": 2400})
+    data = (tmp_path / "index.faiss").read_bytes()
+    (tmp_path / "short.faiss").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="short.faiss: FAISS cannot read it"):
+        KBPrefilter.load(tmp_path / "short.faiss", settings)
 
 
 def test_prefilter_over_a_store_key_matrix(tmp_path):

@@ -6,12 +6,14 @@ import math
 
 import pytest
 import torch
-from conftest import ENCODER_DIM, FAMILIES, random_kb, tiny_model, tiny_tokenizer, wrap
+from conftest import ENCODER_DIM, FAMILIES, ask_model, random_kb, tiny_model, tiny_tokenizer, wrap
 
 from kblam import KBLaM
 from kblam import model as model_module
 from kblam.encoder import KBEmbeddings
 from kblam.kb import Triple
+from kblam.store import index as index_module
+from kblam.store.index import IndexRebuildWarning
 
 ATOL = 1e-5
 
@@ -169,9 +171,7 @@ QUESTIONS = ["Who is entity 3?", "What is value 7?"]
 
 
 def _ask_model(hash_encoder, **options):
-    model = wrap("llama", hash_encoder, **options)
-    model.tokenizer = tiny_tokenizer()
-    return model
+    return ask_model("llama", hash_encoder, **options)
 
 
 def _same_answers(a, b):
@@ -209,7 +209,8 @@ def test_prefilter_over_a_kb_store(hash_encoder, tmp_path):
     emb = store.embeddings()
     off = model.ask(QUESTIONS, emb, max_new_tokens=5, prefilter=False)
     _same_answers(model.ask(QUESTIONS, store, max_new_tokens=5, prefilter=False), off)
-    _same_answers(model.ask(QUESTIONS, store, max_new_tokens=5, prefilter=True, prefilter_k=30), off)
+    with pytest.warns(IndexRebuildWarning, match="none is saved"):  # its first use builds the saved index
+        _same_answers(model.ask(QUESTIONS, store, max_new_tokens=5, prefilter=True, prefilter_k=30), off)
     small = model.ask("What colour is thing 12?", store, max_new_tokens=3, prefilter=True, prefilter_k=3)
     assert len(small.sources) == 3 and all(t in triples for t, _ in small.sources)
 
@@ -268,6 +269,7 @@ def test_prefilter_index_is_cached_per_kb(hash_encoder, monkeypatch, tmp_path):
             super().__init__(keys, **kw)
 
     monkeypatch.setattr(model_module, "KBPrefilter", Counting)
+    monkeypatch.setattr(index_module, "KBPrefilter", Counting)
     model = _ask_model(hash_encoder)
     kb = random_kb(20)
     for _ in range(2):
@@ -282,13 +284,17 @@ def test_prefilter_index_is_cached_per_kb(hash_encoder, monkeypatch, tmp_path):
 
     store = KBStore.create(tmp_path / "kb", hash_encoder)
     store.add(list(kb.triples), progress=False)
-    for _ in range(2):
-        model.ask("Who is entity 1?", store, max_new_tokens=1, prefilter=True, prefilter_k=5)
+    with pytest.warns(IndexRebuildWarning, match="none is saved"):
+        for _ in range(2):
+            model.ask("Who is entity 1?", store, max_new_tokens=1, prefilter=True, prefilter_k=5)
     assert built[3:] == [20]
-    store.add([Triple("new entity", "property", "new value")], progress=False)  # a new generation
-    answer = model.ask("Who is entity 1?", store, max_new_tokens=1, prefilter=True, prefilter_k=21)
-    assert built[3:] == [20, 21]
-    assert len(answer.sources) == 5
+    store.add([Triple("new entity", "property", "new value")], progress=False)  # a new generation...
+    answer = model.ask("Who is new entity?", store, max_new_tokens=1, prefilter=True, prefilter_k=21)
+    assert built[3:] == [20] and len(answer.sources) == 5  # ...is added to the index, not rebuilt
+    with KBStore.open(store.path, readonly=True) as reader:  # another process: the saved index, mapped
+        again = model.ask("Who is new entity?", reader, max_new_tokens=1, prefilter=True, prefilter_k=21)
+        assert "memory-mapped, 1 added since" in repr(reader.prefilter())
+    assert built[3:] == [20] and again.sources == answer.sources
 
 
 def test_ask_records_b_by_m_per_layer(hash_encoder, monkeypatch):

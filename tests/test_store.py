@@ -18,7 +18,7 @@ import pytest
 import torch
 from conftest import HashEncoder
 
-import kblam.store as store_module
+import kblam.store.core as store_module
 from kblam.encoder import KBEncoder
 from kblam.kb import KnowledgeBase, Triple
 from kblam.store import KBStore, KBStoreError
@@ -220,6 +220,37 @@ def test_encoder_checks_and_writer_lock(tmp_path):
         store.add([("a", "b", "c")])
     with pytest.raises(KBStoreError, match="templates"):
         KBStore.create(path, encoder, exist_ok=True, key_template="{name} has {property}")
+
+
+def test_create_never_overwrites_a_store_that_lost_its_manifest(tmp_path, small_blocks):
+    """Issue 13, item 1: create(exist_ok=True) on data files without a manifest must refuse, not truncate."""
+    encoder, _ = counting_encoder()
+    path = tmp_path / "kb"
+    with KBStore.create(path, encoder) as store:
+        store.add(facts(30))
+        store.update("entity 1", "property 1", "changed")
+        expected = store.triples()
+    sizes = {p.name: p.stat().st_size for p in path.iterdir()}
+    manifest = (path / "manifest.json").read_bytes()
+    (path / "manifest.json").unlink()
+    for exist_ok in (True, False):
+        with pytest.raises(KBStoreError, match="no manifest.json: the manifest was deleted .* Nothing was changed"):
+            KBStore.create(path, encoder, exist_ok=exist_ok)
+    assert {p.name: p.stat().st_size for p in path.iterdir()} == {k: v for k, v in sizes.items() if k != "manifest.json"}
+    (path / "manifest.json").write_bytes(manifest)  # restoring the manifest gives everything back
+    with KBStore.open(path, readonly=True) as store:
+        assert store.triples() == expected
+        store.verify()
+
+    # A create() that died before its first manifest leaves empty files only: a new create() proceeds.
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    for name in ("triples-00000000.jsonl", "keys-00000000.f16", "values-00000000.f16"):
+        (fresh / name).touch()
+    with KBStore.create(fresh, encoder) as store:
+        store.add(facts(3))
+    with KBStore.open(fresh, readonly=True) as store:
+        assert store.triples() == facts(3)
 
 
 # ------------------------------------------------------------------------------------- crash safety
@@ -474,6 +505,66 @@ def test_flipped_bytes_are_found_by_verify(tmp_path, small_blocks):
     manifest.write_text(manifest.read_text().replace('"count": 40', '"count": 41'))
     with pytest.raises(KBStoreError, match="does not match its own checksum"):
         KBStore.open(path, readonly=True)
+
+
+def test_damaged_rows_are_errors_when_first_read(tmp_path, small_blocks, monkeypatch):
+    """Issue 13, item 12: a flipped byte is found the first time its block is read, not only by verify()."""
+    import kblam.store.files as files_module
+
+    encoder, _ = counting_encoder()
+    path = tmp_path / "kb"
+    with KBStore.create(path, encoder) as store:
+        store.add(facts(40))
+    for name, offset in (("keys-00000000.f16", 20 * 24 * 2 + 3), ("values-00000000.f16", 33 * 24 * 2)):
+        data = bytearray((path / name).read_bytes())
+        data[offset] ^= 0x04
+        (path / name).write_bytes(bytes(data))
+    triples = path / "triples-00000000.jsonl"
+    triples.write_bytes(triples.read_bytes().replace(b"value 10", b"value 1O"))
+
+    hashed = []  # data blocks hashed (not the manifest)
+    real_sha256 = files_module.hashlib.sha256
+
+    def sha256(data=b""):
+        if sys._getframe(1).f_code.co_name in ("_check_blocks", "_read_block"):
+            hashed.append(len(data))
+        return real_sha256(data)
+
+    monkeypatch.setattr(files_module.hashlib, "sha256", sha256)
+    reader = KBStore.open(path, readonly=True)  # opening reads no row
+    assert len(reader) == 40 and hashed == []
+    keys, values, triples_view = reader.view()
+    assert keys[[0, 1, 30]].shape == (3, 24) and triples_view[0] == facts(40)[0]
+    assert len(hashed) == 3  # keys blocks 0 and 3, triples block 0
+    keys[[2, 31]], values[4]
+    assert len(hashed) == 4  # only values block 0 is new: each block is checked once per process
+    with pytest.raises(KBStoreError, match=r"keys-00000000.f16: rows 16-23 do not match their checksums .* "
+                                           r"KBStore.rebuild"):
+        keys[[5, 20]]
+    with pytest.raises(KBStoreError, match=r"values-00000000.f16: rows 32-39 do not match"):
+        values[33]
+    assert values[[31, 40 - 8 - 1]].shape == (2, 24)  # the blocks around it are fine
+    with pytest.raises(KBStoreError, match=r"triples-00000000.jsonl: rows 8-15 .* restore the folder"):
+        triples_view[10]
+    assert triples_view[16] == facts(40)[16]
+    for read_all in (reader.triples, reader.embeddings, reader.key_matrix, reader.value_matrix):
+        with pytest.raises(KBStoreError, match="do not match their checksums"):
+            read_all()
+    reader.close()
+
+
+def test_max_triple_bytes_bounds_every_triple_without_parsing(tmp_path, small_blocks, monkeypatch):
+    encoder, _ = counting_encoder()
+    with KBStore.create(tmp_path / "kb", encoder) as store:
+        store.add(facts(30))
+        store.add([("gold", "symbol", "Au with a \"quote\" and é")])
+        longest = max(len(f"{t.name}{t.property}{t.value}".encode()) for t in store.triples())
+        assert longest <= store.max_triple_bytes() <= longest + 4  # JSON escapes only make lines longer
+        store.update("entity 3", "property 0", "x" * 500)  # appended by this writer
+        assert store.max_triple_bytes() == len(b"entity 3property 0") + 500
+    monkeypatch.setattr(store_module._Lines, "_parse", lambda *a: pytest.fail("no triple is parsed"))
+    with KBStore.open(tmp_path / "kb", readonly=True) as reader:
+        assert reader.max_triple_bytes() == len(b"entity 3property 0") + 500
 
 
 def test_rebuild_moves_a_store_to_another_encoder(tmp_path):

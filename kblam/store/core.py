@@ -4,7 +4,7 @@
     store.add(kb)                                         # encodes only what is new or changed
     store.update("gold", "symbol", "Au")                  # re-encodes one value text
     emb = store.embeddings()                              # KBEmbeddings for the model
-    index = KBPrefilter(store.key_matrix())               # zero-copy float16 view for FAISS
+    index = store.prefilter()                             # the FAISS pre-filter saved in the store
 
 The store holds one value per (name, property): adding a triple whose (name, property) is already
 stored with another value *updates* it, in place (its index is kept, as ``KnowledgeBase.update``).
@@ -15,13 +15,15 @@ Layout (every file name is referenced from the manifest; ``<G>`` is the generati
 
     manifest.json          the single commit point: format/version, generation, count, dim, encoder
                            name, templates, dtype, and for each data file its name, committed byte
-                           length and a sha256 per block of 4096 rows; plus a checksum of itself
+                           length and a sha256 per block of 256 rows; plus a checksum of itself
     triples-<G>.jsonl      one {"name", "property", "value"} object per physical row (append-only)
     keys-<G>.f16           raw little-endian float16 rows (rows, dim): row i belongs to line i
     values-<G>.f16         the same for value embeddings
     overlay-<G>.i64        only while rows are updated/removed and not yet compacted: int64 "hidden"
                            physical rows, then (slot, row) pairs saying which newer row now holds a slot
     writer.lock            flock()ed by the single writer; holds its pid
+    prefilter-<G>.faiss    the saved pre-filter index and its record (.json): derived data, checked
+                           before use and rebuilt when in doubt (``kblam.store.index``)
 
 Why not fixed names (``keys.f16``)? Appends can go to the same file, but a rewrite (``compact()``,
 ``rebuild()``) must not touch files the committed manifest still names, so it writes new files and
@@ -42,10 +44,13 @@ truncated by the next writer) or the new one (all its data fsynced before it). A
 was committed. Readers take no lock: they read the manifest, open its files and read only the
 committed prefix; if a writer deleted a file in between (compaction), they re-read the manifest.
 
-Checksums: sha256 per block of 4096 rows (for the JSONL file, per 4096 lines) lets an append re-hash
-only the last partial block; ``verify()`` re-reads everything. ``open()`` checks sizes only (cheap):
-a truncated embedding file is reported with the rows still intact and the way out,
-``KBStore.rebuild(path, encoder)``, which re-encodes every embedding from ``triples-<G>.jsonl``.
+Checksums: sha256 per block of 256 rows (for the JSONL file, per 256 lines) lets an append re-hash
+only the last partial block. ``open()`` checks sizes only and reads no row: a truncated embedding file
+is reported with the rows still intact and the way out, ``KBStore.rebuild(path, encoder)``, which
+re-encodes every embedding from ``triples-<G>.jsonl``. Every block is checked against its sha256 the
+first time one of its rows is read in a process (so a flipped byte is an error, not an answer), and
+``verify()`` re-reads everything. Triples are parsed when first read, too: a question over a
+million-triple store (``view()``) reads its candidates' rows and triples only.
 
 Encoding bypasses ``KBEncoder``'s per-text cache (at a million triples it would hold gigabytes):
 the store itself is the cache. New triples are encoded in batches of 4096 with texts de-duplicated,
@@ -59,15 +64,14 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
-import re
 import sys
+import threading
 import warnings
 import weakref
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
@@ -80,63 +84,44 @@ from kblam.kb import (
     _atomic_write,
     normalize_field,
 )
-
-try:
-    import fcntl
-except ImportError:  # pragma: no cover - Windows
-    fcntl = None
+from kblam.store.files import (
+    _DATA,
+    _F16,
+    _I64,
+    _OWN_FILE,
+    FORMAT,
+    FORMAT_VERSION,
+    MANIFEST,
+    KBStoreError,
+    _Blocks,
+    _check_blocks,
+    _check_sizes,
+    _file_name,
+    _fsync_dir,
+    _Lines,
+    _lock,
+    _manifest_text,
+    _pid_alive,
+    _read_lock_pid,
+    _read_manifest,
+    _read_overlay,
+    _row_ranges,
+    _Snapshot,
+    _triple_line,
+)
 
 if TYPE_CHECKING:
     from kblam.encoder import KBEmbeddings, KBEncoder
+    from kblam.prefilter import KBPrefilter
 
-FORMAT = "kblam-kb-store"
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
-LOCK_FILE = "writer.lock"
-BLOCK_ROWS = 4096  # rows per checksum block
+# Rows per checksum block. A block is checked whole the first time any of its rows is read, and a
+# question's 256 candidates are spread over as many blocks: 256 rows (192 KB of 384-d keys) keep the
+# first questions over a million-row store from hashing most of its 1.5 GB of embeddings (4096 rows
+# did), for a manifest of ~12,000 block entries (~1 MB) at that size.
+BLOCK_ROWS = 256
 BATCH_SIZE = 4096  # triples encoded and appended per step of add()/rebuild()
-
-_F16 = np.dtype("<f2")
-_I64 = np.dtype("<i8")
-_DATA = ("triples", "keys", "values")
-_SUFFIX = {"triples": "jsonl", "keys": "f16", "values": "f16"}
-_OWN_FILE = re.compile(r"^(?:(?:triples|keys|values)-\d+\.(?:jsonl|f16)|overlay-\d+\.i64|\.manifest\.json\..+\.tmp)$")
-_OPEN_RETRIES = 50
-
-
-class KBStoreError(RuntimeError):
-    """The store cannot be used as asked. The message says what is wrong and what can still be recovered."""
-
-
-# --------------------------------------------------------------------------------------------- helpers
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _file_name(kind: str, generation: int) -> str:
-    return f"{kind}-{generation:08d}.{_SUFFIX.get(kind, 'i64')}"
-
-
-def _canonical(body: dict) -> bytes:
-    return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
-
-
-def _manifest_text(body: dict) -> str:
-    body = {k: v for k, v in body.items() if k != "checksum"}
-    body["checksum"] = hashlib.sha256(_canonical(body)).hexdigest()
-    text = json.dumps(body, indent=1, ensure_ascii=False)
-    # One line per checksum block ([end, "sha256"]) keeps the manifest readable.
-    return re.sub(r'\[\s+(\d+),\s+("[0-9a-f]{64}")\s+\]', r"[\1, \2]", text) + "\n"
-
-
-def _triple_line(t: Triple) -> bytes:
-    return (json.dumps(t.to_record(), ensure_ascii=False, separators=(",", ":")) + "\n").encode()
+# The bytes of a stored line around its three strings: {"name":"","property":"","value":""}
+_RECORD_OVERHEAD = len(_triple_line(Triple("n", "p", "v"))) - 1 - 3
 
 
 def _as_triple(item: Any, number: int) -> Triple:
@@ -199,213 +184,15 @@ def _to_f16(arr: np.ndarray, what: str) -> np.ndarray:
     return out
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _read_lock_pid(folder: Path) -> int | None:
-    try:
-        text = (folder / LOCK_FILE).read_text().strip()
-    except OSError:
-        return None
-    return int(text) if text.isdigit() else None
-
-
-class _Blocks:
-    """The committed extent of one append-only data file and a sha256 per block of BLOCK_ROWS rows."""
-
-    def __init__(self, name: str, nbytes: int, blocks: list[list[Any]], block_rows: int):
-        self.name = name
-        self.block_rows = int(block_rows)
-        self.bytes = nbytes
-        self.blocks = [[int(end), str(sha)] for end, sha in blocks]
-        self._tail: Any = None  # hasher of the partial last block, loaded on the first append
-
-    @classmethod
-    def from_meta(cls, meta: dict, block_rows: int) -> _Blocks:
-        return cls(meta["name"], meta["bytes"], meta["blocks"], block_rows)
-
-    def meta(self) -> dict:
-        return {"name": self.name, "bytes": self.bytes, "blocks": [list(b) for b in self.blocks]}
-
-    def start(self, i: int) -> int:
-        return self.blocks[i - 1][0] if i else 0
-
-    def append(self, fh, folder: Path, rows_before: int, data: bytes, ends: np.ndarray) -> None:
-        """Write rows (``data``, cumulative row ``ends``) at the committed end, updating block hashes."""
-        view = memoryview(data)
-        rows, pos, n = rows_before, 0, len(ends)
-        fh.seek(self.bytes)
-        while pos < n:
-            in_block = rows % self.block_rows
-            take = min(self.block_rows - in_block, n - pos)
-            b0 = int(ends[pos - 1]) if pos else 0
-            b1 = int(ends[pos + take - 1])
-            if in_block == 0:
-                hasher = hashlib.sha256()
-            else:
-                hasher = self._tail if self._tail is not None else self._load_tail(folder)
-            chunk = view[b0:b1]
-            fh.write(chunk)
-            hasher.update(chunk)
-            self.bytes += b1 - b0
-            entry = [self.bytes, hasher.hexdigest()]
-            if in_block == 0:
-                self.blocks.append(entry)
-            else:
-                self.blocks[-1] = entry
-            rows += take
-            pos += take
-            self._tail = hasher if rows % self.block_rows else None
-
-    def _load_tail(self, folder: Path):
-        i = len(self.blocks) - 1
-        start, (end, sha) = self.start(i), self.blocks[i]
-        with open(folder / self.name, "rb") as fh:
-            fh.seek(start)
-            data = fh.read(end - start)
-        hasher = hashlib.sha256(data)
-        if len(data) != end - start or hasher.hexdigest() != sha:
-            raise KBStoreError(f"{folder / self.name}: its last block (bytes {start}-{end}) does not match its "
-                               "checksum, so nothing is appended to it; run KBStore.open(path).verify() for "
-                               "the damage and KBStore.rebuild(path, encoder) to re-encode")
-        return hasher
-
-    def damaged_blocks(self, fh) -> list[int]:
-        bad = []
-        for i, (end, sha) in enumerate(self.blocks):
-            start = self.start(i)
-            data = _pread_all(fh.fileno(), end - start, start)
-            if len(data) != end - start or hashlib.sha256(data).hexdigest() != sha:
-                bad.append(i)
-        return bad
-
-
-def _row_ranges(blocks: list[int], rows: int, block_rows: int) -> str:
-    spans = [f"{b * block_rows}-{min((b + 1) * block_rows, rows) - 1}" for b in blocks[:10]]
-    return ", ".join(spans) + (f" and {len(blocks) - 10} more blocks" if len(blocks) > 10 else "")
-
-
-# --------------------------------------------------------------------------------------- the snapshot
-
-
-def _read_manifest(folder: Path) -> dict:
-    path = folder / MANIFEST
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        if not folder.is_dir():
-            raise KBStoreError(f"no KB store at {folder}: the folder does not exist "
-                               "(KBStore.create makes one)") from None
-        own = sorted(f for f in os.listdir(folder) if _OWN_FILE.match(f) and not f.startswith("."))
-        extra = (f"; its data files are here ({', '.join(own[:6])}), so the manifest was deleted or the "
-                 "folder was copied incompletely: restore manifest.json from where it came") if own else ""
-        raise KBStoreError(f"no KB store at {folder}: {MANIFEST} is missing{extra}") from None
-    try:
-        body = json.loads(raw)
-        if not isinstance(body, dict):
-            raise ValueError("not an object")
-    except ValueError as err:
-        raise KBStoreError(f"{path} is not valid JSON ({err}); the manifest is damaged, the data files "
-                           "alone cannot say which rows are committed: restore it from a backup") from None
-    if body.get("format") != FORMAT:
-        raise KBStoreError(f"{path} is not a KB store manifest (format {body.get('format')!r}, "
-                           f"expected {FORMAT!r})")
-    if not isinstance(body.get("version"), int) or body["version"] > FORMAT_VERSION:
-        raise KBStoreError(f"{path} has store format version {body.get('version')!r}; this kblam reads "
-                           f"up to version {FORMAT_VERSION}: upgrade kblam")
-    checksum = body.pop("checksum", None)
-    if checksum != hashlib.sha256(_canonical(body)).hexdigest():
-        raise KBStoreError(f"{path} does not match its own checksum: the manifest was edited or damaged; "
-                           "restore it from a backup")
-    if body.get("dtype") != "float16" or body.get("byte_order") != "little":
-        raise KBStoreError(f"{path}: unsupported embedding dtype {body.get('dtype')!r}/{body.get('byte_order')!r}")
-    try:
-        problem = _layout_problem(body)
-    except (KeyError, TypeError, ValueError, IndexError) as err:
-        problem = f"missing or malformed field ({err!r})"
-    if problem:
-        raise KBStoreError(f"{path} is inconsistent: {problem}; restore it from a backup")
-    return body
-
-
-def _layout_problem(m: dict) -> str | None:
-    """What is structurally wrong with a manifest (sizes, block tables), or None."""
-    rows, dim, br = int(m["rows"]), int(m["dim"]), int(m["block_rows"])
-    if rows < 0 or dim <= 0 or br <= 0 or not 0 <= int(m["count"]) <= rows or int(m["generation"]) < 0:
-        return "negative or zero sizes"
-    n_blocks = -(-rows // br)
-    for kind in _DATA:
-        meta = m["files"][kind]
-        ends = [int(end) for end, _ in meta["blocks"]]
-        if not isinstance(meta["name"], str) or not _OWN_FILE.match(meta["name"]):
-            return f"bad file name {meta['name']!r}"
-        if len(ends) != n_blocks or (ends and ends[-1] != meta["bytes"]) or (not ends and meta["bytes"]):
-            return f"the block table of {meta['name']} does not cover its {rows} rows"
-        if kind != "triples" and ends != [min((i + 1) * br, rows) * dim * 2 for i in range(n_blocks)]:
-            return f"{meta['name']} block ends do not match {rows} rows of {dim} float16"
-        if any(b <= a for a, b in zip([0, *ends], ends, strict=False)):
-            return f"{meta['name']} block ends are not increasing"
-    ov = m["files"].get("overlay")
-    if ov is not None and (int(ov["bytes"]) != 8 * (int(ov["hidden"]) + 2 * int(ov["moves"]))
-                           or not _OWN_FILE.match(ov["name"])):
-        return "the overlay entry is malformed"
-    return None
-
-
-class _Snapshot:
-    """One committed generation, read from disk: manifest, open data files, triples, overlay."""
-
-    def __init__(self, folder: Path, manifest: dict, handles: dict[str, Any], overlay: bytes):
-        self.folder = folder
-        self.manifest = manifest
-        self.handles = handles
-        self.overlay = overlay
-
-    @classmethod
-    def read(cls, folder: Path, kinds: tuple[str, ...] = _DATA) -> _Snapshot:
-        """Open the files of the current manifest; retry if a writer replaced them meanwhile."""
-        for _ in range(_OPEN_RETRIES):
-            manifest = _read_manifest(folder)
-            handles: dict[str, Any] = {}
-            try:
-                for kind in kinds:
-                    handles[kind] = open(folder / manifest["files"][kind]["name"], "rb")
-                ov = manifest["files"].get("overlay")
-                overlay = (folder / ov["name"]).read_bytes() if ov else b""
-            except FileNotFoundError as err:
-                for fh in handles.values():
-                    fh.close()
-                if _read_manifest(folder)["generation"] != manifest["generation"]:
-                    continue  # a writer committed and removed the old files: read the new generation
-                missing = Path(err.filename).name
-                way_out = (f"; {manifest['files']['triples']['name']} holds the triples, so "
-                           f"KBStore.rebuild({str(folder)!r}, encoder) can re-encode them"
-                           if missing.startswith(("keys-", "values-")) else
-                           "; restore the folder from a backup")
-                raise KBStoreError(f"{folder / missing} is missing but {MANIFEST} (generation "
-                                   f"{manifest['generation']}) needs it{way_out}") from None
-            return cls(folder, manifest, handles, overlay)
-        raise KBStoreError(f"{folder} changed {_OPEN_RETRIES} times while being opened; try again")
-
-    def close(self) -> None:
-        for fh in self.handles.values():
-            fh.close()
-
 
 class _State:
-    """In-memory view of a snapshot: physical triples, live slots, overlay, lookup index."""
+    """In-memory view of a snapshot: physical triples (read on demand), live slots, overlay, lookups."""
 
     def __init__(self, snap: _Snapshot):
         m = snap.manifest
+        self.folder = snap.folder
         self.rows = int(m["rows"])
-        self.phys = _read_triples(snap)
+        self.phys = _Lines(snap)
         self.hidden, self.moves = _read_overlay(snap, self.rows)
         mask = np.ones(self.rows, dtype=bool)
         if self.hidden:
@@ -414,15 +201,23 @@ class _State:
         if len(self.base) != m["count"]:
             raise KBStoreError(f"{snap.folder / MANIFEST} says {m['count']} triples but its rows and overlay "
                                f"give {len(self.base)}; the manifest is inconsistent")
-        self.slot_of: dict[str, dict[str, int]] = {}
-        for slot in self.base.tolist():
-            t = self.phys[self.moves.get(slot, slot)]
-            props = self.slot_of.setdefault(t.name, {})
-            if t.property in props:
-                raise KBStoreError(f"{snap.folder}: ({t.name!r}, {t.property!r}) is stored twice; the overlay "
-                                   "file is inconsistent with the triples")
-            props[t.property] = slot
+        self._slot_of: dict[str, dict[str, int]] | None = None
         self.value_rows: dict[str, int] | None = None  # value text -> a row holding its embedding
+
+    @property
+    def slot_of(self) -> dict[str, dict[str, int]]:
+        """name -> property -> slot. Built on first use (it reads every triple): asking a question of a
+        store needs only its candidates' triples, editing it needs this."""
+        if self._slot_of is None:
+            slot_of: dict[str, dict[str, int]] = {}
+            for slot, t in zip(self.base.tolist(), self.phys.take(self.order()), strict=True):
+                props = slot_of.setdefault(t.name, {})
+                if t.property in props:
+                    raise KBStoreError(f"{self.folder}: ({t.name!r}, {t.property!r}) is stored twice; the "
+                                       "overlay file is inconsistent with the triples")
+                props[t.property] = slot
+            self._slot_of = slot_of
+        return self._slot_of
 
     def current(self, slot: int) -> int:
         return self.moves.get(slot, slot)
@@ -440,97 +235,6 @@ class _State:
 
     def find(self, name: str, prop: str) -> int | None:
         return self.slot_of.get(name, {}).get(prop)
-
-
-def _read_triples(snap: _Snapshot) -> list[Triple]:
-    meta = snap.manifest["files"]["triples"]
-    rows = int(snap.manifest["rows"])
-    fh = snap.handles["triples"]
-    data = _pread_all(fh.fileno(), meta["bytes"], 0)
-    name = snap.folder / meta["name"]
-    if len(data) < meta["bytes"]:
-        lines = data.count(b"\n")
-        raise KBStoreError(f"{name} is truncated: {min(lines, rows)} of {rows} rows intact ({len(data)} of "
-                           f"{meta['bytes']} bytes); the triples after that are lost from this file, so "
-                           "restore the folder from a backup (the embeddings alone cannot give them back)")
-    if rows == 0:
-        return []
-    try:
-        text = data.decode("utf-8")
-        if not text.endswith("\n"):
-            raise ValueError("no final newline")
-        records = json.loads("[" + text[:-1].replace("\n", ",") + "]")
-        if len(records) != rows:
-            raise ValueError(f"{len(records)} lines")
-        return [Triple(r["name"], r["property"], r["value"]) for r in records]
-    except (ValueError, KeyError, TypeError, KBFormatError):
-        pass
-    bad = next((i for i, line in enumerate(data.split(b"\n")[:rows]) if not _good_line(line)), rows)
-    raise KBStoreError(f"{name}, line {bad + 1}: damaged (not a triple record; the {bad} rows before it "
-                       "parse); verify() names the damaged blocks; restore the folder from a backup")
-
-
-def _pread_all(fd: int, size: int, offset: int) -> bytes:
-    """Up to ``size`` bytes at ``offset`` (fewer only at end of file); one pread is capped near 2 GiB."""
-    parts = []
-    while size > 0:
-        part = os.pread(fd, min(size, 1 << 30), offset)
-        if not part:
-            break
-        parts.append(part)
-        size -= len(part)
-        offset += len(part)
-    return b"".join(parts)
-
-
-def _good_line(line: bytes) -> bool:
-    try:
-        r = json.loads(line)
-        Triple(r["name"], r["property"], r["value"])
-    except (ValueError, KeyError, TypeError, KBFormatError):
-        return False
-    return True
-
-
-def _read_overlay(snap: _Snapshot, rows: int) -> tuple[set[int], dict[int, int]]:
-    ov = snap.manifest["files"].get("overlay")
-    if not ov:
-        return set(), {}
-    name = snap.folder / ov["name"]
-    if len(snap.overlay) != ov["bytes"] or hashlib.sha256(snap.overlay).hexdigest() != ov["sha256"]:
-        raise KBStoreError(f"{name} does not match its size/checksum in the manifest: which rows are "
-                           "updated or removed is unknown; restore the folder from a backup")
-    arr = np.frombuffer(snap.overlay, dtype=_I64)
-    h, k = int(ov["hidden"]), int(ov["moves"])
-    if len(arr) != h + 2 * k or (len(arr) and (arr.min() < 0 or arr.max() >= rows)):
-        raise KBStoreError(f"{name} is inconsistent with the manifest ({rows} rows)")
-    hidden = set(arr[:h].tolist())
-    moves = dict(zip(arr[h:h + k].tolist(), arr[h + k:].tolist(), strict=True))
-    if any(s in hidden or r not in hidden for s, r in moves.items()):
-        raise KBStoreError(f"{name} is inconsistent: a moved slot is hidden or its new row is not")
-    return hidden, moves
-
-
-def _check_sizes(snap: _Snapshot, kinds: tuple[str, ...] = _DATA) -> dict[str, int]:
-    """Raise on truncation (naming the file and the intact rows); return trailing uncommitted bytes."""
-    m = snap.manifest
-    rows, row_bytes = int(m["rows"]), int(m["dim"]) * 2
-    trailing, problems = {}, []
-    for kind in kinds:
-        meta = m["files"][kind]
-        size = os.fstat(snap.handles[kind].fileno()).st_size
-        if size > meta["bytes"]:
-            trailing[kind] = size - meta["bytes"]
-        elif size < meta["bytes"] and kind == "triples":
-            _read_triples(snap)  # raises, saying how many lines are intact
-        elif size < meta["bytes"]:
-            problems.append(f"{snap.folder / meta['name']} is truncated: {size // row_bytes} of {rows} rows "
-                            f"intact ({size} of {meta['bytes']} bytes)")
-    if problems:
-        raise KBStoreError("; ".join(problems) + f". {m['files']['triples']['name']} still holds all "
-                           f"{m['count']} triples, so the embeddings can be re-encoded: "
-                           f"KBStore.rebuild({str(snap.folder)!r}, encoder)")
-    return trailing
 
 
 # ------------------------------------------------------------------------------------------- the store
@@ -554,7 +258,10 @@ class KBStore:
         self._state: _State | None = None
         self._blocks: dict[str, _Blocks] = {}
         self._maps: dict[str, np.ndarray] = {}
+        self._tables: dict[str, _Blocks] = {}  # committed block tables for _check (per generation)
         self._logical: list[Triple] | None = None
+        self._index: list | None = None  # [keys file, KBPrefilter, rows in it, generation mapped] (store.index)
+        self._seen: tuple[int, int, int] | None = None  # manifest stat at the last reload() that read it
 
     # ------------------------------------------------------------------------------ opening
 
@@ -588,10 +295,11 @@ class KBStore:
         try:
             if (folder / MANIFEST).exists():
                 raise KBStoreError(f"another process created a KB store at {folder} just now; open it instead")
+            _refuse_orphaned_data(folder)
             files: dict[str, Any] = {}
             for kind in _DATA:
                 name = _file_name(kind, 0)
-                with open(folder / name, "wb") as fh:
+                with open(folder / name, "xb") as fh:  # "x": never truncate a file that is there
                     os.fsync(fh.fileno())
                 files[kind] = {"name": name, "bytes": 0, "blocks": []}
             files["overlay"] = None
@@ -651,7 +359,7 @@ class KBStore:
                                        "do not match their checksums, so the triples cannot be trusted to "
                                        "re-encode; restore the folder from a backup")
                 state = _State(snap)
-                triples = [state.phys[r] for r in state.order().tolist()]
+                triples = state.phys.take(state.order())
                 manifest = dict(snap.manifest, encoder=encoder.name, dim=int(encoder.dim))
             finally:
                 snap.close()
@@ -670,6 +378,24 @@ class KBStore:
         except BaseException:
             store.close()
             raise
+        return store
+
+    @classmethod
+    def shared(cls, path: str | os.PathLike) -> KBStore:
+        """A read-only store for this folder, kept per folder and thread (so its parsed triples and
+        loaded pre-filter index are reused; checked blocks and the index's pages are shared by the whole
+        process), moved to the newest generation on each call. What ``ask(question, "facts.kbstore")``
+        uses. Per thread, because a KBStore is not thread-safe: one thread's reload() would swap the
+        files under another's reads."""
+        folder = Path(path).resolve()
+        stores = _SHARED.__dict__.setdefault("stores", {})
+        store = stores.get(folder)
+        if store is None or store._snap is None:
+            store = stores[folder] = cls.open(folder, readonly=True)
+            while len(stores) > _SHARED_MAX:
+                stores.pop(next(iter(stores))).close()
+        else:
+            store.reload()
         return store
 
     def _reload(self, first: bool = False) -> None:
@@ -700,7 +426,7 @@ class KBStore:
             self._snap.close()
         self._snap, self._state = snap, state
         self._blocks = {k: _Blocks.from_meta(files[k], snap.manifest["block_rows"]) for k in _DATA}
-        self._maps = {}
+        self._maps, self._tables = {}, {}
         self._logical = None
         if first and not self.readonly:
             self._remove_strays()
@@ -708,9 +434,15 @@ class KBStore:
     def reload(self) -> bool:
         """Move to the newest committed generation (for long-lived readers). True if it changed."""
         self._st()
-        if _read_manifest(self.path)["generation"] == self.generation:
+        # Every commit replaces manifest.json (a new inode): an unchanged stat means an unchanged
+        # generation, without parsing a manifest of thousands of block checksums on every ask.
+        st = os.stat(self.path / MANIFEST)
+        seen = (st.st_ino, st.st_mtime_ns, st.st_size)
+        if seen == self._seen or _read_manifest(self.path)["generation"] == self.generation:
+            self._seen = seen
             return False
         self._reload()
+        self._seen = seen
         return True
 
     def close(self) -> None:
@@ -790,7 +522,7 @@ class KBStore:
         """The live triples, in index order (the row order of embeddings() and key_matrix())."""
         st = self._st()
         if self._logical is None:
-            self._logical = [st.phys[r] for r in st.order().tolist()]
+            self._logical = st.phys.take(st.order())
         return list(self._logical)
 
     def get(self, name: str, property: str) -> Triple | None:
@@ -817,8 +549,24 @@ class KBStore:
             self._maps[kind] = mm
         return mm
 
+    def _check(self, kind: str, rows: np.ndarray | None = None) -> None:
+        """Check the checksums of the blocks holding these committed physical rows (default: all),
+        each block once per process: a damaged row is an error, never an embedding."""
+        m = self._manifest
+        table = self._tables.get(kind)
+        if table is None:  # the committed block table, once per generation (thousands of entries at 1M rows)
+            table = self._tables[kind] = _Blocks.from_meta(m["files"][kind], int(m["block_rows"]))
+        blocks = None if rows is None else np.unique(np.asarray(rows, dtype=_I64).ravel() // table.block_rows).tolist()
+        _check_blocks(self.path, kind, self._snap.handles[kind], table, int(m["rows"]), blocks)
+
+    def _read_phys(self, kind: str, rows: np.ndarray) -> np.ndarray:
+        """float16 rows of keys or values by physical row (any shape of index), checked."""
+        self._check(kind, rows)
+        return self._map(kind)[rows]
+
     def _logical_rows(self, kind: str) -> np.ndarray:
         st = self._st()
+        self._check(kind)
         mm = self._map(kind)
         return mm if st.identity() else mm[st.order()]
 
@@ -833,6 +581,34 @@ class KBStore:
     def value_matrix(self) -> np.ndarray:
         """The values as float16 (M, dim); a memmap under the same condition as key_matrix()."""
         return self._logical_rows("values")
+
+    def max_triple_bytes(self) -> int:
+        """An upper bound on any stored triple's UTF-8 bytes of name + property + value (replaced and
+        removed rows included), from the longest line of the triples file: no triple is parsed. What a
+        caller that must bound an answer span needs without reading a million triples."""
+        return max(0, self._st().phys.max_line_bytes() - _RECORD_OVERHEAD)
+
+    def view(self) -> StoreView:
+        """(keys, values, triples) of this generation, read on demand by row (in triples() order).
+
+        What the model's pre-filter reads: ``keys[rows]`` / ``values[rows]`` are float16 arrays of just
+        those rows and ``triples[j]`` one triple, so a question over a million-triple store reads its
+        candidates only. ``np.asarray(view.keys)`` is the whole key_matrix()."""
+        st = self._st()
+        order = None if st.identity() else st.order()
+        return StoreView(_Rows(self, "keys", order), _Rows(self, "values", order), _Triples(self, order))
+
+    def prefilter(self, *, progress: bool | None = None) -> KBPrefilter:
+        """The FAISS pre-filter index over this store's keys, rows numbered as ``triples()``.
+
+        The one saved in the store (``kblam.store.index``), memory-mapped, when it is valid for this
+        store; otherwise (none yet, deleted, damaged, stale) it is built now, which is said once,
+        and saved for the next process. Edits since the save are applied without a rebuild.
+        """
+        self._st()
+        from kblam.store import index
+
+        return index.current(self, progress=progress)
 
     def embeddings(self) -> KBEmbeddings:
         """The live triples with float32 key/value tensors (M, dim), row j for triple j."""
@@ -969,10 +745,9 @@ class KBStore:
         order = st.order()
 
         def chunks():
-            keys, values = self._map("keys"), self._map("values")
             for start in range(0, len(order), BLOCK_ROWS):
                 rows = order[start:start + BLOCK_ROWS]
-                yield [st.phys[r] for r in rows.tolist()], keys[rows], values[rows]
+                yield st.phys.take(rows), self._read_phys("keys", rows), self._read_phys("values", rows)
 
         self._write_fresh(dict(self._manifest), chunks())
 
@@ -1077,12 +852,15 @@ class KBStore:
 
     def _read_rows(self, kind: str, rows: np.ndarray, tx: dict) -> np.ndarray:
         """Stored embedding rows (float32), committed or appended earlier in this transaction."""
-        if (rows < int(self._manifest["rows"])).all():
-            return np.asarray(self._map(kind)[rows], dtype=np.float32)
-        row_bytes = self.dim * 2
-        fd = tx["handles"][kind].fileno()  # flushed after each append
-        out = [np.frombuffer(os.pread(fd, row_bytes, r * row_bytes), dtype=_F16) for r in rows.tolist()]
-        return np.stack(out).astype(np.float32)
+        committed = rows < int(self._manifest["rows"])
+        out = np.empty((len(rows), self.dim), np.float32)
+        out[committed] = self._read_phys(kind, rows[committed])
+        if not committed.all():  # appended earlier in this transaction: not in the manifest yet
+            row_bytes = self.dim * 2
+            fd = tx["handles"][kind].fileno()  # flushed after each append
+            out[~committed] = [np.frombuffer(os.pread(fd, row_bytes, r * row_bytes), dtype=_F16)
+                               for r in rows[~committed].tolist()]
+        return out
 
     def _commit(self, tx: dict) -> None:
         """fsync appended rows, write a changed overlay under a new name, then switch the manifest."""
@@ -1116,10 +894,11 @@ class KBStore:
         _fsync_dir(self.path)
         # Same data files, longer: the in-memory state is already this generation's.
         self._snap.manifest, self._snap.overlay = body, overlay
-        self._maps = {}
+        self._maps, self._tables = {}, {}
         if tx["overlay"] and old["files"].get("overlay"):
             with contextlib.suppress(OSError):
                 os.unlink(self.path / old["files"]["overlay"]["name"])
+        self._after_commit("refresh")
 
     def _write_fresh(self, manifest: dict, chunks: Iterable[tuple[list[Triple], np.ndarray, np.ndarray]]) -> None:
         """Write the given live rows into new data files (compact/rebuild), commit, delete the old ones."""
@@ -1167,6 +946,19 @@ class KBStore:
         self._reload()
         # The old files (and any crash leftovers) go; readers holding them open keep reading them.
         self._remove_strays()
+        self._after_commit("rebuild")
+
+    def _after_commit(self, what: str) -> None:
+        """Keep a saved pre-filter index current (kblam.store.index). The change is committed already,
+        so a failure here is a warning: the index is rebuilt when it is next used."""
+        from kblam.store import index
+
+        try:
+            index.refresh(self) if what == "refresh" else index.rebuild(self)
+        except Exception as err:  # noqa: BLE001 - derived data; the commit stands
+            warnings.warn(f"{self.path}: the change is committed, but updating the saved pre-filter index "
+                          f"failed ({type(err).__name__}: {err}); it is rebuilt when next used",
+                          UserWarning, stacklevel=4)
 
     def _remove_strays(self, names: Iterable[str] | None = None) -> None:
         """Delete store files (all, or ``names``) that the manifest does not refer to: left by a crash
@@ -1181,6 +973,98 @@ class KBStore:
                     os.unlink(self.path / name)
 
 
+_SHARED = threading.local()  # KBStore.shared(): .stores, folder -> this thread's read-only store, oldest first
+_SHARED_MAX = 4
+
+
+def is_store(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a KB store folder (it holds a manifest.json)."""
+    return (Path(path) / MANIFEST).is_file()
+
+
+def load_kb(path: str | os.PathLike) -> KBStore | KnowledgeBase:
+    """A KB given by path: a folder is a store (``KBStore.shared``: read-only, one per folder, kept at
+    the newest generation), anything else a KB file (``KnowledgeBase.from_file``); each says what is
+    wrong with a path that is neither."""
+    return KBStore.shared(path) if Path(path).is_dir() else KnowledgeBase.from_file(path)
+
+
+class StoreView(NamedTuple):
+    keys: _Rows
+    values: _Rows
+    triples: _Triples
+
+
+class _Stale:
+    """A view holds one generation's row order; it stays valid while the data files do (appends keep
+    every committed row in place), and refuses to read after compact()/rebuild() rewrote them."""
+
+    def __init__(self, store: KBStore, order: np.ndarray | None):
+        self._store, self._order = store, order
+        self._files = store._manifest["files"]["keys"]["name"]
+        self._count = len(store)
+
+    def _phys(self, rows: Any) -> np.ndarray:
+        store = self._store
+        if store._snap is None or store._manifest["files"]["keys"]["name"] != self._files:
+            raise KBStoreError(f"{store.path}: the store was compacted, rebuilt or closed since this view was "
+                               "made; take a new one with store.view()")
+        rows = np.arange(self._count)[rows] if isinstance(rows, slice) else np.asarray(rows, dtype=_I64)
+        if rows.size and (rows.min() < -self._count or rows.max() >= self._count):
+            raise IndexError(f"row out of range for a view of {self._count} triples")
+        rows = rows % max(self._count, 1)
+        return rows if self._order is None else self._order[rows]
+
+    def __len__(self) -> int:
+        return self._count
+
+
+class _Rows(_Stale):
+    """Logical rows of a store's keys or values (float16), each block's checksum checked on first read."""
+
+    def __init__(self, store: KBStore, kind: str, order: np.ndarray | None):
+        super().__init__(store, order)
+        self._kind = kind
+        self.shape = (self._count, store.dim)
+        self.dtype = np.dtype(_F16)
+        self.ndim = 2
+
+    def __getitem__(self, rows: Any) -> np.ndarray:
+        return self._store._read_phys(self._kind, self._phys(rows))
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        if self._order is None:  # the memmap itself, no copy (every block checked first)
+            rows = self._phys(slice(None))
+            self._store._check(self._kind, rows)
+            whole = self._store._map(self._kind)[: self._count]
+        else:
+            whole = self[slice(None)]
+        return whole if dtype is None else whole.astype(dtype)
+
+
+class _Triples(_Stale):
+    """Logical triples of a store; a triple is parsed when it is first asked for."""
+
+    def __getitem__(self, row: int) -> Triple:
+        return self._store._state.phys[int(self._phys(row))]
+
+
+def _refuse_orphaned_data(folder: Path) -> None:
+    """A folder with store data files but no manifest is a store that lost its manifest, not an empty
+    folder: creating a store there would write over data that restoring the manifest gives back.
+    Empty files (a create() that died before its manifest) hold nothing and are cleared."""
+    own = sorted(f for f in os.listdir(folder) if _OWN_FILE.match(f))
+    held = [f for f in own if (folder / f).stat().st_size > 0]
+    if held:
+        shown = ", ".join(held[:6]) + (f" and {len(held) - 6} more" if len(held) > 6 else "")
+        raise KBStoreError(f"{folder} holds KB store data files ({shown}) but no {MANIFEST}: the manifest was "
+                           "deleted or the folder was copied incompletely. Nothing was changed. Restore "
+                           f"{MANIFEST} from where it came (then KBStore.open works), or move these files "
+                           "away to start a new store here")
+    for name in own:
+        os.unlink(folder / name)
+
+
 def _check_encoder(folder: Path, manifest: dict, encoder: KBEncoder) -> None:
     if encoder.name != manifest["encoder"]:
         raise KBStoreError(f"{folder} was encoded with {manifest['encoder']!r}, but the encoder given is "
@@ -1191,22 +1075,3 @@ def _check_encoder(folder: Path, manifest: dict, encoder: KBEncoder) -> None:
                            f"the encoder given ({encoder.name!r}) makes {encoder.dim}-dim ones")
 
 
-def _lock(folder: Path) -> int:
-    """Take the single-writer lock (non-blocking); returns its fd, held until close()."""
-    if fcntl is None:  # pragma: no cover
-        raise KBStoreError("writing a KB store needs fcntl.flock (POSIX); open it with readonly=True")
-    fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        pid = _read_lock_pid(folder)
-        who = f"process {pid}" if pid else "another process"
-        raise KBStoreError(f"{folder} is open for writing by {who} (or by another KBStore in this one); "
-                           "open it with readonly=True to read, or close the other writer first") from None
-    except BaseException:
-        os.close(fd)
-        raise
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-    return fd
