@@ -139,7 +139,7 @@ def main(argv=None) -> int:
             load_checkpoint(Path(cfg.out) / CHECKPOINT, model)
             export_adapter(model, cfg, TARGET)
         model = KBLaM.from_pretrained(TARGET)  # what ships: the bfloat16 weights, loaded as users load them
-        calibrator, _ = calibrate(model)
+        calibrator, _ = calibrate(model, sizes=(100, 1000, 10000))  # 10,000: the synthetic train split only
         calibrator.save(TARGET)
         plot(calibrator, TARGET / "calibration.png")
         records = answer_eval.evaluate(model, **EVAL_ARGS)
