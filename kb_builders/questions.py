@@ -758,17 +758,30 @@ def _unanswerable(ix: _Index, rng: random.Random, heldout: bool, absent: Sequenc
     return QAExample(question, "⟦r⟧", "unanswerable", ())
 
 
+def fact_answer(k: int) -> str:
+    """The answer stating k facts whole: "⟦f0⟧." / "⟦f0⟧, and ⟦f1⟧." / "⟦f0⟧, ⟦f1⟧, and ⟦f2⟧."."""
+    spans = [f"⟦f{i}⟧" for i in range(k)]
+    return (spans[0] if k == 1 else ", ".join(spans[:-1]) + ", and " + spans[-1]) + "."
+
+
+ANSWER_STYLES = ("echo", "facts")
+
+
 def make_examples(triples: Sequence[Triple], n: int, *, seed: int = 0,
                   mix: Mapping[str, float] = DEFAULT_MIX, heldout_phrasings: bool = False,
-                  absent: Sequence[Triple] = (), variants: bool = False) -> list[QAExample]:
+                  absent: Sequence[Triple] = (), variants: bool = False, answers: str = "echo") -> list[QAExample]:
     """``n`` question/answer examples about ``triples``, kinds in the proportions of ``mix``.
 
     ``sources`` index into ``triples``; answers carry span markers (``render`` fills them).
     Unanswerable questions ask about ``absent`` triples (those whose (name, property) is not in
     ``triples``) when given, else about a property an entity lacks or an entity that is not there.
     ``heldout_phrasings=True`` words every question with held-out templates only; ``variants=True``
-    also asks with synonyms, lower case, no question mark and typos. Deterministic under ``seed``.
+    also asks with synonyms, lower case, no question mark and typos. ``answers="facts"`` states every
+    asked fact as a whole fact span ("The founding year of Acme is 1987.", ``fact_answer``) instead of
+    words echoing the question around a value span. Deterministic under ``seed``.
     """
+    if answers not in ANSWER_STYLES:
+        raise ValueError(f"answers must be one of {ANSWER_STYLES}, got {answers!r}")
     if isinstance(n, bool) or not isinstance(n, int) or n < 0:
         raise ValueError(f"n must be a non-negative int, got {n!r}")
     counts = _kind_counts(n, _normalised_mix(mix))
@@ -793,5 +806,7 @@ def make_examples(triples: Sequence[Triple], n: int, *, seed: int = 0,
             example = _open(ix, rng, heldout_phrasings, variants)
         else:
             example = _unanswerable(ix, rng, heldout_phrasings, absent_ok, variants)
+        if answers == "facts" and example.kind in ("simple", "multi"):
+            example = QAExample(example.question, fact_answer(len(example.sources)), example.kind, example.sources)
         out.append(example)
     return out

@@ -32,13 +32,14 @@ class TrainingData:
 def build_examples(
     n_entities: int, n_examples: int, *, seed: int, split: str, kb_size: tuple[int, int],
     mix: dict[str, float], heldout_phrasings: bool = False, per_episode: int = 4,
-    whole_entities: float = 0.0, variants: bool = False,
+    whole_entities: float = 0.0, variants: bool = False, answers: str = "echo",
 ):
     """(pool of triples, list of example dicts) for one split.
 
     A share `whole_entities` of the episodes holds whole entities (each of their properties, less one
     in four, which become "the entity lacks this property" unknowns), as real KBs do; the others a
-    random sample of triples. `variants`: questions also with synonyms, lower case, typos.
+    random sample of triples. `variants`: questions also with synonyms, lower case, typos. `answers`:
+    "echo" (words echoing the question around value spans) or "facts" (whole facts quoted).
     """
     from kb_builders.questions import make_examples
     from kb_builders.synthetic import synthetic_triples
@@ -74,7 +75,7 @@ def build_examples(
         for j, kind in enumerate(kinds):
             for qa in make_examples(
                 kb, 1, seed=(seed * 1_000_003 + episode) * 8 + j, mix={kind: 1.0},
-                heldout_phrasings=heldout_phrasings, absent=absent, variants=variants,
+                heldout_phrasings=heldout_phrasings, absent=absent, variants=variants, answers=answers,
             ):
                 examples.append({
                     "question": qa.question, "answer": qa.answer, "kind": qa.kind,

@@ -56,6 +56,7 @@ class TrainConfig:
     )
     whole_entities: float = 0.0  # share of training KBs made of whole entities (build_examples)
     variants: bool = False  # questions also with synonyms, lower case, no "?", typos
+    answers: str = "echo"  # "echo": words echoing the question around value spans; "facts": whole facts
     # optimisation
     steps: int = 1000
     batch_size: int = 8
@@ -176,6 +177,7 @@ def train(cfg: TrainConfig, *, model=None, data=None, progress: bool = True, log
         pool, examples = build_examples(
             cfg.train_entities, cfg.train_examples, seed=cfg.seed, split="train",
             kb_size=tuple(cfg.kb_size), mix=cfg.mix, whole_entities=cfg.whole_entities, variants=cfg.variants,
+            answers=cfg.answers,
         )
         data = prepare(model, pool, examples, cache=Path(cfg.cache_dir) if cfg.cache_dir else out / "cache")
     params = [p for p in model.adapter.parameters() if p.requires_grad]
