@@ -62,19 +62,17 @@ def _has_surrogates(text: str) -> bool:
 
 
 def resolve_kb(model, kb):
-    """A KB as ask() reads it: a KBStore, or KBEmbeddings (files and folders opened, lists de-duplicated)."""
-    if kb is None or isinstance(kb, (KBStore, KBEmbeddings)):
+    """A KB as ask() reads it: a KBStore, KBEmbeddings or KnowledgeBase (files and folders opened, lists
+    de-duplicated). The model's cache (kblam.kb_cache) keeps each one's adapter states per version."""
+    if kb is None or isinstance(kb, (KBStore, KBEmbeddings, KnowledgeBase)):
         return kb
     if isinstance(kb, (str, Path)):
         path = Path(kb)
-        kb = KBStore.open(path) if path.is_dir() else KnowledgeBase.from_file(path)
-        return kb if isinstance(kb, KBStore) else model.encode_kb(kb)
-    if isinstance(kb, KnowledgeBase):
-        return model.encode_kb(kb)
+        return KBStore.open(path) if path.is_dir() else KnowledgeBase.from_file(path)
     if isinstance(kb, Sequence) and not isinstance(kb, (bytes, str)):
         if not all(isinstance(t, Triple) for t in kb):
             raise TypeError("kb must be a KnowledgeBase, KBStore, KBEmbeddings, a list of Triples or a file path")
-        return model.encode_kb(KnowledgeBase(list(kb)))  # merges exact duplicates
+        return KnowledgeBase(list(kb))  # merges exact duplicates
     raise TypeError(
         f"kb must be a KnowledgeBase, KBStore, KBEmbeddings, a list of Triples or a file path, not {type(kb).__name__}"
     )
@@ -138,6 +136,7 @@ def ask(
     kb = resolve_kb(model, kb)
     context, source_of, kb_size = nullcontext(), None, 0
     if kb is not None:
+        kb = model.kb_states(kb)  # this version of the KB, for the whole answer (kblam.kb_cache)
         kb_size = len(kb)
         above = model.prefilter_above if prefilter_above is None else prefilter_above
         narrow = prefilter if isinstance(prefilter, bool) else (
@@ -145,11 +144,10 @@ def ask(
         if narrow:
             index = prefilter if isinstance(prefilter, KBPrefilter) else None
             context, source_of = model._attach_candidates(
-                kb, questions, recorder, prefilter_k or model.prefilter_k, index, tap=spans)
+                kb, questions, recorder, prefilter_k or model.prefilter_k, index, tap=spans, copy=not spans)
         else:
-            embeddings = model.encode_kb(kb)
-            context = model.attach(embeddings, record=recorder, questions=questions, tap=spans)
-            source_of = lambda i, j: embeddings.triples[j] if j < kb_size else None  # noqa: E731
+            context = model.attach(kb, record=recorder, questions=questions, tap=spans, copy=not spans)
+            source_of = lambda i, j, triples=kb.triples: triples[j] if j < kb_size else None  # noqa: E731
 
     measured: list[dict[str, float]] = []
     confidences: list[float | None] = [None] * len(questions)
@@ -221,8 +219,13 @@ def _check_length(model, prompt_tokens: int, max_new_tokens: int) -> None:
 
 
 def _longest_span(kb, cfg) -> int:
-    """An upper bound on a span's tokens (a token is at least one byte), so a started span completes."""
-    triples = kb.triples() if isinstance(kb, KBStore) else kb.triples
+    """An upper bound on a span's tokens (a token is at least one byte), so a started span completes.
+
+    Computed once per KB version (kb: KBStates)."""
+    return kb.derive("longest_span", lambda triples: _span_bound(triples, cfg))
+
+
+def _span_bound(triples, cfg) -> int:
     longest = max((len(t.value.encode()) + (len(t.name.encode()) + len(t.property.encode()) + 16
                                             if "fact" in (cfg.span_kinds or ()) else 0) for t in triples), default=0)
     return max(longest, len(cfg.refusal.encode())) + 2
