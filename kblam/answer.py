@@ -7,11 +7,15 @@
    `min_confidence` refuses the question there and then.
 4. The answer is decoded with value spans (kblam.spans): each step is the LM's token or a whole span
    quoted from the KB; `Answer.quoted` lists the triples quoted, in order.
+
+`AnswerStream` (KBLaM.ask_stream) is the same walk in a worker thread, its text handed over as it is
+generated (a span's tokens one per step, as the span decoder forces them).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -206,6 +210,72 @@ def ask(
         answers.append(Answer(question=q, text=text, sources=sources, quoted=quoted, confidence=confidences[i],
                               refused=refused, signals=measured[i] if i < len(measured) else {}))
     return answers[0] if single else answers
+
+
+class AnswerStream:
+    """One answer's text as it is generated (iterate over it), then the whole Answer (`.answer`).
+
+        stream = model.ask_stream("What is the symbol of gold?", kb=kb)
+        for piece in stream:
+            print(piece, end="", flush=True)
+        stream.answer.sources                      # and quoted, confidence, refused, signals
+
+    `ask` runs in a worker thread (torch's grad mode and kblam's attached KB are per thread, so it
+    attaches there) with transformers' TextIteratorStreamer, which hands over text a word at a time.
+    The pieces join to `answer.text`: leading and trailing whitespace is held back as `ask` strips it,
+    and an answer refused after the prompt's forward pass streams the refusal at the end. Only when
+    the answer became the refusal after other text was streamed do they differ (`answer.text` is the
+    answer). Errors raise from the iteration. Leaving the loop early (or `close()`) stops generating
+    at the next step.
+    """
+
+    def __init__(self, model, question: str, kb=None, **kwargs):
+        from transformers import StoppingCriteriaList, TextIteratorStreamer
+
+        if not isinstance(question, str):
+            raise TypeError("ask_stream answers one question (a str); use ask() for a batch")
+        self.answer: Answer | None = None
+        self._error: BaseException | None = None
+        self._cancelled = threading.Event()
+        self._streamer = TextIteratorStreamer(model.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        stop = StoppingCriteriaList(kwargs.pop("stopping_criteria", None) or [])
+        stop.append(lambda input_ids, scores, **_: self._cancelled.is_set())
+        kwargs.update(streamer=self._streamer, stopping_criteria=stop)
+        self._thread = threading.Thread(target=self._run, args=(model, question, kb, kwargs), daemon=True)
+        self._thread.start()
+
+    def _run(self, model, question, kb, kwargs) -> None:
+        try:
+            with torch.no_grad():
+                self.answer = ask(model, question, kb, **kwargs)
+        except BaseException as error:  # noqa: BLE001 - handed to the consumer's thread
+            self._error = error
+        finally:
+            self._streamer.end()  # a second stop signal when generate ended it already: never read
+
+    def __iter__(self) -> Iterator[str]:
+        sent, held = "", ""  # text handed over, and whitespace held back
+        try:
+            for piece in self._streamer:
+                piece = held + piece
+                if not sent:
+                    piece = piece.lstrip()
+                text = piece.rstrip()
+                held = piece[len(text):]
+                if text:
+                    sent += text
+                    yield text
+        finally:
+            self.close()
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        if self.answer.text.startswith(sent) and self.answer.text != sent:
+            yield self.answer.text[len(sent):]
+
+    def close(self) -> None:
+        """Stop generating (at the next step); the worker thread then ends."""
+        self._cancelled.set()
 
 
 def _check_length(model, prompt_tokens: int, max_new_tokens: int) -> None:

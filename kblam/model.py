@@ -28,7 +28,7 @@ from torch import nn
 
 from kblam import attention, copying, kb_cache
 from kblam.adapter import CONFIG_NAME, WEIGHTS_NAME, KBAdapter, KBLaMConfig
-from kblam.answer import Answer
+from kblam.answer import Answer, AnswerStream
 from kblam.confidence import Calibrator
 from kblam.encoder import KBEmbeddings, KBEncoder
 from kblam.kb import KnowledgeBase, Triple
@@ -729,6 +729,19 @@ class KBLaM(nn.Module):
             min_confidence=min_confidence, spans=spans, prefilter=prefilter, prefilter_above=prefilter_above,
             prefilter_k=prefilter_k, **generate_kwargs,
         )
+
+    def ask_stream(self, question: str, kb=None, **kwargs) -> AnswerStream:
+        """Answer one question, its text handed over as it is generated (kblam.answer.AnswerStream):
+
+            stream = model.ask_stream("What is the symbol of gold?", kb=kb)
+            for piece in stream:
+                print(piece, end="", flush=True)
+            answer = stream.answer                 # the Answer ask() returns: sources, quoted, confidence, ...
+
+        Takes ask()'s arguments. Generation runs in a worker thread until the stream is read to its end,
+        left early or closed.
+        """
+        return AnswerStream(self, question, kb, **kwargs)
 
     def prefilter_index(self, kb: KnowledgeBase | KBEmbeddings | KBStore, **options) -> KBPrefilter:
         """The KBPrefilter (kblam.prefilter) over a KB's key embeddings, built on first use and cached.
