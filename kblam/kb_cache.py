@@ -66,6 +66,14 @@ def project(adapter, keys: torch.Tensor, values: torch.Tensor, dtype: torch.dtyp
     return out
 
 
+def default_state_dtype(device: torch.device) -> torch.dtype:
+    """bfloat16 where products in it are fast (CUDA; a CPU with oneDNN bfloat16 support), else float32."""
+    if device.type == "cuda":
+        return torch.bfloat16
+    fast = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    return torch.bfloat16 if device.type == "cpu" and fast is not None and fast() else torch.float32
+
+
 def key_norms(keys: torch.Tensor) -> torch.Tensor:
     """(M,) float32 norms of the key embeddings, floored as torch.nn.functional.normalize floors them."""
     return torch.linalg.vector_norm(keys.float(), dim=-1).clamp_min(1e-12)

@@ -363,6 +363,11 @@ class KBLaM(nn.Module):
         adapter.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
         model = cls(base_model, tokenizer, encoder, adapter)
         model.calibrator = Calibrator.load(folder)
+        # A trained adapter reads its KB states in bfloat16 where products in it are fast: half the memory,
+        # and on the shipped adapter 151 of 152 evaluation answers identical to float32, the scores equal
+        # (benchmarks/precision.py, docs/performance.md). Set model.kb_cache.dtype = torch.float32 to opt out.
+        if config.trained:
+            model.kb_cache.dtype = kb_cache.default_state_dtype(next(adapter.parameters()).device)
         return model
 
     def save_pretrained(self, folder: str | Path, *, dtype: torch.dtype = torch.float32, card: str | None = None) -> Path:
