@@ -291,8 +291,8 @@ def _check_length(model, prompt_tokens: int, max_new_tokens: int) -> None:
 def _longest_span(kb, cfg) -> int:
     """An upper bound on a span's tokens (a token is at least one byte), so a started span completes.
 
-    Computed once per KB version (kb: KBStates)."""
-    return kb.derive("longest_span", lambda triples: _span_bound(triples, cfg))
+    Kept with the KB's version (kb: KBStates) and carried over its edits (a bound still)."""
+    return kb.derive("longest_span", lambda triples: _span_bound(triples, cfg), upper_bound=True)
 
 
 def _span_bound(triples, cfg) -> int:

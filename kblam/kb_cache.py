@@ -8,7 +8,7 @@ and adapter:
 - `KBStates`: one KB at one version: its triples, key/value embeddings, the per-layer KB keys and
   values with the null slot last (projected on first use, kept in `dtype`), the keys' norms (the
   question-key cosines), the pre-filter's index, and whatever the answer path derives from the
-  triples (`derived`: the span budget, the copy path's value tokens).
+  triples (`derived`: the span budget, carried over edits as a bound; the copy path's value tokens).
 - Which version: a KnowledgeBase by identity, then by content: its triples are compared with the
   cached ones (a tuple comparison that stops at the first difference; unchanged triples are the same
   objects, so it runs at pointer speed, ~1 ms per 100,000 triples); a KBStore by identity and
@@ -99,6 +99,7 @@ class KBStates:
         self.index = None  # a KBPrefilter over the keys, built by the pre-filter path
         self.view: tuple | None = None  # (keys, values, triples) the pre-filter gathers candidates from
         self.derived: dict[str, Any] = {}  # answer-path data computed from the triples (see derive)
+        self._bounds: dict[str, Callable] = {}  # derived values that are a maximum over the triples
 
     def __len__(self) -> int:
         return len(self.triples)
@@ -118,17 +119,24 @@ class KBStates:
             self._owns_embeddings = True
         return self._embeddings
 
-    def derive(self, name: str, compute: Callable[[tuple[Triple, ...]], Any]) -> Any:
-        """compute(triples), once per version (the span decoder's budget, the copy path's value tokens)."""
+    def derive(self, name: str, compute: Callable[[tuple[Triple, ...]], Any], *, upper_bound: bool = False) -> Any:
+        """compute(triples), once per version (the span decoder's budget, the copy path's value tokens).
+
+        upper_bound: the value bounds something over the triples from above (a maximum): the next version
+        keeps max(this value, compute(its new triples)), a bound still, without a pass over the whole KB.
+        """
         if name not in self.derived:
             self.derived[name] = compute(self.triples)
+            if upper_bound:
+                self._bounds[name] = compute
         return self.derived[name]
 
     def reprojected(self) -> KBStates:
         """The same KB version for another adapter: everything but the projected states is shared."""
         entry = KBStates(self.triples, self._embeddings, self._owns_embeddings, self.store)
         entry._store = self._store
-        entry.key_norms, entry.index, entry.view, entry.derived = self.key_norms, self.index, self.view, self.derived
+        entry.key_norms, entry.index, entry.view = self.key_norms, self.index, self.view
+        entry.derived, entry._bounds = self.derived, self._bounds
         return entry
 
     def nbytes(self) -> int:
@@ -251,6 +259,10 @@ class KBStateCache:
             entry.key_norms = old.key_norms[kept]
             if len(changed):
                 entry.key_norms[changed] = key_norms(entry.embeddings.keys[changed])
+        new_triples = tuple(triples[j] for j in changed.tolist())
+        for name, compute in old._bounds.items():
+            entry.derived[name] = max(old.derived[name], compute(new_triples)) if new_triples else old.derived[name]
+            entry._bounds[name] = compute
         return entry
 
 

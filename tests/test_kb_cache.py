@@ -103,6 +103,19 @@ def test_an_edit_projects_only_the_new_triples(edit, hash_encoder, monkeypatch):
     _same(edited, _uncached(model, kb), scores_atol=1e-5)  # the same answers as a KB projected afresh
 
 
+def test_the_span_budget_follows_edits_without_a_pass_over_the_kb(hash_encoder):
+    model = _model(hash_encoder)
+    kb = _kb()
+    before = _answers(model, kb)[0] and model.kb_states(kb).derived["longest_span"]
+    long_value = "a value much longer than any other in this knowledge base"
+    kb.update("entity 3", "symbol", long_value)
+    states = model.kb_states(kb)
+    assert "longest_span" in states.derived  # carried over, not recomputed from every triple
+    assert states.derived["longest_span"] >= len(long_value) + 2 > before
+    answer = model.ask("What is the symbol of entity 3?", kb, max_new_tokens=2, min_confidence=0.0)
+    assert all(t.value == long_value or t.name != "entity 3" for t in answer.quoted)
+
+
 def test_an_edit_leaves_the_version_being_read_alone(hash_encoder):
     model = _model(hash_encoder)
     kb = _kb(6)
