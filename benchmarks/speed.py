@@ -73,15 +73,14 @@ def _median(xs):
 
 
 def _alternate(a, b, repeats: int) -> tuple[float, float]:
-    """Median seconds of a() and of b(), run alternately (contention weighs on both alike)."""
+    """Median seconds of a() and of b(), run alternately (contention weighs on both alike). A function
+    that returns a float measured itself (time to first token): that is its time."""
     ta, tb = [], []
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        a()
-        ta.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        b()
-        tb.append(time.perf_counter() - t0)
+        for fn, times in ((a, ta), (b, tb)):
+            t0 = time.perf_counter()
+            got = fn()
+            times.append(got if isinstance(got, float) else time.perf_counter() - t0)
     return _median(ta), _median(tb)
 
 
@@ -283,8 +282,17 @@ def component_row(model, m: int, rates: dict, repeats: int) -> dict:
 # ----------------------------------------------------------------------------------------- goals
 
 def _ttft(model, kb, questions, **kw):
+    """A function asking the next question, returning its time to first token: from the call to the first
+    token's logits (a span started at the first token goes on being quoted after it)."""
     it = iter(questions)
-    return lambda: model.ask(next(it), kb, max_new_tokens=1, **kw)
+
+    def ttft() -> float:
+        clock = StepClock()
+        t0 = time.perf_counter()
+        model.ask(next(it), kb, max_new_tokens=1, logits_processor=[clock], **kw)
+        return clock.times[0] - t0
+
+    return ttft
 
 
 def goals(model, repeats: int, decode_steps: int, batch_sizes: list[int]) -> dict:
