@@ -4,7 +4,9 @@ Large knowledge bases (issue 5, docs/scale.md):
 - `kb_chunk_size` (default 8192): a KB of more knowledge tokens than this is read in chunks of this
   many by the rectangular attention (kblam.attention), so a layer's attention memory is bounded by
   the chunk, not by the KB. The result equals the single pass. In that mode the copy path's tap keeps
-  the KB attention of the last position only (all that generation reads).
+  the KB attention of the last position only (all that generation reads). Inference calls (no
+  autograd) size their chunks to their query rows instead (adaptive_chunk, issue 10): the same
+  memory bound, a chunk's logits kept within the CPU's caches; 0 or None still turns chunking off.
 - `prefilter_above` (default 20,000 triples) and `prefilter_k` (256): above that size `ask` first
   picks each question's top-k triples by key cosine with FAISS (kblam.prefilter) and reads only those.
 - `ask` and `attach` take a KBStore as well; with the pre-filter, only the candidates' rows are read
@@ -134,15 +136,14 @@ class _AttachedKB:
     chunk_size: int | None = None
     cosine: torch.Tensor | None = None  # (B|1, M) the encoder's question-key cosines, when questions were given
     # The model's default chunking (attach without chunk_size): inference calls size their chunks to
-    # their query rows (adaptive_chunk) up to chunk_size_limit, and small calls read the KB in one pass.
+    # their query rows (adaptive_chunk), and calls small enough for one chunk read the KB in one pass.
     adaptive: bool = False
-    chunk_size_limit: int | None = None
 
     def chunk_for(self, query_rows: int, kb_tokens: int) -> int | None:
         """The chunk size for a call with `query_rows` (batch x tokens) query rows (None: one pass)."""
         if not self.adaptive or torch.is_grad_enabled():  # training reads every position's tap: fixed rule
             return self.chunk_size
-        size = adaptive_chunk(query_rows, self.chunk_size_limit)
+        size = adaptive_chunk(query_rows)
         return size if kb_tokens > size else None
 
     def rows_to_record(self, layer: int, n: int, chunked: bool) -> torch.Tensor | None:
@@ -508,7 +509,6 @@ class KBLaM(nn.Module):
             chunk_size=chunk,
             cosine=cosine,
             adaptive=adaptive,
-            chunk_size_limit=self.kb_chunk_size,
         )
         try:
             yield recorder
@@ -818,10 +818,10 @@ class KBLaM(nn.Module):
 CHUNK_ROWS_X_TOKENS = 1 << 17
 
 
-def adaptive_chunk(query_rows: int, limit: int | None) -> int:
-    """Knowledge tokens per chunk for a call with `query_rows` query rows: a power of two from 256 to `limit`."""
-    size = 1 << max(8, (CHUNK_ROWS_X_TOKENS // max(query_rows, 1)).bit_length() - 1)
-    return min(size, limit) if limit else size
+def adaptive_chunk(query_rows: int) -> int:
+    """Knowledge tokens per chunk for an inference call with `query_rows` query rows: a power of two, at
+    least 256, with query rows x tokens <= CHUNK_ROWS_X_TOKENS (a decoding step of one question: 131,072)."""
+    return 1 << max(8, (CHUNK_ROWS_X_TOKENS // max(query_rows, 1)).bit_length() - 1)
 
 
 def question_token_mask(

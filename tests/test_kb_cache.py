@@ -202,7 +202,7 @@ def test_bfloat16_states(hash_encoder):
     torch.testing.assert_close(half, full, atol=0.05, rtol=0.02)
 
 
-@pytest.mark.parametrize("chunk", [None, 5, 16])
+@pytest.mark.parametrize("chunk", [None, 5, 16])  # None: sized to the call's rows
 def test_chunked_asks_answer_as_one_pass(chunk, hash_encoder, monkeypatch):
     """Chunked calls (explicit sizes, the adaptive default, probabilities kept or recomputed for the
     recorded rows only) give the single pass's answers and sources."""
@@ -210,9 +210,8 @@ def test_chunked_asks_answer_as_one_pass(chunk, hash_encoder, monkeypatch):
     kb = _kb(40)
     model.kb_chunk_size = 0
     whole = _answers(model, kb)
-    model.kb_chunk_size = chunk or 8192
-    if chunk is None:
-        monkeypatch.setattr("kblam.model.adaptive_chunk", lambda rows, limit: 8)  # sized per call
+    model.kb_chunk_size = 8192
+    monkeypatch.setattr("kblam.model.adaptive_chunk", lambda rows: chunk or max(4, 256 // rows))  # per call
     calls, chunked = [], attention._chunked_attention
     monkeypatch.setattr(attention, "_chunked_attention", lambda *a: calls.append(1) or chunked(*a))
     for keep in (attention.KEEP_PROBS, 0):
