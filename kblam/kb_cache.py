@@ -15,10 +15,11 @@ and adapter:
   generation; KBEmbeddings by identity and its tensors' version counters. The adapter by identity,
   the version counters of its parameters (every in-place update bumps them: an optimizer step,
   load_state_dict) and the state dtype.
-- Incremental: a KB that changed is rebuilt from its previous version. Rows of unchanged triples
-  are copied, only new triples are encoded and projected: editing one triple costs one triple's
-  projection plus a copy of the states (memory bandwidth). Copy on write, not in place: an answer
-  still reading the old version keeps reading one consistent version.
+- Incremental: a KB that changed is rebuilt from its previous version: only new triples are encoded
+  and projected. Values replaced in place (KnowledgeBase.update) while no answer reads the version
+  (no KBStates handle on it is alive) are written into it: one triple's projection, nothing else.
+  Otherwise (triples added or removed, or an answer reading) copy on write: unchanged rows are
+  copied at memory speed, and an answer still reading the old version keeps one consistent version.
 - Bounded by bytes, least recently used KB dropped first. Only memory the cache owns counts: a
   caller's KBEmbeddings tensors or a store's memory maps do not.
 
@@ -83,11 +84,13 @@ def _nbytes(*tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if torch.is_tensor(t))
 
 
-class KBStates:
-    """One KB at one version, as the adapter reads it (see the module docstring). Made by KBStateCache."""
+class _Version:
+    """One KB at one version, as the adapter reads it (see the module docstring): read through KBStates."""
 
     def __init__(self, triples: tuple[Triple, ...], embeddings: KBEmbeddings | None, owned: bool,
                  store: KBStore | None = None):
+        self.lock = threading.RLock()  # reentrant: a handle may be released while its version is locked
+        self.handles = 0  # KBStates alive on this version: while > 0 nothing is written into it
         self.triples = triples
         # None for a store until full attention needs its float32 rows. A caller's KBEmbeddings is
         # re-wrapped: its tensors are kept, not the object the cache holds weakly (nor, weakly too, the store).
@@ -131,9 +134,9 @@ class KBStates:
                 self._bounds[name] = compute
         return self.derived[name]
 
-    def reprojected(self) -> KBStates:
+    def reprojected(self) -> _Version:
         """The same KB version for another adapter: everything but the projected states is shared."""
-        entry = KBStates(self.triples, self._embeddings, self._owns_embeddings, self.store)
+        entry = _Version(self.triples, self._embeddings, self._owns_embeddings, self.store)
         entry._store = self._store
         entry.key_norms, entry.index, entry.view = self.key_norms, self.index, self.view
         entry.derived, entry._bounds = self.derived, self._bounds
@@ -151,13 +154,44 @@ class KBStates:
         return total + 100 * len(self.triples)  # the tuple and the row bookkeeping, roughly
 
 
+class KBStates:
+    """A handle on one KB version, what KBLaM.kb_states returns and attach reads; attributes are the
+    version's (triples, embeddings, layers, key_norms, index, derive, ...).
+
+    While any handle on a version is alive (an answer holds one from its start to its end), an edit of
+    the KB builds a new version (copy on write); once none is, the edit writes the changed rows into
+    the version in place: one triple's projection, nothing copied.
+    """
+
+    __slots__ = ("_version",)
+
+    def __init__(self, version: _Version):
+        object.__setattr__(self, "_version", version)
+        with version.lock:
+            version.handles += 1
+
+    def __getattr__(self, name: str):
+        return getattr(self._version, name)
+
+    def __setattr__(self, name: str, value) -> None:
+        setattr(self._version, name, value)
+
+    def __len__(self) -> int:
+        return len(self._version)
+
+    def __del__(self) -> None:
+        version = self._version
+        with version.lock:
+            version.handles -= 1
+
+
 class KBStateCache:
     """KBStates per KB and adapter, least recently used dropped first past `max_bytes`."""
 
     def __init__(self, max_bytes: int = 2 << 30, dtype: torch.dtype = torch.float32):
         self.max_bytes = max_bytes
         self.dtype = dtype  # of the projected KB states: float32, bfloat16 (or float16)
-        self._entries: OrderedDict[tuple, tuple[weakref.ref, tuple, KBStates]] = OrderedDict()
+        self._entries: OrderedDict[tuple, tuple[weakref.ref, tuple, _Version]] = OrderedDict()
         self._lock = threading.Lock()
         self.hits = self.updates = self.builds = 0
 
@@ -176,7 +210,7 @@ class KBStateCache:
     # --- lookup -------------------------------------------------------------------------------
 
     def get(self, model, kb: KnowledgeBase | KBEmbeddings | KBStore) -> KBStates:
-        """The KBStates of this KB's current version (projected on first use: KBLaM.kb_layers)."""
+        """A handle on this KB's current version (projected on first use: KBLaM.kb_layers)."""
         adapter_version = (self.dtype, tuple(p._version for p in model.adapter.parameters()))
         key = (id(kb), id(model.adapter), self.dtype)
         version = _version(kb)
@@ -187,13 +221,15 @@ class KBStateCache:
         entry = None
         if found is not None:
             _, (old_adapter, old_version), old = found
+            handle = KBStates(old)  # held before comparing: the version cannot change under it
             same_kb = old_version == version and _same_triples(kb, old)
             if same_kb and old_adapter == adapter_version:
                 self.hits += 1
                 with self._lock:
                     if key in self._entries:
                         self._entries.move_to_end(key)
-                return old
+                return handle
+            del handle  # an edit may write into the version when nobody else reads it
             if same_kb:  # another adapter (or the same after a training step): only the projection is stale
                 entry = old.reprojected()
             elif old_adapter == adapter_version:
@@ -201,13 +237,14 @@ class KBStateCache:
             if entry is not None:
                 self.updates += 1
         if entry is None:
-            entry = fresh(model, kb)
+            entry = fresh(model, kb)._version
             self.builds += 1
+        handle = KBStates(entry)
         with self._lock:
             self._entries[key] = (weakref.ref(kb), (adapter_version, version), entry)
             self._entries.move_to_end(key)
             self._trim()
-        return entry
+        return handle
 
     def settle(self) -> None:
         """Re-apply the byte bound after an entry grew (projected states, an index built)."""
@@ -224,56 +261,97 @@ class KBStateCache:
 
     # --- incremental update ---------------------------------------------------------------------
 
-    def _update(self, model, kb, old: KBStates) -> KBStates | None:
+    def _update(self, model, kb, old: _Version) -> _Version | None:
         """The new version of `kb` built from `old`: unchanged triples' rows reused. None: build afresh.
 
-        Copy on write: `old` is left as it was, so an answer reading it meanwhile sees one version.
+        In place when nothing moved (values replaced, KnowledgeBase.update) and no handle reads `old`;
+        otherwise copy on write: `old` is left as it was, so an answer reading it sees one version.
         """
         if isinstance(kb, KBEmbeddings):
             return None  # its tensors were changed in place: nothing to reuse safely
         triples = tuple(kb.triples()) if isinstance(kb, KBStore) else tuple(kb)
-        reuse = _reuse(old.triples, triples)
-        changed = torch.tensor([j for j, i in enumerate(reuse) if i < 0], dtype=torch.long)
-        if len(changed) > len(triples) // 2:
+        rows = _Rows(_reuse(old.triples, triples), len(old))
+        if len(rows.changed) > len(triples) // 2:
             return None
-        kept = torch.tensor([max(i, 0) for i in reuse], dtype=torch.long)
-        if isinstance(kb, KBStore):
-            entry = KBStates(triples, None, False, store=kb)  # its rows are the store's new generation
-        else:
-            keys, values = old.embeddings.keys[kept], old.embeddings.values[kept]
-            if len(changed):
-                encoded = model.encoder.encode_kb([triples[j] for j in changed.tolist()],
-                                                  model.config.key_template, model.config.value_template)
-                keys[changed], values[changed] = encoded.keys.to(keys), encoded.values.to(values)
-            entry = KBStates(triples, KBEmbeddings(triples, keys, values), True)
-        if old.layers is not None:
-            columns = torch.cat([kept, torch.arange(len(old), len(old) + model.config.null_slot)])
-            entry.layers = {layer: (k[:, :, columns], v[:, :, columns]) for layer, (k, v) in old.layers.items()}
-            if len(changed):
+        changed = rows.changed
+        encoded = None
+        if not isinstance(kb, KBStore) and len(changed):
+            encoded = model.encoder.encode_kb([triples[j] for j in changed.tolist()],
+                                              model.config.key_template, model.config.value_template)
+        with old.lock:
+            if rows.same_places and old.handles == 0 and old._owns_embeddings and not old.from_store:
+                entry = old  # written in place below
+                keys_moved = bool(len(changed)) and not torch.equal(old.embeddings.keys[changed], encoded.keys)
+                old.index = old.index if not keys_moved else None
+                old.view = None
+                old.derived = {name: old.derived[name] for name in old._bounds}
+            else:
+                entry = self._copied(old, triples, rows, kb)
+            if encoded is not None:
+                emb = entry.embeddings
+                emb.keys[changed], emb.values[changed] = encoded.keys.to(emb.keys), encoded.values.to(emb.values)
+            entry._embeddings = None if entry._embeddings is None and entry.from_store else \
+                KBEmbeddings(triples, entry.embeddings.keys, entry.embeddings.values)
+            entry.triples = triples
+            if len(changed) and entry.layers is not None:
                 new = project(model.adapter, entry.embeddings.keys[changed], entry.embeddings.values[changed],
                               self.dtype)
                 for layer, (k, v) in entry.layers.items():
                     k[:, :, changed], v[:, :, changed] = new[layer][0][:, :, :len(changed)], \
                         new[layer][1][:, :, :len(changed)]
-        if old.key_norms is not None:
-            entry.key_norms = old.key_norms[kept]
-            if len(changed):
+            if len(changed) and entry.key_norms is not None:
                 entry.key_norms[changed] = key_norms(entry.embeddings.keys[changed])
-        new_triples = tuple(triples[j] for j in changed.tolist())
-        for name, compute in old._bounds.items():
-            entry.derived[name] = max(old.derived[name], compute(new_triples)) if new_triples else old.derived[name]
-            entry._bounds[name] = compute
+            new_triples = tuple(triples[j] for j in changed.tolist())
+            for name, compute in old._bounds.items():
+                entry.derived[name] = max(old.derived[name], compute(new_triples)) if new_triples \
+                    else old.derived[name]
+                entry._bounds[name] = compute
+        return entry
+
+    @staticmethod
+    def _copied(old: _Version, triples, rows: _Rows, kb) -> _Version:
+        """A new version holding copies of `old`'s reusable rows (new triples' rows still to be written)."""
+        if isinstance(kb, KBStore):
+            entry = _Version(triples, None, False, store=kb)  # its rows are the store's new generation
+        else:
+            keys, values = rows.take(old.embeddings.keys, 0), rows.take(old.embeddings.values, 0)
+            entry = _Version(triples, KBEmbeddings(triples, keys, values), True)
+        if old.layers is not None:
+            entry.layers = {layer: (rows.take(k, 2), rows.take(v, 2)) for layer, (k, v) in old.layers.items()}
+        if old.key_norms is not None:
+            entry.key_norms = rows.take(old.key_norms, 0)
         return entry
 
 
+class _Rows:
+    """Where each row of a KB's new version comes from in the old one (-1: a new triple)."""
+
+    def __init__(self, reuse: list[int], old_rows: int):
+        source = torch.tensor(reuse, dtype=torch.long)
+        self.changed = (source < 0).nonzero()[:, 0]
+        self.old_rows = old_rows
+        # Replaced in place, nothing moved (KnowledgeBase.update): a copy of each tensor, at memory speed.
+        self.same_places = len(reuse) == old_rows and bool(
+            ((source == torch.arange(len(reuse))) | (source < 0)).all())
+        self.source = source.clamp_min(0)
+
+    def take(self, tensor: torch.Tensor, dim: int) -> torch.Tensor:
+        """The new version's rows along `dim` (new triples' rows to be written); rows past the triples
+        (the null slot) are kept."""
+        if self.same_places:
+            return tensor.clone()
+        extra = torch.arange(self.old_rows, tensor.shape[dim])
+        return tensor.index_select(dim, torch.cat([self.source, extra]).to(tensor.device))
+
+
 def fresh(model, kb: KnowledgeBase | KBEmbeddings | KBStore) -> KBStates:
-    """KBStates of a KB built from nothing (what the cache stores, or what an uncached attach reads)."""
+    """A KB version built from nothing (what the cache stores, or what an uncached attach reads)."""
     if isinstance(kb, KBEmbeddings):
-        return KBStates(kb.triples, kb, False)
+        return KBStates(_Version(kb.triples, kb, False))
     if isinstance(kb, KBStore):
-        return KBStates(tuple(model._check_store(kb).triples()), None, False, store=kb)
+        return KBStates(_Version(tuple(model._check_store(kb).triples()), None, False, store=kb))
     embeddings = model.encoder.encode_kb(kb, model.config.key_template, model.config.value_template)
-    return KBStates(embeddings.triples, embeddings, True)
+    return KBStates(_Version(embeddings.triples, embeddings, True))
 
 
 def _version(kb) -> tuple:
