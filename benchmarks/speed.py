@@ -345,12 +345,17 @@ def goals(model, repeats: int, decode_steps: int, batch_sizes: list[int]) -> dic
 
 def edit_goal(model, repeats: int, m: int = 100_000) -> dict:
     """Ask, edit one triple, ask again, over a 100K-triple KnowledgeBase with full attention."""
+    import torch
     from scale import MINILM, FixedRandomVectors, _synthetic
 
     from kblam.encoder import KBEncoder
     from kblam.kb import KnowledgeBase
 
-    encoder, model.encoder = model.encoder, KBEncoder(FixedRandomVectors(), name=MINILM)  # no MiniLM for 200K texts
+    class Vectors(FixedRandomVectors):  # as a sentence-transformers model returns them to KBEncoder
+        def encode(self, texts, **kw):
+            return torch.from_numpy(super().encode(texts, **kw))
+
+    encoder, model.encoder = model.encoder, KBEncoder(Vectors(), name=MINILM)  # no MiniLM for 200K texts
     try:
         kb = KnowledgeBase(_synthetic(m, seed=2))
         t0 = time.perf_counter()

@@ -5,10 +5,11 @@ projections, ~1.5 MFLOP per triple on the default model: 0.16 s at 10,000 triple
 the old copy path, every value through the tokenizer. `KBStateCache` keeps that work per KB version
 and adapter:
 
-- `KBStates`: one KB at one version: its triples, key/value embeddings, the per-layer KB keys and
-  values with the null slot last (projected on first use, kept in `dtype`), the keys' norms (the
-  question-key cosines), the pre-filter's index, and whatever the answer path derives from the
-  triples (`derived`: the span budget, carried over edits as a bound; the copy path's value tokens).
+- One KB at one version, read through a `KBStates` handle: its triples, key/value embeddings, the
+  per-layer KB keys and values with the null slot last (projected on first use, kept in `dtype`),
+  the keys' norms (the question-key cosines), the pre-filter's index, and whatever the answer path
+  derives from the triples (`derive`: the span budget, carried over edits as a bound; the copy
+  path's value tokens).
 - Which version: a KnowledgeBase by identity, then by content: its triples are compared with the
   cached ones (a tuple comparison that stops at the first difference; unchanged triples are the same
   objects, so it runs at pointer speed, ~1 ms per 100,000 triples); a KBStore by identity and
