@@ -50,6 +50,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from cost import _StepClock as StepClock  # noqa: E402 - a logits processor noting when each step's logits are ready
+
 OUT = ROOT / "benchmarks" / "results" / "speed.json"
 DOCS = ROOT / "docs" / "performance.md"
 BEGIN, END = "<!-- speed-results:begin -->", "<!-- speed-results:end -->"
@@ -99,17 +101,6 @@ def _questions(kb, count: int, offset: int = 0) -> list[str]:
     """Distinct questions about the KB's triples (the encoder's cache never answers for them)."""
     step = max(1, len(kb) // max(count, 1))
     return [f"What is the {t.property} of {t.name}?" for t in kb.triples[offset::step][:count]]
-
-
-class StepClock:
-    """A logits processor noting when each generation step's logits are ready."""
-
-    def __init__(self):
-        self.times: list[float] = []
-
-    def __call__(self, input_ids, scores):
-        self.times.append(time.perf_counter())
-        return scores
 
 
 class Steps:
@@ -539,13 +530,9 @@ def markdown(results: dict) -> str:
 
 
 def write_docs(results: dict, path: Path) -> None:
-    table = f"{BEGIN}\n{markdown(results)}\n{END}"
-    text = path.read_text() if path.is_file() else "# Performance\n\n"
-    if BEGIN in text and END in text:
-        text = text[: text.index(BEGIN)] + table + text[text.index(END) + len(END):]
-    else:
-        text = text.rstrip() + "\n\n" + table + "\n"
-    path.write_text(text)
+    from markers import write_between
+
+    write_between(path, BEGIN, END, markdown(results), "Performance")
 
 
 def main() -> None:
