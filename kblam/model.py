@@ -812,8 +812,8 @@ class KBLaM(nn.Module):
 
 
 # Query rows x knowledge tokens per chunk of an inference call: 2^17 keeps a chunk's float32 logits (9 heads:
-# 4.7 MB) in this CPU's caches, so that the passes over them run from cache, not memory. Measured (bfloat16
-# states, one thread): 16 prompts x 40 tokens over 10,000 triples 663 ms per layer in chunks of 8,192,
+# 4.7 MB) in this CPU's caches, so that the passes over them run from cache, not memory. Measured while
+# developing (bfloat16 states, one thread): 16 prompts x 40 tokens over 10,000 triples 663 ms per layer in chunks of 8,192,
 # 168 ms in chunks of 256; one prompt over 100,000 triples 148 ms in chunks of 8,192, 107 ms in 2,048.
 CHUNK_ROWS_X_TOKENS = 1 << 17
 
