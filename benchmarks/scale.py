@@ -480,14 +480,10 @@ def markdown(results: dict) -> str:
 
 
 def write_docs(results: dict, path: Path) -> None:
-    table = f"{BEGIN}\n{markdown(results)}\n{END}"
-    text = path.read_text() if path.is_file() else "# Scale\n\n"
-    if BEGIN in text and END in text:
-        text = text[: text.index(BEGIN)] + table + text[text.index(END) + len(END):]
-    else:
-        text = text.rstrip() + "\n\n" + table + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from markers import write_between
+
+    write_between(path, BEGIN, END, markdown(results), "Scale")
 
 
 def main() -> None:

@@ -8,11 +8,16 @@
 4. The answer is decoded with value spans (kblam.spans): each step is the LM's token or a whole span
    quoted from the KB; `Answer.quoted` lists the triples quoted, in order. With a calibrated adapter the
    refusal is that decision's alone: an answered question never quotes the null slot's refusal.
+
+
+`AnswerStream` (KBLaM.ask_stream) is the same walk in a worker thread, its text handed over as it is
+generated (a span's tokens one per step, as the span decoder forces them).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,19 +68,18 @@ def _has_surrogates(text: str) -> bool:
 
 
 def resolve_kb(model, kb):
-    """A KB as ask() reads it: a KBStore, or KBEmbeddings (files and folders opened, lists de-duplicated)."""
-    if kb is None or isinstance(kb, (KBStore, KBEmbeddings)):
+    """A KB as ask() reads it: a KBStore, KBEmbeddings or KnowledgeBase (files and folders opened, lists
+    de-duplicated). The model's cache (kblam.kb_cache) keeps each one's adapter states per version."""
+    if kb is None or isinstance(kb, (KBStore, KBEmbeddings, KnowledgeBase)):
         return kb
     if isinstance(kb, (str, Path)):
         path = Path(kb)
         kb = load_kb(path)  # a folder: one shared read-only KBStore per folder (kblam.store); else a KB file
-        return kb if isinstance(kb, KBStore) else model.encode_kb(kb)
-    if isinstance(kb, KnowledgeBase):
-        return model.encode_kb(kb)
+        return kb
     if isinstance(kb, Sequence) and not isinstance(kb, (bytes, str)):
         if not all(isinstance(t, Triple) for t in kb):
             raise TypeError("kb must be a KnowledgeBase, KBStore, KBEmbeddings, a list of Triples or a file path")
-        return model.encode_kb(KnowledgeBase(list(kb)))  # merges exact duplicates
+        return KnowledgeBase(list(kb))  # merges exact duplicates
     raise TypeError(
         f"kb must be a KnowledgeBase, KBStore, KBEmbeddings, a list of Triples or a file path, not {type(kb).__name__}"
     )
@@ -139,6 +143,7 @@ def ask(
     kb = resolve_kb(model, kb)
     context, source_of, kb_size = nullcontext(), None, 0
     if kb is not None:
+        kb = model.kb_states(kb)  # this version of the KB, for the whole answer (kblam.kb_cache)
         kb_size = len(kb)
         above = model.prefilter_above if prefilter_above is None else prefilter_above
         narrow = prefilter if isinstance(prefilter, bool) else (
@@ -146,11 +151,10 @@ def ask(
         if narrow:
             index = prefilter if isinstance(prefilter, KBPrefilter) else None
             context, source_of = model._attach_candidates(
-                kb, questions, recorder, prefilter_k or model.prefilter_k, index, tap=spans)
+                kb, questions, recorder, prefilter_k or model.prefilter_k, index, tap=spans, copy=not spans)
         else:
-            embeddings = model.encode_kb(kb)
-            context = model.attach(embeddings, record=recorder, questions=questions, tap=spans)
-            source_of = lambda i, j: embeddings.triples[j] if j < kb_size else None  # noqa: E731
+            context = model.attach(kb, record=recorder, questions=questions, tap=spans, copy=not spans)
+            source_of = lambda i, j, triples=kb.triples: triples[j] if j < kb_size else None  # noqa: E731
 
     measured: list[dict[str, float]] = []
     confidences: list[float | None] = [None] * len(questions)
@@ -211,6 +215,72 @@ def ask(
     return answers[0] if single else answers
 
 
+class AnswerStream:
+    """One answer's text as it is generated (iterate over it), then the whole Answer (`.answer`).
+
+        stream = model.ask_stream("What is the symbol of gold?", kb=kb)
+        for piece in stream:
+            print(piece, end="", flush=True)
+        stream.answer.sources                      # and quoted, confidence, refused, signals
+
+    `ask` runs in a worker thread (torch's grad mode and kblam's attached KB are per thread, so it
+    attaches there) with transformers' TextIteratorStreamer, which hands over text a word at a time.
+    The pieces join to `answer.text`: leading and trailing whitespace is held back as `ask` strips it,
+    and an answer refused after the prompt's forward pass streams the refusal at the end. Only when
+    the answer became the refusal after other text was streamed do they differ (`answer.text` is the
+    answer). Errors raise from the iteration. Leaving the loop early (or `close()`) stops generating
+    at the next step.
+    """
+
+    def __init__(self, model, question: str, kb=None, **kwargs):
+        from transformers import StoppingCriteriaList, TextIteratorStreamer
+
+        if not isinstance(question, str):
+            raise TypeError("ask_stream answers one question (a str); use ask() for a batch")
+        self.answer: Answer | None = None
+        self._error: BaseException | None = None
+        self._cancelled = threading.Event()
+        self._streamer = TextIteratorStreamer(model.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        stop = StoppingCriteriaList(kwargs.pop("stopping_criteria", None) or [])
+        stop.append(lambda input_ids, scores, **_: self._cancelled.is_set())
+        kwargs.update(streamer=self._streamer, stopping_criteria=stop)
+        self._thread = threading.Thread(target=self._run, args=(model, question, kb, kwargs), daemon=True)
+        self._thread.start()
+
+    def _run(self, model, question, kb, kwargs) -> None:
+        try:
+            with torch.no_grad():
+                self.answer = ask(model, question, kb, **kwargs)
+        except BaseException as error:  # noqa: BLE001 - handed to the consumer's thread
+            self._error = error
+        finally:
+            self._streamer.end()  # a second stop signal when generate ended it already: never read
+
+    def __iter__(self) -> Iterator[str]:
+        sent, held = "", ""  # text handed over, and whitespace held back
+        try:
+            for piece in self._streamer:
+                piece = held + piece
+                if not sent:
+                    piece = piece.lstrip()
+                text = piece.rstrip()
+                held = piece[len(text):]
+                if text:
+                    sent += text
+                    yield text
+        finally:
+            self.close()
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        if self.answer.text.startswith(sent) and self.answer.text != sent:
+            yield self.answer.text[len(sent):]
+
+    def close(self) -> None:
+        """Stop generating (at the next step); the worker thread then ends."""
+        self._cancelled.set()
+
+
 def _check_length(model, prompt_tokens: int, max_new_tokens: int) -> None:
     """A prompt that cannot fit the model's context fails at once, with the numbers."""
     limit = getattr(model.base.config, "max_position_embeddings", None)
@@ -222,13 +292,19 @@ def _check_length(model, prompt_tokens: int, max_new_tokens: int) -> None:
 
 
 def _longest_span(kb, cfg) -> int:
-    """An upper bound on a span's tokens (a token is at least one byte), so a started span completes."""
+    """An upper bound on a span's tokens (a token is at least one byte), so a started span completes.
+
+    Kept with the KB's version (kb: KBStates) and carried over its edits (a bound still). A store gives
+    a bound from its file's longest line: a million triples are not read."""
     fact = "fact" in (cfg.span_kinds or ())
-    if isinstance(kb, KBStore):  # a bound from the file's longest line: a million triples are not read
-        longest = kb.max_triple_bytes() + (16 if fact else 0)
-    else:
-        longest = max((len(t.value.encode()) + (len(t.name.encode()) + len(t.property.encode()) + 16
-                                                if fact else 0) for t in kb.triples), default=0)
+    if kb.from_store:
+        return max(kb.store.max_triple_bytes() + (16 if fact else 0), len(cfg.refusal.encode())) + 2
+    return kb.derive("longest_span", lambda triples: _span_bound(triples, cfg), upper_bound=True)
+
+
+def _span_bound(triples, cfg) -> int:
+    longest = max((len(t.value.encode()) + (len(t.name.encode()) + len(t.property.encode()) + 16
+                                            if "fact" in (cfg.span_kinds or ()) else 0) for t in triples), default=0)
     return max(longest, len(cfg.refusal.encode())) + 2
 
 

@@ -100,8 +100,10 @@ def signals(items: Sequence[QuestionSignals], encoder) -> list[dict[str, float]]
         column = int(top.indices[0])
         best: Triple | None = it.triple(column)
         cos = torch.topk(it.cosines, min(2, it.cosines.numel())).values
-        same = [j for j in range(it.shares.numel())
-                if best is not None and (t := it.triple(j)) is not None and t.name == best.name]
+        # The entity's other triples among the 64 best: its facts draw attention if any do, and a Python
+        # loop over every column of a 100,000-triple KB would cost more than the attention itself.
+        near = torch.topk(it.shares, min(64, it.shares.numel())).indices.tolist()
+        same = [j for j in near if best is not None and (t := it.triple(j)) is not None and t.name == best.name]
         score, span, edits = name_match(best.name, it.question) if best is not None else (0.0, None, 99)
         rest = it.question if span is None else it.question[:span[0]] + it.question[span[1]:]
         masked.append(rest)

@@ -4,7 +4,9 @@ Large knowledge bases (issue 5, docs/scale.md):
 - `kb_chunk_size` (default 8192): a KB of more knowledge tokens than this is read in chunks of this
   many by the rectangular attention (kblam.attention), so a layer's attention memory is bounded by
   the chunk, not by the KB. The result equals the single pass. In that mode the copy path's tap keeps
-  the KB attention of the last position only (all that generation reads).
+  the KB attention of the last position only (all that generation reads). Inference calls (no
+  autograd) size their chunks to their query rows instead (adaptive_chunk, issue 10): the same
+  memory bound, a chunk's logits kept within the CPU's caches; 0 or None still turns chunking off.
 - `prefilter_above` (default 20,000 triples) and `prefilter_k` (256): above that size `ask` first
   picks each question's top-k triples by key cosine with FAISS (kblam.prefilter) and reads only those.
 - `ask` and `attach` take a KBStore as well; with the pre-filter, only the candidates' rows are read
@@ -18,7 +20,6 @@ import math
 import os
 import threading
 import warnings
-import weakref
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -28,12 +29,13 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from kblam import attention, copying
+from kblam import attention, copying, kb_cache
 from kblam.adapter import CONFIG_NAME, WEIGHTS_NAME, KBAdapter, KBLaMConfig, load_calibration, load_weights
-from kblam.answer import Answer
+from kblam.answer import Answer, AnswerStream
 from kblam.confidence import Calibrator
 from kblam.encoder import KBEmbeddings, KBEncoder
 from kblam.kb import KnowledgeBase, Triple
+from kblam.kb_cache import KBStateCache, KBStates, key_norms, project
 from kblam.model_card import write_model_card
 from kblam.prefilter import KBPrefilter
 from kblam.store import KBStore, load_kb
@@ -83,13 +85,23 @@ class KBAttentionRecorder:
     def wants(self, layer: int) -> bool:
         return layer not in self.per_layer
 
-    def token_sum(self, head_mean: torch.Tensor) -> torch.Tensor:
-        """(B, N, chunk) head-mean attention -> (B, chunk), summed over the recorded prompt tokens."""
+    def token_sum(self, head_mean: torch.Tensor, rows: torch.Tensor | None = None, n: int | None = None) -> torch.Tensor:
+        """(B, N, chunk) head-mean attention -> (B, chunk), summed over the recorded prompt tokens.
+
+        `rows`: the attention is that of these positions among the call's last `n` only (rows_to_record).
+        """
         head_mean = head_mean.detach().float()
         if self.token_mask is None:
             return head_mean.sum(dim=1)
-        weights = self.token_mask[:, -head_mean.shape[1]:].to(head_mean)
+        weights = self.token_mask[:, -(n or head_mean.shape[1]):]
+        weights = (weights if rows is None else weights[:, rows]).to(head_mean)
         return torch.einsum("bnm,bn->bm", head_mean, weights)
+
+    def rows(self, n: int) -> torch.Tensor | None:
+        """Positions among a call's last n whose attention counts for some question (None: all)."""
+        if self.token_mask is None:
+            return None
+        return self.token_mask[:, -n:].any(dim=0).nonzero()[:, 0]
 
     def _mean(self) -> torch.Tensor:
         if not self.per_layer:
@@ -125,9 +137,37 @@ class _AttachedKB:
     chunk_size: int | None = None
     cosine: torch.Tensor | None = None  # (B|1, M) the encoder's question-key cosines, when questions were given
     key_embeddings: torch.Tensor | None = None  # (M, d) or (B, M, d): the keys in the encoder's space (spans)
+    # The model's default chunking (attach without chunk_size): inference calls size their chunks to
+    # their query rows (adaptive_chunk), and calls small enough for one chunk read the KB in one pass.
+    adaptive: bool = False
 
-    def record(self, layer: int, chunks: Iterable[tuple[int, torch.Tensor]]) -> None:
-        """Consume one layer's KB attention, (start, probs (B, heads, N, chunk)) chunk by chunk."""
+    def chunk_for(self, query_rows: int, kb_tokens: int) -> int | None:
+        """The chunk size for a call with `query_rows` (batch x tokens) query rows (None: one pass)."""
+        if not self.adaptive or torch.is_grad_enabled():  # training reads every position's tap: fixed rule
+            return self.chunk_size
+        size = adaptive_chunk(query_rows)
+        return size if kb_tokens > size else None
+
+    def rows_to_record(self, layer: int, n: int, chunked: bool) -> torch.Tensor | None:
+        """The positions among a call's n whose KB attention `record` reads; None: all of them.
+
+        Only a chunked call is narrowed (its second pass recomputes the KB logits of these rows only):
+        the question's own tokens for the sources, and the last position for the tap.
+        """
+        if not chunked:
+            return None
+        wanted = [torch.tensor([n - 1])] if self.tap_enabled else []
+        if self.recorder is not None and self.recorder.wants(layer):
+            rows = self.recorder.rows(n)
+            if rows is None:
+                return None
+            wanted.append(rows.cpu())
+        return torch.cat(wanted).unique() if wanted else None
+
+    def record(self, layer: int, chunks: Iterable[tuple[int, torch.Tensor]], rows: torch.Tensor | None = None,
+               n: int | None = None) -> None:
+        """Consume one layer's KB attention, (start, probs (B, heads, N, chunk)) chunk by chunk; with `rows`,
+        the probabilities are those of these positions among the call's last n (rows_to_record)."""
         sources = self.recorder is not None and self.recorder.wants(layer)
         if not (sources or self.tap_enabled):
             return  # nobody reads it: a chunked layer skips its second pass
@@ -135,9 +175,9 @@ class _AttachedKB:
         for _, probs in chunks:
             mean = probs.float().mean(dim=1)  # (B, N, chunk)
             if sources:
-                sums.append(self.recorder.token_sum(mean))
+                sums.append(self.recorder.token_sum(mean, rows, n))
             if self.tap_enabled:
-                taps.append(mean if self.chunk_size is None else mean[:, -1:])
+                taps.append(mean if self.chunk_size is None and rows is None else mean[:, -1:])
         if sources:
             self.recorder.per_layer[layer] = torch.cat(sums, dim=-1)
         if taps:
@@ -177,7 +217,9 @@ class KBLaM(nn.Module):
         # best by key cosine (None: never). Exact FAISS search at 20,000 x 384 takes ~1 ms.
         self.prefilter_above: int | None = 20_000
         self.prefilter_k: int = 256
-        self._prefilters: dict[int, tuple[weakref.ref, object, object]] = {}  # id(keys) -> (ref, version, index)
+        # Each attached KB's adapter states, pre-filter index and derived data, per KB version (kblam.kb_cache);
+        # None: project the KB on every attach. kb_cache.dtype sets the precision the KB states are kept in.
+        self.kb_cache: KBStateCache | None = KBStateCache()
         # A base wrapped before keeps its original implementation behind the "kblam_" prefix.
         base_impl = base_model.config._attn_implementation.removeprefix("kblam_")
         if base_impl not in attention.SUPPORTED_BASES:
@@ -327,6 +369,11 @@ class KBLaM(nn.Module):
         adapter.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
         model = cls(base_model, tokenizer, encoder, adapter)
         model.calibrator = calibrator
+        # A trained adapter reads its KB states in bfloat16 where products in it are fast: half the memory,
+        # and on the shipped adapter 151 of 152 evaluation answers identical to float32, the scores equal
+        # (benchmarks/precision.py, docs/performance.md). Set model.kb_cache.dtype = torch.float32 to opt out.
+        if config.trained:
+            model.kb_cache.dtype = kb_cache.default_state_dtype(next(adapter.parameters()).device)
         return model
 
     def save_pretrained(self, folder: str | Path, *, dtype: torch.dtype = torch.float32, card: str | None = None) -> Path:
@@ -350,14 +397,18 @@ class KBLaM(nn.Module):
                 return None
             hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
             keys, values = kb.states[layer]
+            n = hidden.shape[1]
+            chunk = kb.chunk_for(hidden.shape[0] * n, keys.shape[2])
+            rows = kb.rows_to_record(layer, n, chunk is not None)
             kwargs["kblam"] = attention.KBLayerInputs(
                 hidden_states=hidden,
                 query_head=self.adapter.query_heads[str(layer)],
                 keys=keys,
                 values=values,
                 bias=kb.bias[layer],
-                record=lambda chunks: kb.record(layer, chunks),
-                chunk_size=kb.chunk_size,
+                record=lambda chunks: kb.record(layer, chunks, rows, n),
+                chunk_size=chunk,
+                record_rows=None if rows is None else rows.to(hidden.device),
             )
             return args, kwargs
 
@@ -394,9 +445,10 @@ class KBLaM(nn.Module):
             )
         return store
 
-    def _chunking(self, kb_tokens: int, chunk_size: int | None) -> int | None:
+    def _chunking(self, kb_tokens: int, chunk_size: int | None) -> tuple[int | None, bool]:
+        """(chunk size, adaptive): chunk_size if given (0: never), else the model's kb_chunk_size, adapted per call."""
         size = self.kb_chunk_size if chunk_size is None else chunk_size
-        return size if size and kb_tokens > size else None
+        return (size if size and kb_tokens > size else None), bool(chunk_size is None and size)
 
     @contextmanager
     def attach_embeddings(
@@ -414,6 +466,7 @@ class KBLaM(nn.Module):
     ):
         """Attach a KB given as encoder embeddings (M, d), or a batch of KBs (B, M, d) with kb_mask (B, M).
 
+        Projected through the adapter on every call, uncached (`attach` caches): this is the training path.
         queries (B, d): the questions' encoder embeddings, for the retrieval prior.
         value_ids (B|1, M', L): the values' tokens (and the refusal's, for the null slot), for the copy path.
         tap=True keeps each call's KB attention (`model.kb_weights()`), as the copy path always does.
@@ -427,27 +480,45 @@ class KBLaM(nn.Module):
         keys, values = keys.to(device, torch.float32), values.to(device, torch.float32)
         if kb_mask is not None:
             kb_mask = kb_mask.to(device, torch.bool)
-        recorder = record if isinstance(record, KBAttentionRecorder) else (KBAttentionRecorder() if record else None)
-        if self.config.copy_values and value_ids is None:
-            raise ValueError("this adapter copies values: pass value_ids (or use attach(kb), which makes them)")
-        if recorder is not None:
-            recorder.kb_size = keys.shape[-2]
         cosine = None
         if queries is not None:
             cosine = question_key_cosine(queries.to(device), keys)
             if kb_mask is not None:
                 cosine = cosine.masked_fill(~kb_mask, -1.0)
+        with self._attach_states(
+            self.adapter.kb_states(keys, values), keys.shape[-2], kb_mask, cosine, record, value_ids=value_ids,
+            tap=tap, chunk_size=chunk_size, full_size=full_size, key_embeddings=keys,
+        ) as recorder:
+            yield recorder
+
+    @contextmanager
+    def _attach_states(
+        self, states: dict[int, tuple[torch.Tensor, torch.Tensor]], kb_size: int, kb_mask: torch.Tensor | None,
+        cosine: torch.Tensor | None, record: bool | KBAttentionRecorder, *, value_ids: torch.Tensor | None,
+        tap: bool, chunk_size: int | None, full_size: int | None = None, key_embeddings: torch.Tensor | None = None,
+    ):
+        """Attach projected KB states {layer: (keys, values)} for the forward passes inside the block.
+
+        key_embeddings: the keys in the encoder's space, for the span decoder's clause prior."""
+        recorder = record if isinstance(record, KBAttentionRecorder) else (KBAttentionRecorder() if record else None)
+        if self.config.copy_values and value_ids is None and not tap:
+            raise ValueError("this adapter copies values: pass value_ids (or use attach(kb), which makes them)")
+        if recorder is not None:
+            recorder.kb_size = kb_size
+        device = next(self.adapter.parameters()).device
+        chunk, adaptive = self._chunking(kb_size + int(self.config.null_slot), chunk_size)
         previous = self._attached
         self._attached = _AttachedKB(
-            states=self.adapter.kb_states(keys, values),
-            bias=self._kb_bias(keys, kb_mask, cosine, full_size),
-            kb_size=keys.shape[-2],
+            states=states,
+            bias=self._kb_bias(kb_size, device, kb_mask, cosine, full_size),
+            kb_size=kb_size,
             recorder=recorder,
             value_ids=None if value_ids is None else value_ids.to(device),
             tap_enabled=tap or value_ids is not None,
-            chunk_size=self._chunking(keys.shape[-2] + int(self.config.null_slot), chunk_size),
+            chunk_size=chunk,
             cosine=cosine,
-            key_embeddings=keys,
+            key_embeddings=key_embeddings,
+            adaptive=adaptive,
         )
         try:
             yield recorder
@@ -455,11 +526,11 @@ class KBLaM(nn.Module):
             self._attached = previous
 
     def _kb_bias(
-        self, keys: torch.Tensor, kb_mask: torch.Tensor | None, cosine: torch.Tensor | None,
+        self, m: int, device: torch.device, kb_mask: torch.Tensor | None, cosine: torch.Tensor | None,
         full_size: int | None = None,
     ) -> dict[int, float | torch.Tensor]:
         """Per KB layer, what is added to the KB logits: the size shift, padding, prior and null slot."""
-        cfg, m = self.config, keys.shape[-2]
+        cfg = self.config
         scale = cfg.kb_scale_factor
         if full_size is not None:
             shift = attention.kb_logit_shift(full_size, scale)
@@ -473,18 +544,18 @@ class KBLaM(nn.Module):
         if cfg.retrieval_prior and cosine is not None:
             bias = bias + self.adapter.prior_scale * cosine[:, None, None, :]
         if kb_mask is not None:
-            bias = bias + torch.zeros(kb_mask.shape, device=keys.device).masked_fill(~kb_mask, float("-inf"))[
+            bias = bias + torch.zeros(kb_mask.shape, device=device).masked_fill(~kb_mask, float("-inf"))[
                 :, None, None, :
             ]
         if not cfg.null_slot:
             return {layer: bias for layer in cfg.kb_layers}
-        triples = torch.as_tensor(bias, dtype=torch.float32, device=keys.device)
+        triples = torch.as_tensor(bias, dtype=torch.float32, device=device)
         triples = triples.expand(*triples.shape[:-1], m) if triples.dim() == 4 else triples.expand(1, 1, 1, m)
         out = {}
         for n, layer in enumerate(cfg.kb_layers):
             # The null slot gets the same size shift as every triple, so null-versus-best-triple
             # does not move with M.
-            null = torch.as_tensor(shift, dtype=torch.float32, device=keys.device) + self.adapter.null_bias[n]
+            null = torch.as_tensor(shift, dtype=torch.float32, device=device) + self.adapter.null_bias[n]
             null = null.reshape(-1, 1, 1, 1).expand(triples.shape[0], 1, 1, 1)
             out[layer] = torch.cat([triples, null], dim=-1)
         return out
@@ -504,20 +575,23 @@ class KBLaM(nn.Module):
     @contextmanager
     def attach(
         self,
-        kb: KnowledgeBase | Sequence[Triple] | KBEmbeddings | KBStore,
+        kb: KnowledgeBase | Sequence[Triple] | KBEmbeddings | KBStore | KBStates,
         record: bool | KBAttentionRecorder = False,
         *,
         questions: str | Sequence[str] | None = None,
         chunk_size: int | None = None,
         tap: bool = False,
+        copy: bool = True,
     ):
         """Attach a KB for the forward passes inside the block: `with model.attach(kb): ...`.
 
+        The KB's adapter states come from the model's cache (`kb_states`): projected once per KB version.
         `questions` (one per batch row) feed the retrieval prior, when the adapter has one, and the
         question-key cosines of the answer's confidence.
         `chunk_size`, `tap`: see attach_embeddings (default: the model's kb_chunk_size).
+        `copy=False`: no value tokens for the copy path (the span decoder quotes from the triples instead).
         """
-        embeddings = self.encode_kb(kb)
+        states = kb if isinstance(kb, KBStates) else self.kb_states(kb)
         queries = None
         if questions is not None:
             questions = [questions] if isinstance(questions, str) else list(questions)
@@ -529,12 +603,51 @@ class KBLaM(nn.Module):
                     "without it retrieval rests on the learned keys alone",
                     stacklevel=3,
                 )
-        value_ids = self.value_ids(embeddings.triples) if self.config.copy_values else None
-        with self.attach_embeddings(
-            embeddings.keys, embeddings.values, record=record, queries=queries, value_ids=value_ids,
-            chunk_size=chunk_size, tap=tap,
+        value_ids = states.derive("value_ids", self.value_ids) if self.config.copy_values and copy else None
+        with self._attach_states(
+            self.kb_layers(states), len(states), None, None if queries is None else self.kb_cosine(states, queries),
+            record, value_ids=value_ids, tap=tap, chunk_size=chunk_size,
+            key_embeddings=states.embeddings.keys if tap else None,
         ) as recorder:
             yield recorder
+
+    def kb_states(self, kb: KnowledgeBase | Sequence[Triple] | KBEmbeddings | KBStore) -> KBStates:
+        """The KB as the adapter reads it at its current version (kblam.kb_cache): from `kb_cache`, built
+        incrementally from the KB's previous version, or afresh when the cache is off."""
+        if isinstance(kb, KBStates):
+            return kb
+        if isinstance(kb, KBStore):
+            self._check_store(kb)
+        elif not isinstance(kb, (KnowledgeBase, KBEmbeddings)):
+            kb = KnowledgeBase(list(kb))
+        if self.kb_cache is None:
+            return kb_cache.fresh(self, kb)
+        return self.kb_cache.get(self, kb)
+
+    def kb_layers(self, states: KBStates) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """{layer: (KB keys, KB values)} of a KB version, projected through the adapter on first use."""
+        if self._training_adapter():  # gradients must reach the adapter: project now, keep nothing
+            embeddings = states.embeddings
+            device = next(self.adapter.parameters()).device
+            return self.adapter.kb_states(embeddings.keys.to(device, torch.float32),
+                                          embeddings.values.to(device, torch.float32))
+        if states.layers is None:
+            dtype = self.kb_cache.dtype if self.kb_cache is not None else torch.float32
+            embeddings = states.embeddings
+            states.layers = project(self.adapter, embeddings.keys, embeddings.values, dtype)
+            if self.kb_cache is not None:
+                self.kb_cache.settle()
+        return states.layers
+
+    def kb_cosine(self, states: KBStates, queries: torch.Tensor) -> torch.Tensor:
+        """(B, M): cosine of each question's encoder embedding with each key embedding of a KB version."""
+        if states.key_norms is None:
+            states.key_norms = key_norms(states.embeddings.keys)
+        device = next(self.adapter.parameters()).device
+        return question_key_cosine(queries.to(device), states.embeddings.keys.to(device), states.key_norms)
+
+    def _training_adapter(self) -> bool:
+        return torch.is_grad_enabled() and any(p.requires_grad for p in self.adapter.parameters())
 
     def kb_weights(self) -> torch.Tensor:
         """(B, N, M'): the last forward call's KB attention, mean over KB layers and heads, summing to 1."""
@@ -633,46 +746,50 @@ class KBLaM(nn.Module):
             prefilter_k=prefilter_k, **generate_kwargs,
         )
 
-    def prefilter_index(self, kb: KBEmbeddings | KBStore, **options) -> KBPrefilter:
+    def ask_stream(self, question: str, kb=None, **kwargs) -> AnswerStream:
+        """Answer one question, its text handed over as it is generated (kblam.answer.AnswerStream):
+
+            stream = model.ask_stream("What is the symbol of gold?", kb=kb)
+            for piece in stream:
+                print(piece, end="", flush=True)
+            answer = stream.answer                 # the Answer ask() returns: sources, quoted, confidence, ...
+
+        Takes ask()'s arguments. Generation runs in a worker thread until the stream is read to its end,
+        left early or closed.
+        """
+        return AnswerStream(self, question, kb, **kwargs)
+
+    def prefilter_index(self, kb: KnowledgeBase | KBEmbeddings | KBStore, **options) -> KBPrefilter:
         """The KBPrefilter (kblam.prefilter) over a KB's key embeddings, built on first use and cached.
 
-        Cached per KB: per keys tensor of a KBEmbeddings, per KBStore object and generation (a change to
-        the store is a new generation, hence a new index). A few KBs are kept (weakly: an index goes when
-        its KB does). `options` go to KBPrefilter (kind, nlist, nprobe, ...) and force a rebuild.
+        Cached with the KB's other states (`kb_cache`): per KB version (a change to a KnowledgeBase or
+        KBStore is a new version, hence a new index). `options` go to KBPrefilter (kind, nlist, nprobe,
+        ...) and force a rebuild.
         """
-        return self._prefiltered(kb, **options)[0]
+        return self._prefiltered(self.kb_states(kb), **options)[0]
 
-    def _prefiltered(
-        self, kb: KBEmbeddings | KBStore, index: KBPrefilter | None = None, **options
-    ) -> tuple[KBPrefilter, tuple]:
-        """(index, (keys, values, triples)) of a KB; the index given, else the cached one (built if need be).
+    def _prefiltered(self, states: KBStates, index: KBPrefilter | None = None, **options) -> tuple[KBPrefilter, tuple]:
+        """(index, (keys, values, triples)) of a KB version; the index given, else the cached one (built if need be).
 
         For a store the rows are its memory maps (no copy once compacted; with updates pending,
-        key_matrix() gathers the live rows: once per generation here, not on every ask).
+        key_matrix() gathers the live rows: once per version here, not on every ask).
         """
-        store = isinstance(kb, KBStore)
-        owner = kb if store else kb.keys
-        version = (kb.generation, len(kb)) if store else (tuple(kb.keys.shape), kb.keys._version)
-        entry = self._prefilters.get(id(owner))
-        if not options and entry is not None and entry[0]() is owner and entry[1] == version:
-            return index or entry[2], entry[3] or (kb.keys, kb.values, kb.triples)
-        if store:  # rows read on demand: a question reads its candidates' rows only
-            view = self._check_store(kb).view()
-        else:
-            view = (kb.keys, kb.values, kb.triples)
-        if index is not None:
-            return index, view
-        # A store's own index is saved in it (memory-mapped, kept current across edits).
-        index = kb.prefilter() if store and not options else KBPrefilter(view[0], **options)
-        live = [(i, e) for i, e in self._prefilters.items() if e[0]() is not None and i != id(owner)]
-        self._prefilters = dict(live[-3:])  # a FAISS index over 1M keys holds 1.5 GB: keep a few
-        # Not a KBEmbeddings' own tensors: the entry must not keep its owner alive.
-        self._prefilters[id(owner)] = (weakref.ref(owner), version, index, view if store else None)
-        return index, view
+        if states.view is None:
+            if states.from_store:  # rows read on demand: a question reads its candidates' rows only
+                states.view = self._check_store(states.store).view()
+            else:
+                states.view = (states.embeddings.keys, states.embeddings.values, states.triples)
+        if index is None and (options or states.index is None):
+            # A store's own index is saved in it (memory-mapped, kept current across edits).
+            states.index = states.store.prefilter() if states.from_store and not options else KBPrefilter(
+                states.view[0], **options)
+            if self.kb_cache is not None:
+                self.kb_cache.settle()
+        return index or states.index, states.view
 
     def _attach_candidates(
-        self, kb: KBEmbeddings | KBStore, questions: list[str], recorder: KBAttentionRecorder, k: int,
-        index: KBPrefilter | None, tap: bool = False,
+        self, states: KBStates, questions: list[str], recorder: KBAttentionRecorder, k: int,
+        index: KBPrefilter | None, tap: bool = False, copy: bool = True,
     ) -> tuple[object, Callable[[int, int], Triple | None]]:
         """Attach each question's top-k triples (by key cosine) as a batch of KBs; map sources back.
 
@@ -684,11 +801,11 @@ class KBLaM(nn.Module):
         attention minus the tail the pre-filter cut (mass that low-cosine keys would barely draw).
         """
         queries = self.encoder.encode(questions)  # (B, d): the question in the keys' encoder space
-        index, (all_keys, all_values, triples) = self._prefiltered(kb, index)
+        index, (all_keys, all_values, triples) = self._prefiltered(states, index)
         _, rows = index.search(queries.numpy(), k)
         rows = torch.from_numpy(rows)  # (B, k'), -1 where an approximate index found fewer
         mask, take = rows >= 0, rows.clamp_min(0)
-        if isinstance(kb, KBStore):
+        if states.from_store:
             # Only the candidates' rows are read from the memory-mapped float16 files.
             flat = take.reshape(-1).numpy()
             keys = torch.from_numpy(all_keys[flat]).float().view(*take.shape, -1)
@@ -697,15 +814,28 @@ class KBLaM(nn.Module):
             keys, values = all_keys[take], all_values[take]
         candidates = [[triples[j] for j in row] for row in take.tolist()]
         value_ids = None
-        if self.config.copy_values:
+        if self.config.copy_values and copy:
             per_row = [self.value_ids(row)[0] for row in candidates]  # (k' [+ 1], L) each
             width = max(ids.shape[-1] for ids in per_row)
             value_ids = torch.stack([_pad_to(ids, width) for ids in per_row])
         context = self.attach_embeddings(
             keys, values, mask, record=recorder,
-            queries=queries, value_ids=value_ids, full_size=len(kb), tap=tap,
+            queries=queries, value_ids=value_ids, full_size=len(states), tap=tap,
         )
         return context, lambda i, j: candidates[i][j] if j < mask.shape[1] and mask[i, j] else None
+
+
+# Query rows x knowledge tokens per chunk of an inference call: 2^17 keeps a chunk's float32 logits (9 heads:
+# 4.7 MB) in this CPU's caches, so that the passes over them run from cache, not memory. Measured while
+# developing (bfloat16 states, one thread): 16 prompts x 40 tokens over 10,000 triples 663 ms per layer in chunks of 8,192,
+# 168 ms in chunks of 256; one prompt over 100,000 triples 148 ms in chunks of 8,192, 107 ms in 2,048.
+CHUNK_ROWS_X_TOKENS = 1 << 17
+
+
+def adaptive_chunk(query_rows: int) -> int:
+    """Knowledge tokens per chunk for an inference call with `query_rows` query rows: a power of two, at
+    least 256, with query rows x tokens <= CHUNK_ROWS_X_TOKENS (a decoding step of one question: 131,072)."""
+    return 1 << max(8, (CHUNK_ROWS_X_TOKENS // max(query_rows, 1)).bit_length() - 1)
 
 
 def question_token_mask(
@@ -750,10 +880,14 @@ def _pad_to(ids: torch.Tensor, width: int) -> torch.Tensor:
     return nn.functional.pad(ids, (0, width - ids.shape[1]), value=copying.PAD)
 
 
-def question_key_cosine(queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-    """(B, M): cosine of each question's encoder embedding (B, d) with each key embedding ((B|1,) M, d)."""
+def question_key_cosine(queries: torch.Tensor, keys: torch.Tensor, norms: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, M): cosine of each question's encoder embedding (B, d) with each key embedding ((B|1,) M, d).
+
+    `norms` (M,): the keys' norms (kblam.kb_cache.key_norms), when kept: the keys are not normalised again.
+    """
     q = nn.functional.normalize(queries.to(keys), dim=-1)[:, None, :]
-    return (q @ nn.functional.normalize(keys, dim=-1).transpose(-1, -2))[:, 0]
+    norms = key_norms(keys) if norms is None else norms
+    return (q @ keys.transpose(-1, -2))[:, 0] / norms.to(keys)
 
 
 class UntrainedAdapterWarning(UserWarning):

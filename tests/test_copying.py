@@ -115,7 +115,7 @@ def test_null_slot_competes_with_each_triple_whatever_the_kb_size(hash_encoder):
         model.adapter.null_bias.fill_(1.5)
     gaps = []
     for m in (4, 400):
-        bias = model._kb_bias(torch.randn(m, 24), None, None)[model.config.kb_layers[0]]
+        bias = model._kb_bias(m, torch.device("cpu"), None, None)[model.config.kb_layers[0]]
         assert bias.shape == (1, 1, 1, m + 1)
         gaps.append(float((bias[..., -1] - bias[..., 0]).detach()))
         assert float(bias[..., 0].detach()) == pytest.approx(math.log(100.0) - math.log(m), abs=1e-5)
@@ -128,7 +128,7 @@ def test_retrieval_prior_adds_scaled_cosine(hash_encoder):
     q = keys[1:2] * 3.0
     from kblam.model import question_key_cosine
 
-    bias = model._kb_bias(keys, None, question_key_cosine(q, keys))[model.config.kb_layers[0]]
+    bias = model._kb_bias(keys.shape[-2], keys.device, None, question_key_cosine(q, keys))[model.config.kb_layers[0]]
     cos = torch.nn.functional.cosine_similarity(q, keys)
     expected = math.log(100.0) - math.log(3) + 7.0 * cos
     torch.testing.assert_close(bias.reshape(-1), expected, atol=1e-5, rtol=0)

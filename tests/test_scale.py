@@ -156,7 +156,7 @@ def test_recorder_keeps_one_row_per_question_and_triple(hash_encoder):
 def test_full_size_shift(hash_encoder):
     model = wrap("llama", hash_encoder, null_slot=True)
     keys, _, mask = _padded_batch()
-    bias = model._kb_bias(keys, mask, None, full_size=1000)[model.config.kb_layers[0]]
+    bias = model._kb_bias(keys.shape[-2], keys.device, mask, None, full_size=1000)[model.config.kb_layers[0]]
     assert bias.shape == (2, 1, 1, 11)
     valid = torch.cat([mask, torch.ones(2, 1, dtype=torch.bool)], -1)[:, None, None]
     assert torch.isinf(bias[~valid]).all()
@@ -196,7 +196,7 @@ def test_prefilter_with_k_at_least_m_equals_no_prefilter(options, hash_encoder):
         _same_answers(model.ask(QUESTIONS, kb, max_new_tokens=6, prefilter=True, prefilter_k=k), off)
     model.prefilter_above, model.prefilter_k = 11, 12  # on by size
     _same_answers(model.ask(QUESTIONS, kb, max_new_tokens=6), off)
-    assert len(model._prefilters) == 1
+    assert model.kb_cache.builds == 1 and model.prefilter_index(kb) is model.prefilter_index(kb)
 
 
 def test_prefilter_over_a_kb_store(hash_encoder, tmp_path):

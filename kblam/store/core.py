@@ -1000,9 +1000,17 @@ class _Stale:
     every committed row in place), and refuses to read after compact()/rebuild() rewrote them."""
 
     def __init__(self, store: KBStore, order: np.ndarray | None):
-        self._store, self._order = store, order
+        # Held weakly: a view kept in a cache (kblam.kb_cache) must not keep its store open.
+        self._store_ref, self._order = weakref.ref(store), order
         self._files = store._manifest["files"]["keys"]["name"]
         self._count = len(store)
+
+    @property
+    def _store(self) -> KBStore:
+        store = self._store_ref()
+        if store is None:
+            raise KBStoreError("the store of this view was closed and released; open it again")
+        return store
 
     def _phys(self, rows: Any) -> np.ndarray:
         store = self._store
@@ -1045,7 +1053,9 @@ class _Rows(_Stale):
 class _Triples(_Stale):
     """Logical triples of a store; a triple is parsed when it is first asked for."""
 
-    def __getitem__(self, row: int) -> Triple:
+    def __getitem__(self, row: int | slice) -> Triple | list[Triple]:
+        if isinstance(row, slice):
+            return [self[i] for i in range(*row.indices(len(self)))]
         return self._store._state.phys[int(self._phys(row))]
 
 

@@ -1,0 +1,602 @@
+"""Speed to the machine's limit (issue 10): each component's time beside its floor, and the issue's goals.
+
+    .venv/bin/python benchmarks/speed.py                       # every part (~30 min on 2 shared cores)
+    .venv/bin/python benchmarks/speed.py --parts machine,components --sizes 1000 10000
+    .venv/bin/python benchmarks/speed.py --markdown-only       # redo docs/performance.md from the JSON
+
+On the embedded default model (SmolLM2-135M-Instruct, the shipped adapter) with one torch thread
+(--threads), KB states in the model's default dtype (--dtype to override). KBs are synthetic triples
+with random key/value vectors: the cost is that of real ones, the answers are meaningless.
+
+Parts (--parts):
+- machine: memory bandwidth (a 256 MB tensor copy: bytes read + written per second) and the matrix
+  product rate in float32 and bfloat16 (1024 x 1024 products), best of several: the floors' rates.
+- components: at each --sizes, the time of base prefill (one question, no KB), KB projection (the
+  whole KB through the adapter: what the cache saves per question), KB attention in the prefill (the
+  prefill with the KB attached minus without), the span path (the span decoder's work per step) and a
+  decoding step (one question, with and without the KB), each beside its floor: the larger of its
+  FLOPs at the measured product rate and its bytes at the measured bandwidth (the model is in
+  docs/performance.md).
+- goals: the issue's ratios, each side measured alternately in this one process so that load on
+  the machine weighs on both: time to first token (ask, max_new_tokens=1, a new question each time)
+  at 10K and 100K triples with full attention and at 100K with the pre-filter; 16 questions as one
+  batch for exactly 17 steps; answers per second for batches of 1, 4, 16 and 64; decoding tokens per
+  second (exactly --decode-steps steps); asking again after editing one triple of a 100K-triple
+  KnowledgeBase (full attention).
+- million: time to first token with the pre-filter over a 1,000,000-triple KBStore of random vectors
+  (built once under --workdir), beside no KB, in a child process.
+- memory: peak resident memory after loading, asking one question with full attention over KBs of
+  --memory-sizes triples, each in a fresh child process; the slope is the memory per added triple
+  (the method of benchmarks/cost.py, which measured 14.7 KB before the cache).
+- encoding: MiniLM's own rate on distinct texts, against KBStore.add of the triples they come from.
+
+Writes benchmarks/results/speed.json and the tables in docs/performance.md between its markers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from cost import _StepClock as StepClock  # noqa: E402 - a logits processor noting when each step's logits are ready
+
+OUT = ROOT / "benchmarks" / "results" / "speed.json"
+DOCS = ROOT / "docs" / "performance.md"
+BEGIN, END = "<!-- speed-results:begin -->", "<!-- speed-results:end -->"
+PARTS = ("machine", "components", "goals", "million", "memory", "encoding")
+
+
+# ----------------------------------------------------------------------------------------- helpers
+
+def _best(fn, repeats: int = 5) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def _median(xs):
+    return statistics.median(xs) if xs else None
+
+
+def _alternate(a, b, repeats: int) -> tuple[float, float]:
+    """Median seconds of a() and of b(), run alternately (contention weighs on both alike). A function
+    that returns a float measured itself (time to first token): that is its time."""
+    ta, tb = [], []
+    for _ in range(repeats):
+        for fn, times in ((a, ta), (b, tb)):
+            t0 = time.perf_counter()
+            got = fn()
+            times.append(got if isinstance(got, float) else time.perf_counter() - t0)
+    return _median(ta), _median(tb)
+
+
+def _random_kb(n: int, seed: int = 0, dim: int = 384):
+    import torch
+    from scale import _synthetic
+
+    from kblam.encoder import KBEmbeddings
+
+    g = torch.Generator().manual_seed(seed)
+    triples = tuple(_synthetic(n, seed=seed))
+    return KBEmbeddings(triples, torch.randn(n, dim, generator=g), torch.randn(n, dim, generator=g))
+
+
+def _questions(kb, count: int, offset: int = 0) -> list[str]:
+    """Distinct questions about the KB's triples (the encoder's cache never answers for them)."""
+    step = max(1, len(kb) // max(count, 1))
+    return [f"What is the {t.property} of {t.name}?" for t in kb.triples[offset::step][:count]]
+
+
+class Steps:
+    """A stopping criterion: exactly `n` new tokens (with min_new_tokens=n, so no early end of text)."""
+
+    def __init__(self, n: int):
+        self.n, self.calls = n, 0
+
+    def __call__(self, input_ids, scores, **_):
+        import torch
+
+        self.calls += 1
+        return torch.full((input_ids.shape[0],), self.calls >= self.n, dtype=torch.bool)
+
+
+def _load(dtype: str | None):
+    import torch
+
+    from kblam import KBLaM
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = KBLaM.from_pretrained()
+    model.encoder.progress = False
+    if dtype:
+        model.kb_cache.dtype = getattr(torch, dtype)
+    return model
+
+
+def _shape(model) -> dict:
+    base = model.base
+    c = base.config
+    emb = base.get_input_embeddings().weight.numel()
+    params = sum(p.numel() for p in base.parameters())
+    return {"layers": c.num_hidden_layers, "kb_layers": len(model.config.kb_layers),
+            "heads": model.config.num_attention_heads, "kv_heads": model.config.num_key_value_heads,
+            "head_dim": model.config.head_dim, "hidden": c.hidden_size, "params": params,
+            "params_without_embeddings": params - emb, "vocab": c.vocab_size,
+            "encoder_dim": model.config.encoder_dim, "null_slot": int(model.config.null_slot),
+            "param_bytes": sum(p.numel() * p.element_size() for p in base.parameters())}
+
+
+# ----------------------------------------------------------------------------------------- machine
+
+def machine(threads: int) -> dict:
+    import platform
+
+    import torch
+
+    src = torch.randn(64 * 2**20)  # 256 MB
+    dst = torch.empty_like(src)
+    copy_s = _best(lambda: dst.copy_(src), 7)
+    out = {"torch": torch.__version__, "threads": threads, "cores": os.cpu_count(),
+           "cpu": _cpu_name() or platform.machine(), "bandwidth_gbs": round(2 * src.nbytes / copy_s / 1e9, 1)}
+    for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
+        a, b = torch.randn(1024, 1024).to(dtype), torch.randn(1024, 1024).to(dtype)
+        seconds = _best(lambda a=a, b=b: torch.mm(a, b), 9)
+        out[f"gflops_{name}"] = round(2 * 1024**3 / seconds / 1e9, 1)
+    out["load_average"] = [round(x, 2) for x in os.getloadavg()]
+    return out
+
+
+def _cpu_name() -> str | None:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        return None
+    return None
+
+
+# ----------------------------------------------------------------------------------------- floors
+
+def floors(shape: dict, m: int, prompt: int, state_bytes: int, rates: dict, batch: int = 1) -> dict:
+    """Each component's floor in seconds: max(FLOPs / product rate, bytes / bandwidth)."""
+    bw = rates["bandwidth_gbs"] * 1e9
+    f32, kb_rate = rates["gflops_float32"] * 1e9, rates[f"gflops_{'bfloat16' if state_bytes == 2 else 'float32'}"] * 1e9
+    s = shape
+    m1 = m + s["null_slot"]
+    kv = s["kv_heads"] * s["head_dim"]
+    states = m1 * kv * 2 * s["kb_layers"] * state_bytes  # KB keys + values, every KB layer
+    attn_flops = 4 * s["heads"] * s["head_dim"] * m1 * s["kb_layers"]  # per query row: scores + mix
+
+    def floor(flops, nbytes, rate=f32):
+        return max(flops / rate, nbytes / bw)
+
+    return {
+        "base_prefill": floor(2 * s["params_without_embeddings"] * prompt * batch, s["param_bytes"]),
+        "kb_projection": floor(m * s["kb_layers"] * 2 * 2 * s["encoder_dim"] * kv,
+                               m * s["encoder_dim"] * 4 * 2 + states),
+        "kb_attention_prefill": floor(attn_flops * prompt * batch, states, kb_rate),
+        "span_step": floor(0, 2 * batch * m1 * 4),  # read the KB attention, write the span scores
+        "decode_step_base": floor(2 * s["params_without_embeddings"] * batch, s["param_bytes"]),
+        "decode_step_kb": floor(attn_flops * batch, states, kb_rate),
+    }
+
+
+# ----------------------------------------------------------------------------------------- components
+
+def components(model, sizes: list[int], rates: dict, repeats: int) -> list[dict]:
+    rows = []
+    for m in sizes:
+        rows.append(component_row(model, m, rates, repeats))
+        print(f"[speed] components {m:,}: {json.dumps(rows[-1])}", file=sys.stderr, flush=True)
+        model.kb_cache.clear()
+    return rows
+
+
+def component_row(model, m: int, rates: dict, repeats: int) -> dict:
+    import torch
+
+    from kblam import kb_cache, spans
+    from kblam.model import KBAttentionRecorder, question_token_mask
+
+    kb = _random_kb(m)
+    question = _questions(kb, 1)[0]
+    prompt = model.format_prompt(question)
+    inputs = model.tokenizer([prompt], return_tensors="pt", add_special_tokens=False, return_offsets_mapping=True)
+    offsets = inputs.pop("offset_mapping")
+    dtype = model.kb_cache.dtype
+    projection = _best(lambda: kb_cache.project(model.adapter, kb.keys, kb.values, dtype), 2 if m > 20_000 else 3)
+    states = model.kb_states(kb)
+    model.kb_layers(states)
+    mask = question_token_mask([prompt], [question], offsets, inputs["attention_mask"])
+
+    def prefill(with_kb: bool):
+        with torch.no_grad():
+            if not with_kb:
+                return model.base(**inputs, logits_to_keep=1)
+            with model.attach(states, record=KBAttentionRecorder(mask), questions=[question], tap=True, copy=False):
+                return model.base(**inputs, logits_to_keep=1)
+
+    with_kb, without = _alternate(lambda: prefill(True), lambda: prefill(False), repeats)
+
+    spent, inner = [], spans.SpanDecoder.__call__
+
+    def timed(self, input_ids, scores):  # the span decoder's own time, per step
+        t0 = time.perf_counter()
+        try:
+            return inner(self, input_ids, scores)
+        finally:
+            spent.append(time.perf_counter() - t0)
+
+    def decode(kb_or_none, steps=24) -> float:
+        """The median decoding step of one question's answer, exactly `steps` tokens long."""
+        clock = StepClock()
+        model.ask(question, kb_or_none, max_new_tokens=steps, min_new_tokens=steps, logits_processor=[clock],
+                  stopping_criteria=[Steps(steps)], prefilter=False)
+        return _median([b - a for a, b in zip(clock.times[1:], clock.times[2:], strict=False)])
+
+    steps_kb, steps_no = [], []
+    for _ in range(max(2, repeats // 2)):
+        spans.SpanDecoder.__call__ = timed
+        try:
+            steps_kb.append(decode(kb))
+        finally:
+            spans.SpanDecoder.__call__ = inner
+        steps_no.append(decode(None))
+    step_kb, step_no = _median(steps_kb), _median(steps_no)
+    return {
+        "triples": m, "prompt_tokens": inputs["input_ids"].shape[1], "state_dtype": str(dtype).removeprefix("torch."),
+        "base_prefill_s": without, "kb_projection_s": projection, "kb_attention_prefill_s": with_kb - without,
+        "span_step_s": _median(spent), "decode_step_base_s": step_no, "decode_step_kb_s": step_kb - step_no,
+        "floors_s": floors(_shape(model), m, inputs["input_ids"].shape[1], dtype.itemsize, rates),
+        "load_average": [round(x, 2) for x in os.getloadavg()],
+    }
+
+
+# ----------------------------------------------------------------------------------------- goals
+
+def _ttft(model, kb, questions, **kw):
+    """A function asking the next question, returning its time to first token: from the call to the first
+    token's logits (a span started at the first token goes on being quoted after it)."""
+    it = iter(questions)
+
+    def ttft() -> float:
+        clock = StepClock()
+        t0 = time.perf_counter()
+        model.ask(next(it), kb, max_new_tokens=1, logits_processor=[clock], **kw)
+        return clock.times[0] - t0
+
+    return ttft
+
+
+def goals(model, repeats: int, decode_steps: int, batch_sizes: list[int]) -> dict:
+    out: dict = {"load_average_start": [round(x, 2) for x in os.getloadavg()]}
+    kbs = {m: _random_kb(m, seed=1) for m in (10_000, 100_000)}
+    for kb in kbs.values():
+        model.ask("warm up", kb, max_new_tokens=1, prefilter=False)  # projected once: the cache's state
+    nokb_questions = [f"What is the capital of country number {i}?" for i in range(4 * repeats + 4)]
+    for m, kb in kbs.items():
+        qs = _questions(kb, repeats + 1, offset=3)
+        kb_s, no_s = _alternate(_ttft(model, kb, qs, prefilter=False), _ttft(model, None, nokb_questions), repeats)
+        out[f"ttft_{m}_full"] = {"kb_s": kb_s, "nokb_s": no_s, "ratio": kb_s / no_s}
+    kb = kbs[100_000]
+    model.prefilter_index(kb)
+    qs = _questions(kb, repeats + 1, offset=5)
+    kb_s, no_s = _alternate(_ttft(model, kb, qs, prefilter=True), _ttft(model, None, nokb_questions), repeats)
+    out["ttft_100000_prefilter"] = {"kb_s": kb_s, "nokb_s": no_s, "ratio": kb_s / no_s}
+    print(f"[speed] goals so far {json.dumps(out)}", file=sys.stderr, flush=True)
+
+    kb = kbs[10_000]
+
+    def batch(size: int, with_kb: bool, steps: int = 17):
+        qs = _questions(kb, size, offset=size + 7)
+        return lambda: model.ask(qs, kb if with_kb else None, max_new_tokens=steps, min_new_tokens=steps,
+                                 stopping_criteria=[Steps(steps)], prefilter=False)
+
+    kb_s, no_s = _alternate(batch(16, True), batch(16, False), max(2, repeats // 2))
+    out["batch16_17_tokens_10000"] = {"kb_s": kb_s, "nokb_s": no_s, "ratio": kb_s / no_s}
+    out["answers_per_s_10000"] = {}
+    for size in batch_sizes:
+        kb_s, no_s = _alternate(batch(size, True), batch(size, False), 1 if size >= 64 else 2)
+        out["answers_per_s_10000"][size] = {"kb": size / kb_s, "nokb": size / no_s}
+    print(f"[speed] goals so far {json.dumps(out)}", file=sys.stderr, flush=True)
+
+    def decode(with_kb: bool):
+        clock = StepClock()
+        model.ask(_questions(kb, 1, offset=11)[0], kb if with_kb else None, max_new_tokens=decode_steps,
+                  min_new_tokens=decode_steps, logits_processor=[clock], stopping_criteria=[Steps(decode_steps)],
+                  prefilter=False)
+        return (len(clock.times) - 1) / (clock.times[-1] - clock.times[0])
+
+    speeds = [(decode(True), decode(False)) for _ in range(max(2, repeats // 2))]
+    kb_tps, no_tps = _median([s[0] for s in speeds]), _median([s[1] for s in speeds])
+    out["decode_tokens_per_s_10000"] = {"kb": kb_tps, "nokb": no_tps, "ratio": kb_tps / no_tps,
+                                        "steps": decode_steps}
+    out.update(edit_goal(model, repeats))
+    out["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
+    return out
+
+
+def edit_goal(model, repeats: int, m: int = 100_000) -> dict:
+    """Ask, edit one triple, ask again, over a 100K-triple KnowledgeBase with full attention."""
+    import torch
+    from scale import MINILM, FixedRandomVectors, _synthetic
+
+    from kblam.encoder import KBEncoder
+    from kblam.kb import KnowledgeBase
+
+    class Vectors(FixedRandomVectors):  # as a sentence-transformers model returns them to KBEncoder
+        def encode(self, texts, **kw):
+            return torch.from_numpy(super().encode(texts, **kw))
+
+    encoder, model.encoder = model.encoder, KBEncoder(Vectors(), name=MINILM)  # no MiniLM for 200K texts
+    try:
+        kb = KnowledgeBase(_synthetic(m, seed=2))
+        t0 = time.perf_counter()
+        model.ask("warm up", kb, max_new_tokens=1, prefilter=False)
+        first = time.perf_counter() - t0
+        names = [t for t in kb.triples[:: m // (2 * repeats + 2)]][: 2 * repeats + 2]
+        asked, edited = [], []
+        for i in range(repeats):  # to the first token's logits, as _ttft (a quoted span runs on after it)
+            asked.append(_ttft(model, kb, [f"What is the {names[2 * i].property} of {names[2 * i].name}?"],
+                               prefilter=False)())
+            target = names[2 * i + 1]
+            t0 = time.perf_counter()
+            kb.update(target.name, target.property, f"edited value {i}")
+            edit_s = time.perf_counter() - t0
+            edited.append(edit_s + _ttft(model, kb, [f"What is the {target.property} of {target.name}?"],
+                                         prefilter=False)())
+        a, e = _median(asked), _median(edited)
+        return {"edit_100000_full": {"ask_s": a, "edit_and_ask_s": e, "ratio": e / a, "first_ask_s": first,
+                                     "updates": model.kb_cache.updates}}
+    finally:
+        model.encoder = encoder
+
+
+# ----------------------------------------------------------------------------------------- children
+
+def child(task: dict) -> dict:
+    import torch
+
+    torch.set_num_threads(task["threads"])
+    if task["kind"] == "memory":
+        return child_memory(task)
+    if task["kind"] == "million":
+        return child_million(task)
+    return child_encoding(task)
+
+
+def child_memory(task: dict) -> dict:
+    from cost import _hwm_mb, _reset_peak, _rss_mb
+
+    model = _load(task["dtype"])
+    model.ask("warm up", _random_kb(4), max_new_tokens=2)
+    rss = _rss_mb()
+    reset = _reset_peak()
+    kb = _random_kb(task["size"])
+    model.ask(_questions(kb, 1)[0], kb, max_new_tokens=4, prefilter=False)
+    return {"size": task["size"], "dtype": str(model.kb_cache.dtype).removeprefix("torch."), "rss_loaded_mb": rss,
+            "peak_after_load_mb": _hwm_mb() if reset else None}
+
+
+def child_million(task: dict) -> dict:
+    from scale import child_build
+
+    from kblam.store import KBStore
+
+    built = child_build(1_000_000, task["workdir"], real=False)
+    model = _load(task["dtype"])
+    store = KBStore.open(built["store"], readonly=True)
+    t0 = time.perf_counter()
+    model.prefilter_index(store)
+    index_s = time.perf_counter() - t0
+    triples = store.triples()
+    qs = [f"What is the {t.property} of {t.name}?" for t in triples[7::100_003]][: task["repeats"] + 1]
+    nokb = [f"What is the capital of country number {i}?" for i in range(task["repeats"] + 2)]
+    model.ask(qs[-1], store, max_new_tokens=1, prefilter=True)
+    kb_s, no_s = _alternate(_ttft(model, store, qs, prefilter=True), _ttft(model, None, nokb), task["repeats"])
+    return {"ttft_1000000_prefilter": {"kb_s": kb_s, "nokb_s": no_s, "ratio": kb_s / no_s, "index_build_s": index_s,
+                                       "index": repr(model.prefilter_index(store))}}
+
+
+def child_encoding(task: dict) -> dict:
+    from scale import _synthetic
+
+    from kblam.defaults import load_default_encoder
+    from kblam.store import KBStore
+
+    encoder = load_default_encoder()
+    triples = _synthetic(task["size"], seed=3)
+    texts = list(dict.fromkeys([t.key_text() for t in triples] + [t.value_text() for t in triples]))
+    t0 = time.perf_counter()
+    encoder.model.encode(texts, batch_size=encoder.batch_size, convert_to_tensor=True, show_progress_bar=False)
+    own = len(texts) / (time.perf_counter() - t0)
+    with tempfile.TemporaryDirectory() as tmp:
+        fresh = load_default_encoder()  # no per-text cache carried over
+        t0 = time.perf_counter()
+        with KBStore.create(Path(tmp) / "kb", fresh) as store:
+            store.add(triples, progress=True)  # the progress bar is part of what is measured
+        store_rate = len(texts) / (time.perf_counter() - t0)
+    return {"encoding": {"texts": len(texts), "encoder_texts_per_s": own, "store_texts_per_s": store_rate,
+                         "ratio": store_rate / own}}
+
+
+def run_child(task: dict, timeout: float = 3600) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(task)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1][:300]
+    return {"error": f"exit code {proc.returncode}: {tail}"}
+
+
+def memory_slope(runs: list[dict]) -> dict | None:
+    from cost import linear_fit
+
+    ok = [r for r in runs if r.get("peak_after_load_mb") is not None]
+    if len(ok) < 2:
+        return None
+    fit = linear_fit([r["size"] for r in ok], [r["peak_after_load_mb"] for r in ok])
+    return {"kb_per_triple": fit["slope"] * 1024, "r2": fit["r2"], "sizes": [r["size"] for r in ok]}
+
+
+# ----------------------------------------------------------------------------------------- report
+
+COMPONENTS = (("base prefill (one question, no KB)", "base_prefill_s", "base_prefill"),
+              ("KB projection (whole KB, once per version)", "kb_projection_s", "kb_projection"),
+              ("KB attention, prefill (one question)", "kb_attention_prefill_s", "kb_attention_prefill"),
+              ("span path, per step", "span_step_s", "span_step"),
+              ("decoding step, base (one question)", "decode_step_base_s", "decode_step_base"),
+              ("decoding step, KB's share", "decode_step_kb_s", "decode_step_kb"))
+
+
+def _ms(x) -> str:
+    return "" if x is None else f"{x * 1e3:,.1f}"
+
+
+def markdown(results: dict) -> str:
+    mach = results.get("machine", {})
+    lines = [f"Measured {results.get('when', '?')}: {mach.get('cpu', '?')}, {mach.get('cores', '?')} cores, "
+             f"torch {mach.get('torch', '?')} with {mach.get('threads', '?')} thread(s); load average at the start "
+             f"{mach.get('load_average')} (the machine was shared: see the note above). Measured rates: memory "
+             f"bandwidth {mach.get('bandwidth_gbs')} GB/s, products {mach.get('gflops_float32')} GFLOP/s in float32, "
+             f"{mach.get('gflops_bfloat16')} in bfloat16.", ""]
+    rows = results.get("components") or []
+    if rows:
+        lines += ["| component | " + " | ".join(f"{r['triples']:,} triples: measured / floor (ms)" for r in rows) + " |",
+                  "|---|" + "---:|" * len(rows)]
+        for label, key, floor in COMPONENTS:
+            cells = [f"{_ms(r.get(key))} / {_ms(r['floors_s'][floor])}" for r in rows]
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        lines += ["", f"Prompt: {rows[0]['prompt_tokens']} tokens; KB states in {rows[0]['state_dtype']}; load "
+                      f"average during the rows: {', '.join(str(r['load_average'][0]) for r in rows)}.", ""]
+    g = results.get("goals") or {}
+    if g:
+        lines += ["| goal | measured | target | met |", "|---|---:|---:|---|"]
+
+        def row(label, key, target, better="<="):
+            v = g.get(key)
+            if not v or "ratio" not in v:
+                return
+            met = v["ratio"] <= target if better == "<=" else v["ratio"] >= target
+            detail = ", ".join(f"{k} {x:.3f}" for k, x in v.items() if k != "ratio" and isinstance(x, float))
+            lines.append(f"| {label} ({detail}) | {v['ratio']:.2f}x | {better} {target}x | {'yes' if met else 'no'} |")
+
+        row("TTFT, 10,000 triples, full attention / no KB", "ttft_10000_full", 1.5)
+        row("TTFT, 100,000 triples, full attention / no KB", "ttft_100000_full", 4)
+        row("TTFT, 100,000 triples, pre-filter / no KB", "ttft_100000_prefilter", 1.3)
+        row("TTFT, 1,000,000 triples (store), pre-filter / no KB", "ttft_1000000_prefilter", 1.3)
+        row("16 questions x 17 tokens, 10,000 triples / no KB", "batch16_17_tokens_10000", 1.5)
+        row("decoding tokens/s, 10,000 triples / no KB", "decode_tokens_per_s_10000", 0.9, ">=")
+        row("edit one triple + ask / ask, 100,000 triples, full attention", "edit_100000_full", 1.2)
+        mem = g.get("memory_per_triple")
+        if mem:
+            for dtype, fit in mem.items():
+                if fit:
+                    lines.append(f"| memory per added triple, full attention, {dtype} states (sizes {fit['sizes']}, "
+                                 f"r2 {fit['r2']:.3f}) | {fit['kb_per_triple']:.1f} KB | <= 7.35 KB | "
+                                 f"{'yes' if fit['kb_per_triple'] <= 7.35 else 'no'} |")
+        enc = g.get("encoding")
+        if enc:
+            lines.append(f"| KB encoding into a store / the encoder's own rate ({enc['texts']:,} texts: "
+                         f"{enc['store_texts_per_s']:.0f} vs {enc['encoder_texts_per_s']:.0f} texts/s) | "
+                         f"{enc['ratio']:.2f}x | >= 0.9x | {'yes' if enc['ratio'] >= 0.9 else 'no'} |")
+        aps = g.get("answers_per_s_10000")
+        if aps:
+            lines += ["", "| batch size | answers/s, no KB | answers/s, 10,000 triples | ratio |", "|---:|---:|---:|---:|"]
+            for size, v in aps.items():
+                lines.append(f"| {size} | {v['nokb']:.2f} | {v['kb']:.2f} | {v['nokb'] / v['kb']:.2f}x |")
+        lines += ["", f"Load average during the goals: {g.get('load_average_start')} at the start, "
+                      f"{g.get('load_average_end')} at the end."]
+    return "\n".join(lines)
+
+
+def write_docs(results: dict, path: Path) -> None:
+    from markers import write_between
+
+    write_between(path, BEGIN, END, markdown(results), "Performance")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--parts", default=",".join(PARTS))
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 10_000, 100_000])
+    parser.add_argument("--memory-sizes", type=int, nargs="+", default=[10_000, 50_000, 100_000])
+    parser.add_argument("--memory-dtypes", default="bfloat16,float32")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 16, 64])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--decode-steps", type=int, default=32)
+    parser.add_argument("--encode-sample", type=int, default=1500, help="triples for the encoding rate")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--dtype", default=None, help="KB state dtype (default: the model's)")
+    parser.add_argument("--workdir", type=Path, default=None, help="the 1M store (default: kblam cache/bench-speed)")
+    parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--docs", type=Path, default=DOCS)
+    parser.add_argument("--markdown-only", action="store_true")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print("RESULT " + json.dumps(child(json.loads(args.child))), flush=True)
+        return
+    results = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    if args.markdown_only:
+        write_docs(results, args.docs)
+        return
+    import torch
+
+    torch.set_num_threads(args.threads)
+    parts = set(args.parts.split(","))
+    results["when"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    results["command"] = " ".join([".venv/bin/python", "benchmarks/speed.py", *sys.argv[1:]])
+    if "machine" in parts or "machine" not in results:
+        results["machine"] = machine(args.threads)
+        print(f"[speed] machine {json.dumps(results['machine'])}", file=sys.stderr, flush=True)
+    goals_out = results.setdefault("goals", {})
+    if parts & {"components", "goals"}:
+        model = _load(args.dtype)
+        if "components" in parts:
+            results["components"] = components(model, args.sizes, results["machine"], args.repeats)
+        if "goals" in parts:
+            goals_out.update(goals(model, args.repeats, args.decode_steps, args.batch_sizes))
+        del model
+    common = {"threads": args.threads, "dtype": args.dtype}
+    if "million" in parts:
+        from kblam.defaults import cache_dir
+
+        workdir = args.workdir or cache_dir() / "bench-speed"
+        workdir.mkdir(parents=True, exist_ok=True)
+        goals_out.update(run_child({"kind": "million", "workdir": str(workdir), "repeats": args.repeats, **common}))
+    if "memory" in parts:
+        goals_out["memory_per_triple"] = {}
+        for dtype in args.memory_dtypes.split(","):
+            runs = [run_child({"kind": "memory", "size": n, **common, "dtype": dtype}) for n in args.memory_sizes]
+            goals_out["memory_per_triple"][dtype] = memory_slope(runs)
+            goals_out.setdefault("memory_runs", {})[dtype] = runs
+    if "encoding" in parts:
+        goals_out.update(run_child({"kind": "encoding", "size": args.encode_sample, **common}))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=1, default=str) + "\n")
+    write_docs(results, args.docs)
+    print(markdown(results))
+
+
+if __name__ == "__main__":
+    main()

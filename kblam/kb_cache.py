@@ -1,0 +1,387 @@
+"""A cache of each attached KB's adapter states, so that asking again does no KB-sized work twice.
+
+Before an answer reads a KB, every triple goes through the adapter (5 layers x key and value
+projections, ~1.5 MFLOP per triple on the default model: 0.16 s at 10,000 triples here) and, for
+the old copy path, every value through the tokenizer. `KBStateCache` keeps that work per KB version
+and adapter:
+
+- One KB at one version, read through a `KBStates` handle: its triples, key/value embeddings, the
+  per-layer KB keys and values with the null slot last (projected on first use, kept in `dtype`),
+  the keys' norms (the question-key cosines), the pre-filter's index, and whatever the answer path
+  derives from the triples (`derive`: the span budget, carried over edits as a bound; the copy
+  path's value tokens).
+- Which version: a KnowledgeBase by identity, then by content: its triples are compared with the
+  cached ones (a tuple comparison that stops at the first difference; unchanged triples are the same
+  objects, so it runs at pointer speed, ~1 ms per 100,000 triples); a KBStore by identity and
+  generation; KBEmbeddings by identity and its tensors' version counters. The adapter by identity,
+  the version counters of its parameters (every in-place update bumps them: an optimizer step,
+  load_state_dict) and the state dtype.
+- Incremental: a KB that changed is rebuilt from its previous version: only new triples are encoded
+  and projected. Values replaced in place (KnowledgeBase.update) while no answer reads the version
+  (no KBStates handle on it is alive) are written into it: one triple's projection, nothing else.
+  Otherwise (triples added or removed, or an answer reading) copy on write: unchanged rows are
+  copied at memory speed, and an answer still reading the old version keeps one consistent version.
+- Bounded by bytes, least recently used KB dropped first. Only memory the cache owns counts: a
+  caller's KBEmbeddings tensors or a store's memory maps do not.
+
+Hand-written rather than functools.lru_cache or cachetools: entries are rebuilt from their previous
+version, weighed by bytes, and held by weak reference to their KB (an entry goes with its KB).
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from kblam.encoder import KBEmbeddings
+from kblam.kb import KnowledgeBase, Triple
+from kblam.store import KBStore
+
+PROJECT_ROWS = 4096  # triples projected at a time: bounds the float32 intermediates (~3 MB a layer)
+
+
+def project(adapter, keys: torch.Tensor, values: torch.Tensor, dtype: torch.dtype) -> dict[int, tuple]:
+    """{layer: (keys, values)} of (1, kv_heads, M', head_dim) in `dtype`, null slot last: the adapter's
+    kb_states, computed PROJECT_ROWS triples at a time into preallocated tensors."""
+    device = next(adapter.parameters()).device
+    cfg = adapter.config
+    m, extra = keys.shape[0], int(cfg.null_slot)
+    out: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    for start in range(0, max(m, 1), PROJECT_ROWS):
+        rows = slice(start, min(m, start + PROJECT_ROWS))
+        part = adapter.kb_states(keys[rows].to(device, torch.float32), values[rows].to(device, torch.float32))
+        n = rows.stop - rows.start
+        for layer, (k, v) in part.items():
+            if layer not in out:
+                shape = (1, k.shape[1], m + extra, k.shape[3])
+                out[layer] = (k.new_empty(shape, dtype=dtype), v.new_empty(shape, dtype=dtype))
+                if extra:  # the null slot: the same in every block
+                    out[layer][0][:, :, m:] = k[:, :, n:]
+                    out[layer][1][:, :, m:] = v[:, :, n:]
+            out[layer][0][:, :, rows] = k[:, :, :n]
+            out[layer][1][:, :, rows] = v[:, :, :n]
+    return out
+
+
+def default_state_dtype(device: torch.device) -> torch.dtype:
+    """bfloat16 where products in it are fast (CUDA; a CPU with oneDNN bfloat16 support), else float32."""
+    if device.type == "cuda":
+        return torch.bfloat16
+    fast = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    return torch.bfloat16 if device.type == "cpu" and fast is not None and fast() else torch.float32
+
+
+def key_norms(keys: torch.Tensor) -> torch.Tensor:
+    """(M,) float32 norms of the key embeddings, floored as torch.nn.functional.normalize floors them."""
+    return torch.linalg.vector_norm(keys.float(), dim=-1).clamp_min(1e-12)
+
+
+def _nbytes(*tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if torch.is_tensor(t))
+
+
+class _Version:
+    """One KB at one version, as the adapter reads it (see the module docstring): read through KBStates."""
+
+    def __init__(self, triples: tuple[Triple, ...], embeddings: KBEmbeddings | None, owned: bool,
+                 store: KBStore | None = None):
+        self.lock = threading.RLock()  # reentrant: a handle may be released while its version is locked
+        self.handles = 0  # KBStates alive on this version: while > 0 nothing is written into it
+        self.triples = triples
+        # None for a store until full attention needs its float32 rows. A caller's KBEmbeddings is
+        # re-wrapped: its tensors are kept, not the object the cache holds weakly (nor, weakly too, the store).
+        self._embeddings = None if embeddings is None else KBEmbeddings(triples, embeddings.keys, embeddings.values)
+        self._owns_embeddings = owned  # encoded for this entry (a KnowledgeBase), not a caller's tensors
+        self._store = None if store is None else weakref.ref(store)
+        self.layers: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
+        self.key_norms: torch.Tensor | None = None
+        self.index = None  # a KBPrefilter over the keys, built by the pre-filter path
+        self.view: tuple | None = None  # (keys, values, triples) the pre-filter gathers candidates from
+        self.derived: dict[str, Any] = {}  # answer-path data computed from the triples (see derive)
+        self._bounds: dict[str, Callable] = {}  # derived values that are a maximum over the triples
+
+    def __len__(self) -> int:
+        return len(self.triples)
+
+    @property
+    def store(self) -> KBStore | None:
+        return None if self._store is None else self._store()
+
+    @property
+    def from_store(self) -> bool:
+        return self._store is not None
+
+    @property
+    def embeddings(self) -> KBEmbeddings:
+        if self._embeddings is None:  # a store read with full attention: its float32 rows, once
+            self._embeddings = self.store.embeddings()
+            self._owns_embeddings = True
+        return self._embeddings
+
+    def derive(self, name: str, compute: Callable[[tuple[Triple, ...]], Any], *, upper_bound: bool = False) -> Any:
+        """compute(triples), once per version (the span decoder's budget, the copy path's value tokens).
+
+        upper_bound: the value bounds something over the triples from above (a maximum): the next version
+        keeps max(this value, compute(its new triples)), a bound still, without a pass over the whole KB.
+        """
+        if name not in self.derived:
+            self.derived[name] = compute(self.triples)
+            if upper_bound:
+                self._bounds[name] = compute
+        return self.derived[name]
+
+    def reprojected(self) -> _Version:
+        """The same KB version for another adapter: everything but the projected states is shared."""
+        entry = _Version(self.triples, self._embeddings, self._owns_embeddings, self.store)
+        entry._store = self._store
+        entry.key_norms, entry.index, entry.view = self.key_norms, self.index, self.view
+        entry.derived, entry._bounds = self.derived, self._bounds
+        return entry
+
+    def nbytes(self) -> int:
+        """Memory this entry owns (not a caller's KBEmbeddings, not a store's memory maps)."""
+        total = _nbytes(self.key_norms, *self.derived.values())
+        if self._owns_embeddings and self._embeddings is not None:
+            total += _nbytes(self._embeddings.keys, self._embeddings.values)
+        for k, v in (self.layers or {}).values():
+            total += _nbytes(k, v)
+        if self.index is not None:  # FAISS: float32 keys (exact) or 8-bit codes (IVF), roughly
+            total += self.index.ntotal * self.index.dim * (4 if self.index.kind != "ivf" else 1)
+        return total + 100 * len(self.triples)  # the tuple and the row bookkeeping, roughly
+
+
+class KBStates:
+    """A handle on one KB version, what KBLaM.kb_states returns and attach reads; attributes are the
+    version's (triples, embeddings, layers, key_norms, index, derive, ...).
+
+    While any handle on a version is alive (an answer holds one from its start to its end), an edit of
+    the KB builds a new version (copy on write); once none is, the edit writes the changed rows into
+    the version in place: one triple's projection, nothing copied.
+    """
+
+    __slots__ = ("_version",)
+
+    def __init__(self, version: _Version):
+        object.__setattr__(self, "_version", version)
+        with version.lock:
+            version.handles += 1
+
+    def __getattr__(self, name: str):
+        return getattr(self._version, name)
+
+    def __setattr__(self, name: str, value) -> None:
+        setattr(self._version, name, value)
+
+    def __len__(self) -> int:
+        return len(self._version)
+
+    def __del__(self) -> None:
+        version = self._version
+        with version.lock:
+            version.handles -= 1
+
+
+class KBStateCache:
+    """KBStates per KB and adapter, least recently used dropped first past `max_bytes`."""
+
+    def __init__(self, max_bytes: int = 2 << 30, dtype: torch.dtype = torch.float32):
+        self.max_bytes = max_bytes
+        self.dtype = dtype  # of the projected KB states: float32, bfloat16 (or float16)
+        self._entries: OrderedDict[tuple, tuple[weakref.ref, tuple, _Version]] = OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = self.updates = self.builds = 0
+
+    def __repr__(self) -> str:
+        return (f"KBStateCache({len(self._entries)} KBs, {self.nbytes() / 2**20:.1f} of "
+                f"{self.max_bytes / 2**20:.0f} MiB, {self.dtype}, hits {self.hits}, updates {self.updates}, "
+                f"builds {self.builds})")
+
+    def nbytes(self) -> int:
+        return sum(entry.nbytes() for _, _, entry in self._entries.values())
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+    # --- lookup -------------------------------------------------------------------------------
+
+    def get(self, model, kb: KnowledgeBase | KBEmbeddings | KBStore) -> KBStates:
+        """A handle on this KB's current version (projected on first use: KBLaM.kb_layers)."""
+        adapter_version = (self.dtype, tuple(p._version for p in model.adapter.parameters()))
+        key = (id(kb), id(model.adapter), self.dtype)
+        version = _version(kb)
+        with self._lock:
+            found = self._entries.get(key)
+        if found is not None and found[0]() is not kb:
+            found = None  # the id of a KB that is gone, reused
+        entry = None
+        if found is not None:
+            _, (old_adapter, old_version), old = found
+            handle = KBStates(old)  # held before comparing: the version cannot change under it
+            same_kb = old_version == version and _same_triples(kb, old)
+            if same_kb and old_adapter == adapter_version:
+                self.hits += 1
+                with self._lock:
+                    if key in self._entries:
+                        self._entries.move_to_end(key)
+                return handle
+            del handle  # an edit may write into the version when nobody else reads it
+            if same_kb:  # another adapter (or the same after a training step): only the projection is stale
+                entry = old.reprojected()
+            elif old_adapter == adapter_version:
+                entry = self._update(model, kb, old)
+            if entry is not None:
+                self.updates += 1
+        if entry is None:
+            entry = fresh(model, kb)._version
+            self.builds += 1
+        handle = KBStates(entry)
+        with self._lock:
+            self._entries[key] = (weakref.ref(kb), (adapter_version, version), entry)
+            self._entries.move_to_end(key)
+            self._trim()
+        return handle
+
+    def settle(self) -> None:
+        """Re-apply the byte bound after an entry grew (projected states, an index built)."""
+        with self._lock:
+            self._trim()
+
+    def _trim(self) -> None:
+        for key in [k for k, (ref, _, _) in self._entries.items() if ref() is None]:
+            del self._entries[key]
+        total = self.nbytes()
+        while total > self.max_bytes and self._entries:
+            _, (_, _, entry) = self._entries.popitem(last=False)
+            total -= entry.nbytes()
+
+    # --- incremental update ---------------------------------------------------------------------
+
+    def _update(self, model, kb, old: _Version) -> _Version | None:
+        """The new version of `kb` built from `old`: unchanged triples' rows reused. None: build afresh.
+
+        In place when nothing moved (values replaced, KnowledgeBase.update) and no handle reads `old`;
+        otherwise copy on write: `old` is left as it was, so an answer reading it sees one version.
+        """
+        if isinstance(kb, KBEmbeddings):
+            return None  # its tensors were changed in place: nothing to reuse safely
+        triples = tuple(kb.triples()) if isinstance(kb, KBStore) else tuple(kb)
+        rows = _Rows(_reuse(old.triples, triples), len(old))
+        if len(rows.changed) > len(triples) // 2:
+            return None
+        changed = rows.changed
+        encoded = None
+        if not isinstance(kb, KBStore) and len(changed):
+            encoded = model.encoder.encode_kb([triples[j] for j in changed.tolist()],
+                                              model.config.key_template, model.config.value_template)
+        with old.lock:
+            if rows.same_places and old.handles == 0 and old._owns_embeddings and not old.from_store:
+                entry = old  # written in place below
+                keys_moved = bool(len(changed)) and not torch.equal(old.embeddings.keys[changed], encoded.keys)
+                old.index = old.index if not keys_moved else None
+                old.view = None
+                old.derived = {name: old.derived[name] for name in old._bounds}
+            else:
+                entry = self._copied(old, triples, rows, kb)
+            if encoded is not None:
+                emb = entry.embeddings
+                emb.keys[changed], emb.values[changed] = encoded.keys.to(emb.keys), encoded.values.to(emb.values)
+            entry._embeddings = None if entry._embeddings is None and entry.from_store else \
+                KBEmbeddings(triples, entry.embeddings.keys, entry.embeddings.values)
+            entry.triples = triples
+            if len(changed) and entry.layers is not None:
+                new = project(model.adapter, entry.embeddings.keys[changed], entry.embeddings.values[changed],
+                              self.dtype)
+                for layer, (k, v) in entry.layers.items():
+                    k[:, :, changed], v[:, :, changed] = new[layer][0][:, :, :len(changed)], \
+                        new[layer][1][:, :, :len(changed)]
+            if len(changed) and entry.key_norms is not None:
+                entry.key_norms[changed] = key_norms(entry.embeddings.keys[changed])
+            new_triples = tuple(triples[j] for j in changed.tolist())
+            for name, compute in old._bounds.items():
+                entry.derived[name] = max(old.derived[name], compute(new_triples)) if new_triples \
+                    else old.derived[name]
+                entry._bounds[name] = compute
+        return entry
+
+    @staticmethod
+    def _copied(old: _Version, triples, rows: _Rows, kb) -> _Version:
+        """A new version holding copies of `old`'s reusable rows (new triples' rows still to be written)."""
+        if isinstance(kb, KBStore):
+            entry = _Version(triples, None, False, store=kb)  # its rows are the store's new generation
+        else:
+            keys, values = rows.take(old.embeddings.keys, 0), rows.take(old.embeddings.values, 0)
+            entry = _Version(triples, KBEmbeddings(triples, keys, values), True)
+        if old.layers is not None:
+            entry.layers = {layer: (rows.take(k, 2), rows.take(v, 2)) for layer, (k, v) in old.layers.items()}
+        if old.key_norms is not None:
+            entry.key_norms = rows.take(old.key_norms, 0)
+        return entry
+
+
+class _Rows:
+    """Where each row of a KB's new version comes from in the old one (-1: a new triple)."""
+
+    def __init__(self, reuse: list[int], old_rows: int):
+        source = torch.tensor(reuse, dtype=torch.long)
+        self.changed = (source < 0).nonzero()[:, 0]
+        self.old_rows = old_rows
+        # Replaced in place, nothing moved (KnowledgeBase.update): a copy of each tensor, at memory speed.
+        self.same_places = len(reuse) == old_rows and bool(
+            ((source == torch.arange(len(reuse))) | (source < 0)).all())
+        self.source = source.clamp_min(0)
+
+    def take(self, tensor: torch.Tensor, dim: int) -> torch.Tensor:
+        """The new version's rows along `dim` (new triples' rows to be written); rows past the triples
+        (the null slot) are kept."""
+        if self.same_places:
+            return tensor.clone()
+        extra = torch.arange(self.old_rows, tensor.shape[dim])
+        return tensor.index_select(dim, torch.cat([self.source, extra]).to(tensor.device))
+
+
+def fresh(model, kb: KnowledgeBase | KBEmbeddings | KBStore) -> KBStates:
+    """A KB version built from nothing (what the cache stores, or what an uncached attach reads)."""
+    if isinstance(kb, KBEmbeddings):
+        return KBStates(_Version(kb.triples, kb, False))
+    if isinstance(kb, KBStore):
+        # The store's triples as a view parsed row by row on demand: a question over a million-triple store
+        # reads its candidates' rows, not every triple (kblam.store.KBStore.view).
+        return KBStates(_Version(model._check_store(kb).view().triples, None, False, store=kb))
+    embeddings = model.encoder.encode_kb(kb, model.config.key_template, model.config.value_template)
+    return KBStates(_Version(embeddings.triples, embeddings, True))
+
+
+def _version(kb) -> tuple:
+    if isinstance(kb, KBEmbeddings):
+        return (kb.keys._version, kb.values._version, tuple(kb.keys.shape))
+    if isinstance(kb, KBStore):
+        return (kb.generation, len(kb))
+    return ()  # a KnowledgeBase: compared by its triples (_same_triples)
+
+
+def _same_triples(kb, entry: KBStates) -> bool:
+    if isinstance(kb, (KBEmbeddings, KBStore)):
+        return True  # their version says it all
+    return kb.triples == entry.triples  # KnowledgeBase.triples: a tuple; identical items compare by pointer
+
+
+def _reuse(old: Sequence[Triple], new: Sequence[Triple]) -> list[int]:
+    """For each new triple, its row in `old`, or -1. Matching ends first (an edit touches few rows)."""
+    n_old, n_new = len(old), len(new)
+    head = 0
+    while head < min(n_old, n_new) and old[head] is new[head]:
+        head += 1
+    tail = 0
+    while tail < min(n_old, n_new) - head and old[n_old - 1 - tail] is new[n_new - 1 - tail]:
+        tail += 1
+    middle = {t: i for i, t in enumerate(old[head:n_old - tail], start=head)}
+    out = list(range(head))
+    out += [middle.pop(t, -1) for t in new[head:n_new - tail]]
+    out += list(range(n_old - tail, n_old))
+    return out

@@ -1,0 +1,95 @@
+"""Issue 10: KBLaM.ask_stream hands an answer's text over as it is generated, then the whole Answer."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from conftest import tiny_tokenizer, wrap
+
+from kblam.confidence import Calibrator
+from kblam.kb import Triple
+
+KB = [Triple("Gold", "symbol", "Au"), Triple("Iron", "symbol", "Fe"), Triple("Neon", "symbol", "Ne"),
+      Triple("Gold", "motto", "all that glitters")]
+QUESTION = "What is the symbol of Gold?"
+
+
+def _model(hash_encoder, lm: float = 0.0, value: float = 0.5):
+    model = wrap("llama", hash_encoder, retrieval_prior=True, null_slot=True, span_kinds=["value", "fact"],
+                 query_rank=4)
+    model.tokenizer = tiny_tokenizer()
+    with torch.no_grad():
+        model.adapter.span_gate.weight.zero_()
+        model.adapter.span_gate.bias.copy_(torch.tensor([lm, value, -1.0]))
+    return model
+
+
+@pytest.mark.parametrize("lm", [-30.0, 0.0, 30.0], ids=["spans", "mixed", "lm"])
+def test_the_stream_is_ask_answer(lm, hash_encoder):
+    model = _model(hash_encoder, lm=lm)
+    for question in (QUESTION, "Tell me about Gold and Iron and Neon."):
+        expected = model.ask(question, kb=KB, max_new_tokens=12, min_confidence=0.0)
+        stream = model.ask_stream(question, kb=KB, max_new_tokens=12, min_confidence=0.0)
+        pieces = list(stream)
+        assert "".join(pieces) == stream.answer.text == expected.text
+        assert stream.answer == expected  # sources, quoted, confidence, refused, signals
+        if len(expected.text.split()) > 1:
+            assert len(pieces) > 1
+
+
+def test_text_arrives_while_generating(hash_encoder):
+    """Generation waits at its fourth step until the reader has a piece: only a real stream gets past."""
+    model = _model(hash_encoder, lm=-30.0)
+    got_first, waited = threading.Event(), []
+
+    class WaitForReader:
+        steps = 0
+
+        def __call__(self, input_ids, scores):
+            self.steps += 1
+            if self.steps == 4:
+                waited.append(got_first.wait(timeout=20))
+            return scores
+
+    stream = model.ask_stream(QUESTION, kb=KB, max_new_tokens=12, min_confidence=0.0,
+                              logits_processor=[WaitForReader()])
+    for _ in stream:
+        got_first.set()
+    assert waited == [True] and len(stream.answer.text.split()) > 2
+
+
+def test_a_refusal_decided_after_the_prompt_is_streamed(hash_encoder):
+    model = _model(hash_encoder)
+    model.calibrator = Calibrator(["top_share"], [0.0], [1.0], [0.0], bias=-5.0, threshold=0.5)
+    stream = model.ask_stream("What is the population of Atlantis?", kb=KB, max_new_tokens=12)
+    assert list(stream) == [model.config.refusal] and stream.answer.refused
+
+
+def test_closing_stops_generating(hash_encoder):
+    model = _model(hash_encoder, lm=30.0)
+    steps, started, closed = [], threading.Event(), threading.Event()
+
+    def step(input_ids, scores):
+        steps.append(1)
+        if len(steps) == 2:
+            started.set()
+            closed.wait(timeout=20)
+        return scores
+
+    stream = model.ask_stream(QUESTION, kb=KB, max_new_tokens=200, min_new_tokens=200, min_confidence=0.0,
+                              logits_processor=[step])
+    assert started.wait(timeout=20)
+    stream.close()  # what leaving the loop early does
+    closed.set()
+    stream._thread.join(timeout=20)
+    assert not stream._thread.is_alive() and len(steps) <= 3
+
+
+def test_errors_raise_from_the_iteration(hash_encoder):
+    model = _model(hash_encoder)
+    with pytest.raises(ValueError, match="max_sources"):
+        list(model.ask_stream(QUESTION, kb=KB, max_sources=-1))
+    with pytest.raises(TypeError, match="one question"):
+        model.ask_stream([QUESTION], kb=KB)
