@@ -16,6 +16,7 @@ generated (a span's tokens one per step, as the span decoder forces them).
 
 from __future__ import annotations
 
+import re
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
@@ -159,17 +160,27 @@ def ask(
     measured: list[dict[str, float]] = []
     confidences: list[float | None] = [None] * len(questions)
 
+    refused_now = [False] * len(questions)
+    stated: dict[int, list[Triple]] = {}  # rows answered by stating the facts the question names
+
     def on_prefill(input_ids: torch.Tensor) -> torch.Tensor:
-        """After the prompt's forward pass: signals, confidence, and which rows to refuse now."""
-        refuse = torch.zeros(len(questions), dtype=torch.bool)
+        """After the prompt's forward pass: signals, confidence, which rows to refuse now, and which
+        name several facts of one entity (stated whole, in the question's order: no generation)."""
+        stop = torch.zeros(len(questions), dtype=torch.bool)
         if source_of is None:
-            return refuse
+            return stop
         measured.extend(_signals(model, recorder, questions, source_of, kb_size))
         if calibrator is not None:
             for i, c in enumerate(calibrator.confidence(measured)):
                 confidences[i] = c
-                refuse[i] = c < min_confidence
-        return refuse
+                refused_now[i] = c < min_confidence
+        shares = recorder.scores()
+        for i, q in enumerate(questions):
+            named = [] if refused_now[i] or not spans else named_facts(q, shares[i], lambda j, i=i: source_of(i, j))
+            if len(named) >= 2:
+                stated[i] = named
+            stop[i] = refused_now[i] or i in stated
+        return stop
 
     budget = max_new_tokens
     longest = _longest_span(kb, cfg) if spans and kb is not None else 0
@@ -199,8 +210,10 @@ def ask(
                 triple = source_of(i, j)
                 if triple is not None:
                     sources.append((triple, s))
-        quoted, refused = [], bool(decoder.refused is not None and decoder.refused[i])
-        for column, _kind in decoder.quotes[i] if decoder.quotes else []:
+        quoted, refused = [], refused_now[i]
+        if i in stated:
+            text, quoted = state_facts(stated[i], cfg.refusal), list(stated[i])
+        for column, _kind in decoder.quotes[i] if decoder.quotes and i not in stated else []:
             triple = source_of(i, column)
             if triple is None:
                 refused = True  # the null slot's span is the refusal
@@ -279,6 +292,59 @@ class AnswerStream:
     def close(self) -> None:
         """Stop generating (at the next step); the worker thread then ends."""
         self._cancelled.set()
+
+
+_WORD = re.compile(r"\w+", re.UNICODE)
+
+
+def _stems(text: str) -> list[str]:
+    """Lower-case words, a plural or "-ed" ending dropped: "codes" names "code"."""
+    out = []
+    for word in _WORD.findall(text.lower()):
+        for suffix, shortest in (("es", 5), ("s", 4), ("ed", 5)):
+            if word.endswith(suffix) and len(word) >= shortest:
+                word = word[: -len(suffix)]
+                break
+        out.append(word)
+    return out
+
+
+def named_facts(question: str, shares: torch.Tensor, triple_of) -> list[Triple]:
+    """The facts of the best source's entity whose property the question names word for word, in the
+    question's order ("the symbol and atomic number of iron"): a multi-fact question the answer states
+    whole, one fact per property named. Among the 64 best sources (the entity's facts are among them)."""
+    near = torch.topk(shares, min(64, shares.numel())).indices.tolist()
+    best = triple_of(near[0]) if near else None
+    if best is None:
+        return []
+    asked = _stems(question)
+    named = []
+    for j in near:
+        t = triple_of(j)
+        if t is None or t.name != best.name:
+            continue
+        words = _stems(t.property)
+        at = [k for k in range(len(asked) - len(words) + 1) if asked[k:k + len(words)] == words]
+        if words and at:
+            named.append((at[0], -len(words), t))
+    named.sort(key=lambda x: (x[0], x[1]))
+    out, taken = [], set()
+    for start, minus_len, t in named:  # a longer property wins its words ("alpha-2 code" over "code")
+        span = set(range(start, start - minus_len))
+        if not span & taken and t.property not in {u.property for u in out}:
+            out.append(t)
+            taken |= span
+    return out
+
+
+def state_facts(facts: Sequence[Triple], refusal: str) -> str:
+    """"The symbol of Iron is Fe, and the atomic number of Iron is 26." (the facts' own text, whole)."""
+    text = ""
+    for k, t in enumerate(facts):
+        if k:
+            text += ", and" if k == len(facts) - 1 else ","
+        text += span_decoding.span_text("fact", t, text, refusal)
+    return text + "."
 
 
 def _check_length(model, prompt_tokens: int, max_new_tokens: int) -> None:

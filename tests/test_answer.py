@@ -171,3 +171,15 @@ def test_the_calibrated_decision_alone_refuses(hash_encoder):
     model.calibrator = Calibrator(["top_share"], [0.0], [1.0], [0.0], bias=5.0, threshold=0.5)
     decided = model.ask("What is the symbol of Gold?", kb=KB, max_new_tokens=6)
     assert not decided.refused and decided.quoted and decided.confidence > 0.99
+
+
+def test_a_question_naming_several_facts_states_each_whole():
+    from kblam.answer import named_facts, state_facts
+
+    kb = [Triple("Iron", "symbol", "Fe"), Triple("Iron", "atomic number", "26"), Triple("Iron", "number", "x"),
+          Triple("Gold", "symbol", "Au"), Triple("Iron", "category", "transition metal")]
+    shares = torch.tensor([0.3, 0.3, 0.1, 0.2, 0.1])
+    named = named_facts("What are the atomic numbers and symbols of iron?", shares, lambda j: kb[j])
+    assert named == [kb[1], kb[0]]  # the question's order; "atomic number" wins "number"; Gold's symbol is not Iron's
+    assert state_facts(named, "no") == "The atomic number of Iron is 26, and the symbol of Iron is Fe."
+    assert named_facts("What is the symbol of iron?", shares, lambda j: kb[j]) == [kb[0]]  # one fact: not a list

@@ -67,8 +67,10 @@ def _without(text: str, mention: str | None) -> str:
 
 
 def states(answer: str, value: str, mention: str | None) -> bool:
-    """The value's words appear, in a row, in the answer once the entity's mention is taken out."""
-    got, want = " ".join(words(_without(answer, mention))), " ".join(words(value))
+    """The value's words appear, in a row, in the answer once the entity's mention is taken out (unless
+    the value holds the mention itself: "Cabo Verde Escudo" for Cabo Verde's currency)."""
+    holds = mention and " ".join(words(mention)) in " ".join(words(value))
+    got, want = " ".join(words(answer if holds else _without(answer, mention))), " ".join(words(value))
     return bool(want) and f" {want} " in f" {got} "
 
 
