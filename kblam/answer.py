@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from kblam import spans as span_decoding
-from kblam.confidence import QuestionSignals, signals
+from kblam.confidence import QuestionSignals, repair_name, signals
 from kblam.encoder import KBEmbeddings
 from kblam.kb import KnowledgeBase, Triple
 from kblam.prefilter import KBPrefilter
@@ -98,6 +98,7 @@ def ask(
     prefilter: bool | KBPrefilter | None = None,
     prefilter_above: int | None = None,
     prefilter_k: int | None = None,
+    repair_names: bool = True,
     **generate_kwargs,
 ) -> Answer | list[Answer]:
     """Answer one question (-> Answer) or a list (-> list[Answer], generated as one batch). See KBLaM.ask."""
@@ -122,10 +123,21 @@ def ask(
     if not spans and cfg.span_kinds:
         raise ValueError("this adapter was trained to quote spans: spans=False has no token-level copy path")
 
+    kb = resolve_kb(model, kb)
+    narrow, index, repaired, asked = False, None, [False] * len(questions), questions
+    if kb is not None:
+        kb = model.kb_states(kb)  # this version of the KB, for the whole answer (kblam.kb_cache)
+        above = model.prefilter_above if prefilter_above is None else prefilter_above
+        narrow = prefilter if isinstance(prefilter, bool) else (
+            prefilter is not None or (above is not None and len(kb) > above))
+        index = prefilter if isinstance(prefilter, KBPrefilter) else None
+        if repair_names:
+            asked, repaired = _repaired(model, kb, questions, narrow, index)
+
     tok = model.tokenizer
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
-    prompts = [model.format_prompt(q) for q in questions]
+    prompts = [model.format_prompt(q) for q in asked]
     inputs = tok(prompts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False,
                  return_offsets_mapping=bool(getattr(tok, "is_fast", False)))
     offsets = inputs.pop("offset_mapping", None)
@@ -133,7 +145,7 @@ def ask(
     from kblam.model import KBAttentionRecorder, question_token_mask
 
     device = next(model.base.parameters()).device
-    recorder = KBAttentionRecorder(question_token_mask(prompts, questions, offsets, inputs["attention_mask"]).to(device))
+    recorder = KBAttentionRecorder(question_token_mask(prompts, asked, offsets, inputs["attention_mask"]).to(device))
     inputs = inputs.to(device)
     generate_kwargs.setdefault("do_sample", False)
     if not generate_kwargs["do_sample"]:
@@ -141,20 +153,14 @@ def ask(
             generate_kwargs.setdefault(knob, None)
     generate_kwargs.setdefault("pad_token_id", tok.pad_token_id)
 
-    kb = resolve_kb(model, kb)
     context, source_of, kb_size = nullcontext(), None, 0
     if kb is not None:
-        kb = model.kb_states(kb)  # this version of the KB, for the whole answer (kblam.kb_cache)
         kb_size = len(kb)
-        above = model.prefilter_above if prefilter_above is None else prefilter_above
-        narrow = prefilter if isinstance(prefilter, bool) else (
-            prefilter is not None or (above is not None and kb_size > above))
         if narrow:
-            index = prefilter if isinstance(prefilter, KBPrefilter) else None
             context, source_of = model._attach_candidates(
-                kb, questions, recorder, prefilter_k or model.prefilter_k, index, tap=spans, copy=not spans)
+                kb, asked, recorder, prefilter_k or model.prefilter_k, index, tap=spans, copy=not spans)
         else:
-            context = model.attach(kb, record=recorder, questions=questions, tap=spans, copy=not spans)
+            context = model.attach(kb, record=recorder, questions=asked, tap=spans, copy=not spans)
             source_of = lambda i, j, triples=kb.triples: triples[j] if j < kb_size else None  # noqa: E731
 
     measured: list[dict[str, float]] = []
@@ -169,13 +175,13 @@ def ask(
         stop = torch.zeros(len(questions), dtype=torch.bool)
         if source_of is None:
             return stop
-        measured.extend(_signals(model, recorder, questions, source_of, kb_size))
+        measured.extend(_signals(model, recorder, asked, source_of, kb_size, repaired))
         if calibrator is not None:
             for i, c in enumerate(calibrator.confidence(measured)):
                 confidences[i] = c
                 refused_now[i] = c < min_confidence
         shares = recorder.scores()
-        for i, q in enumerate(questions):
+        for i, q in enumerate(asked):
             named = [] if refused_now[i] or not spans else named_facts(q, shares[i], lambda j, i=i: source_of(i, j))
             if len(named) >= 2:
                 stated[i] = named
@@ -374,7 +380,27 @@ def _span_bound(triples, cfg) -> int:
     return max(longest, len(cfg.refusal.encode())) + 2
 
 
-def _signals(model, recorder, questions: list[str], source_of, kb_size: int) -> list[dict[str, float]]:
+def _repaired(model, states, questions: list[str], narrow: bool, index) -> tuple[list[str], list[bool]]:
+    """The questions as the model reads them: a one-letter typo in the name of an entity among each
+    question's 64 nearest triples (by the encoder's key cosine) put right (kblam.confidence.repair_name).
+    A typo moves the question's embedding away from its entity's keys, so retrieval would miss it."""
+    queries = model.encoder.encode(questions)
+    if narrow:
+        rows = model._prefiltered(states, index)[0].search(queries.numpy(), 64)[1].tolist()
+    else:
+        keys = torch.nn.functional.normalize(states.embeddings.keys.float(), dim=-1)
+        cosine = torch.nn.functional.normalize(queries.to(keys), dim=-1) @ keys.T
+        rows = torch.topk(cosine, min(64, keys.shape[0]), dim=-1).indices.tolist()
+    out, repaired = [], []
+    for q, row in zip(questions, rows, strict=True):
+        fixed = repair_name(q, {states.triples[j].name for j in row if j >= 0})
+        out.append(fixed or q)
+        repaired.append(fixed is not None)
+    return out, repaired
+
+
+def _signals(model, recorder, questions: list[str], source_of, kb_size: int,
+             repaired: list[bool]) -> list[dict[str, float]]:
     attached = model._attached
     shares = recorder.scores()
     null = recorder.null_share()
@@ -382,7 +408,7 @@ def _signals(model, recorder, questions: list[str], source_of, kb_size: int) -> 
     items = [
         QuestionSignals(question=q, shares=shares[i].cpu(), null_share=float(null[i]),
                         cosines=cosines[min(i, cosines.shape[0] - 1)].cpu(),
-                        triple=lambda j, i=i: source_of(i, j), kb_size=kb_size)
+                        triple=lambda j, i=i: source_of(i, j), kb_size=kb_size, repaired=repaired[i])
         for i, q in enumerate(questions)
     ]
     return signals(items, model.encoder)

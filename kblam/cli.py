@@ -68,8 +68,8 @@ def _parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--sizes", default="100,1000,10000",
                            help="KB sizes (default 100,1000,10000; a dataset too small for a size skips it)")
     calibrate.add_argument("--kbs", type=int, default=2, help="KBs per dataset and size (default 2)")
-    calibrate.add_argument("--max-false-refusals", type=float, default=0.03,
-                           help="the most answerable questions the threshold may refuse on validation (default 0.03)")
+    calibrate.add_argument("--max-false-refusals", type=float, default=0.05,
+                           help="the most answerable questions the threshold may refuse on validation (default 0.05)")
 
     cli_kb.add_parser(commands)
     return parser

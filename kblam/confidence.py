@@ -14,8 +14,10 @@ Signals, per question, from the prompt's forward pass and the encoder:
 - cosine_top, cosine_margin: the encoder's question-key cosine of the best triple; best minus second;
 - name_match: how well the best triple's entity name appears in the question (1 exact, falling with
   the edit distance of the closest run of words: one typo still scores high, Iron for Iridium does not);
-- name_close: 1 when that run is the name or the name with one typo (one edit), else 0: a step that a
-  logistic fit cannot draw from name_match alone;
+- name_close: 1 when that run is the name or the name with one typo (one edit, no digit changed), else
+  0: a step that a logistic fit cannot draw from name_match alone;
+- name_repaired: 1 when `ask` put a one-letter typo in the name right before reading the question
+  (repair_name), so the fit can trust such a question a little less;
 - property_match: the best encoder cosine between the question without that name and a property the
   KB holds for that entity ("When was discovered?" against "year of discovery"): low when the entity
   lacks the property asked;
@@ -37,7 +39,7 @@ from kblam.kb import Triple
 
 CALIBRATION_NAME = "calibration.json"
 SIGNALS = ("top_share", "margin", "entity_share", "null_share", "cosine_top", "cosine_margin",
-           "name_match", "name_close", "property_match", "log_size")
+           "name_match", "name_close", "name_repaired", "property_match", "log_size")
 _WORD = re.compile(r"\w+", re.UNICODE)
 
 
@@ -79,6 +81,36 @@ def name_match(name: str, question: str) -> tuple[float, tuple[int, int] | None,
     return max(best, 0.0), span, distance
 
 
+def _digits(text: str) -> str:
+    return "".join(ch for ch in text if ch.isdigit())
+
+
+def close_name(name: str, question: str) -> tuple[int, tuple[int, int] | None]:
+    """(edits, span) of the question's run of words closest to `name`, edits 99 when a digit differs:
+    "Celento 3" is another entity than "Celento 7", not a typo of it."""
+    _, span, edits = name_match(name, question)
+    if span is not None and _digits(question[span[0]:span[1]]) != _digits(name):
+        return 99, span
+    return edits, span
+
+
+def repair_name(question: str, names) -> str | None:
+    """The question with a one-letter typo in a KB entity's name put right ("Tanznia" -> "Tanzania"),
+    or None: when it names one of `names` exactly, when no name of five letters or more is one edit
+    away, or when two different names are (no guessing between them)."""
+    found = {}
+    for name in set(names):
+        edits, span = close_name(name, question)
+        if edits == 0:
+            return None
+        if edits == 1 and len(name) >= 5:
+            found[name] = span
+    if len(found) != 1:
+        return None
+    (name, (start, end)), = found.items()
+    return question[:start] + name + question[end:]
+
+
 @dataclass
 class QuestionSignals:
     """What `signals` needs of one question's KB reading."""
@@ -89,6 +121,7 @@ class QuestionSignals:
     cosines: torch.Tensor  # (M,) question-key cosine (-1 where a column is padding)
     triple: callable  # column -> Triple | None
     kb_size: int
+    repaired: bool = False  # the question's name was a typo, put right (repair_name)
 
 
 def signals(items: Sequence[QuestionSignals], encoder) -> list[dict[str, float]]:
@@ -104,7 +137,8 @@ def signals(items: Sequence[QuestionSignals], encoder) -> list[dict[str, float]]
         # loop over every column of a 100,000-triple KB would cost more than the attention itself.
         near = torch.topk(it.shares, min(64, it.shares.numel())).indices.tolist()
         same = [j for j in near if best is not None and (t := it.triple(j)) is not None and t.name == best.name]
-        score, span, edits = name_match(best.name, it.question) if best is not None else (0.0, None, 99)
+        score, span, _ = name_match(best.name, it.question) if best is not None else (0.0, None, 99)
+        edits = close_name(best.name, it.question)[0] if best is not None else 99
         rest = it.question if span is None else it.question[:span[0]] + it.question[span[1]:]
         masked.append(rest)
         properties.append(sorted({it.triple(j).property for j in same}) or [""])
@@ -118,6 +152,7 @@ def signals(items: Sequence[QuestionSignals], encoder) -> list[dict[str, float]]
             "name_match": score,
             "name_close": float(best is not None and edits <= (1 if len(best.name) >= 4 else 0)),
             "log_size": math.log(max(it.kb_size, 1)),
+            "name_repaired": float(it.repaired),
         })
     if out:
         q = torch.nn.functional.normalize(encoder.encode(masked), dim=-1)

@@ -716,6 +716,7 @@ class KBLaM(nn.Module):
         prefilter: bool | KBPrefilter | None = None,
         prefilter_above: int | None = None,
         prefilter_k: int | None = None,
+        repair_names: bool = True,
         **generate_kwargs,
     ) -> Answer | list[Answer]:
         """Answer one question (-> Answer) or a list (-> list[Answer], generated as one batch).
@@ -728,6 +729,8 @@ class KBLaM(nn.Module):
         (default: the threshold chosen on validation KBs, in the adapter's calibration.json; 0 never refuses).
         `spans`: quote whole values (kblam.spans; default when the adapter has a span or copy gate);
         False uses the token-level copy mix of adapters trained with one.
+        `repair_names`: a one-letter typo in the name of an entity among the question's nearest triples
+        is put right before the model reads the question ("Tanznia" -> "Tanzania"; kblam.confidence).
         Generation is greedy unless generate_kwargs (passed to transformers' generate) say otherwise,
         e.g. do_sample=True, temperature=0.7, top_k=50. Safe to call from several threads at once.
 
@@ -743,7 +746,7 @@ class KBLaM(nn.Module):
         return ask(
             self, question, kb, max_new_tokens=max_new_tokens, max_sources=max_sources,
             min_confidence=min_confidence, spans=spans, prefilter=prefilter, prefilter_above=prefilter_above,
-            prefilter_k=prefilter_k, **generate_kwargs,
+            prefilter_k=prefilter_k, repair_names=repair_names, **generate_kwargs,
         )
 
     def ask_stream(self, question: str, kb=None, **kwargs) -> AnswerStream:

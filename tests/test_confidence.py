@@ -94,3 +94,15 @@ def test_exact_catches_truncation_repeats_and_stray_words():
     ask = "Which city is London Heathrow Airport in?"
     assert not states("London Heathrow Airport is in England.", "London", "London Heathrow Airport")
     assert exact("London Heathrow Airport is in London.", "London", ask, "London Heathrow Airport", airport)
+
+
+def test_a_typo_in_a_name_is_put_right_but_not_another_entity():
+    from kblam.confidence import close_name, repair_name
+
+    names = {"Tanzania", "Tunisia", "Celento 7", "Iron"}
+    assert repair_name("What is the capital of Tanznia?", names) == "What is the capital of Tanzania?"
+    assert repair_name("What is the capital of Tanzania?", names) is None  # named exactly: nothing to do
+    assert repair_name("When was Celento 3 launched?", names) is None  # a digit names another entity
+    assert close_name("Celento 7", "When was Celento 3 launched?")[0] == 99
+    assert repair_name("What is the symbol of Irn?", names) is None  # too short a name to guess
+    assert repair_name("capital of Tunisiia or Tanzaniaa?", names) is None  # two names one edit away

@@ -32,7 +32,8 @@ def test_the_shipped_adapter_is_trained_and_small(model):
     from kblam.model import SHIPPED_ADAPTER
 
     assert model.config.trained
-    assert model.config.copy_values and model.config.retrieval_prior and model.config.null_slot
+    assert model.config.span_kinds and model.config.retrieval_prior and model.config.null_slot
+    assert model.calibrator is not None and 0.0 < model.calibrator.threshold < 1.0  # calibrated on validation KBs
     weights = SHIPPED_ADAPTER / "kblam_adapter.safetensors"
     assert weights.stat().st_size < 5_000_000
     assert (SHIPPED_ADAPTER / "README.md").read_text().count("| 100 |") >= 1  # the card has its eval table
@@ -53,7 +54,14 @@ def test_updating_a_value_changes_the_top_source_and_the_answer(model, kb):
 
 def test_a_question_the_kb_cannot_answer_is_refused(model, kb):
     answer = model.ask("What is the population of Atlantis?", kb=kb, max_new_tokens=24)
-    assert answer.text == model.config.refusal
+    assert answer.text == model.config.refusal and answer.refused and answer.quoted == []
+    assert answer.confidence < model.calibrator.threshold
+
+
+def test_the_answer_quotes_the_kb_whole_and_says_how_sure(model, kb):
+    answer = model.ask("What is the atomic number of iron?", kb=kb, max_new_tokens=24)
+    assert answer.quoted == [Triple("Iron", "atomic number", "26")] and not answer.refused
+    assert answer.confidence > model.calibrator.threshold and "26" in answer.text
 
 
 def test_default_loads_offline(model):
@@ -105,11 +113,11 @@ def test_empty_question_is_refused(model, kb):
 
 
 def test_sources_read_the_question_tokens_only(model):
-    from kblam.model import _question_token_mask
+    from kblam.model import question_token_mask
 
     question = "What is the chemical symbol of gold?"
     prompt = model.format_prompt(question)
     assert len(prompt) > len(question) + 20  # the chat template adds a system prompt around it
     enc = model.tokenizer([prompt], return_tensors="pt", return_offsets_mapping=True, add_special_tokens=False)
-    mask = _question_token_mask([prompt], [question], enc["offset_mapping"], enc["attention_mask"])
+    mask = question_token_mask([prompt], [question], enc["offset_mapping"], enc["attention_mask"])
     assert model.tokenizer.decode(enc["input_ids"][0][mask[0]]).strip() == question

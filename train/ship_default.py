@@ -29,8 +29,10 @@ EVAL_COMMAND = ("kblam eval --datasets synthetic,elements,airports,cities --size
 EVAL_ARGS = dict(names=["synthetic", "elements", "airports", "cities"], sizes=[100, 1000, 10000], kbs=2,
                  simple=40, unknown=24, multi=6, opened=6, counterfactual=20)
 # The stages before this recipe (their runs are not kept; numbers from their model cards in git history).
-EARLIER = ("stage 1 (`train/recipes/smollm2-135m.yaml`, 1,000 steps from a fresh adapter, token-level copy path) "
-           "and stage 2 (`train/recipes/smollm2-135m-stage2.yaml`, 300 steps, a quarter unanswerable questions)")
+EARLIER = ("stage 4 (700 steps of value spans with answers that echo the question, the same wordings and mix), "
+           "itself from stage 3 (525 steps of the same with fewer multi-fact and open wordings, from stage 2's "
+           "adapter), stage 2 (`train/recipes/smollm2-135m-stage2.yaml`, 300 steps) and stage 1 "
+           "(`train/recipes/smollm2-135m.yaml`, 1,000 steps), both with the token-level copy path")
 
 
 def machine() -> str:
@@ -55,18 +57,19 @@ def card(cfg, log: list[dict], report: dict, calibration: dict) -> str:
     return f"""## How it answers
 
 The answer quotes the KB. At every step a gate chooses between the LM's next token and a whole span of the
-triple the KB attention points at (its value; for open questions the whole fact), emitted verbatim
-(`kblam/spans.py`). A calibrated confidence decides, after the prompt's forward pass, whether to refuse
-(`kblam/confidence.py`); the threshold is {chosen['threshold']:.2f}.
+triple the KB attention points at, emitted verbatim (`kblam/spans.py`); this adapter states each fact
+whole ("The symbol of Gold is Au."). A question naming several properties of one entity is answered by
+stating each named fact (`kblam.answer.named_facts`). A calibrated confidence decides, after the prompt's
+forward pass, whether to refuse (`kblam/confidence.py`); the threshold is {chosen['threshold']:.2f}.
 
 ## Training
 
-- Stage 3, this recipe: `{RECIPE.relative_to(ROOT)}`, {len(log)} steps from {EARLIER}
+- Stage 5, this recipe: `{RECIPE.relative_to(ROOT)}`, {len(log)} steps from {EARLIER}
   ({options}); retrieval loss weight {cfg.retrieval_loss}, peak learning rate {cfg.lr}, question mix {cfg.mix}.
 - Data: synthetic KBs from `kb_builders.synthetic` (Faker, train-split entities only: {cfg.train_entities}
   entities, {cfg.train_examples} examples, KBs of {cfg.kb_size[0]} to {cfg.kb_size[1]} triples, half of them whole
-  entities). Questions from `kb_builders.questions` with answers that echo the question's wording and quote
-  the KB as spans; {"with" if cfg.variants else "without"} variants (property synonyms, lower case, no question
+  entities). Questions from `kb_builders.questions`, answers stating each asked fact as a span
+  (`answers: {cfg.answers}`); {"with" if cfg.variants else "without"} variants (property synonyms, lower case, no question
   mark, a one-letter typo in the name, search-box queries). No real-fact data was used in training.
 - Wall time {sum(r['seconds'] for r in log) / 60:.0f} minutes of steps ({sum(r['seconds'] for r in log) / len(log):.2f}
   s per step on average) on a {machine()}; the machine was shared with other work.

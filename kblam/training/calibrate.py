@@ -60,7 +60,7 @@ def choose_threshold(points: Sequence[dict], max_false_refusals: float) -> dict:
 
 
 def calibrate(model, *, names: Sequence[str] = VALIDATION, sizes: Sequence[int] = (100, 1000, 10000), kbs: int = 2,
-              seed: int = 777, max_false_refusals: float = 0.03, features: Sequence[str] = SIGNALS,
+              seed: int = 777, max_false_refusals: float = 0.05, features: Sequence[str] = SIGNALS,
               records: Sequence[answer_eval.Record] | None = None, log=print) -> tuple[Calibrator, list]:
     """Fit model.calibrator on validation records (asked now unless given); returns it and the records."""
     if records is None:
