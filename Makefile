@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.kblam-installed
 
-.PHONY: install demo test lint quality fuzz fuzz-store clean
+.PHONY: install demo test lint quality fuzz fuzz-store fuzz-serve clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -50,6 +50,12 @@ STORE_FUZZ_STEPS ?= 40
 fuzz-store: install
 	KBLAM_STORE_FUZZ_EXAMPLES=$(STORE_FUZZ_EXAMPLES) KBLAM_STORE_FUZZ_STEPS=$(STORE_FUZZ_STEPS) OMP_NUM_THREADS=1 \
 		$(BIN)/python -m pytest -q -p no:cacheprovider tests/test_store_stateful.py --hypothesis-show-statistics
+
+# The server's endpoints under hostile requests (tests/test_serve_fuzz.py): 2,000 examples per test instead of 25.
+SERVE_FUZZ_EXAMPLES ?= 2000
+fuzz-serve: install
+	KBLAM_SERVE_FUZZ_EXAMPLES=$(SERVE_FUZZ_EXAMPLES) OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -p no:cacheprovider \
+		tests/test_serve_fuzz.py --hypothesis-show-statistics
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

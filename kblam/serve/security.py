@@ -133,4 +133,8 @@ class BodyLimits:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         limit = self.by_path.get(scope["path"], self.default)
+        declared = Headers(scope=scope).get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:  # said at once, in the server's JSON shape
+            return await _error(413, f"the request body is {int(declared):,} bytes, over this server's limit of "
+                                     f"{limit:,}", "invalid_request_error")(scope, receive, send)
         await RequestBodyLimitResponder(self.app, limit)(scope, receive, send)
