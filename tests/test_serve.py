@@ -465,3 +465,23 @@ def test_csv_rows_round_trip_through_the_page_format(client):
     """The CSV export is what the page's download link gets: a header and one row per triple."""
     rows = list(csv.reader(io.StringIO(client.get("/v1/kb/export", params={"format": "csv"}).text)))
     assert rows[0] == ["name", "property", "value"] and len(rows) == 51
+
+
+def test_a_kb_file_is_imported_into_a_store_beside_it_once(model, tmp_path):
+    from kblam.kb import KBFormatError
+    from kblam.serve.cli import _store_for
+
+    source = tmp_path / "facts.csv"
+    source.write_bytes(ELEMENTS.read_bytes())
+    store = _store_for(source, model, create=False)
+    assert store == tmp_path / "facts.kbstore" and len(triples_of(store)) == 50
+    source.write_text("name,property,value\nA,b,c\n")
+    assert _store_for(source, model, create=False) == store and len(triples_of(store)) == 50  # not again
+    bad = tmp_path / "bad.csv"
+    bad.write_text("name,property,value\nA,b,c\nX,,z\n")
+    with pytest.raises(KBFormatError, match="line 3"):
+        _store_for(bad, model, create=False)
+    assert not (tmp_path / "bad.kbstore").exists()  # never a half-imported store to serve
+    with pytest.raises(FileNotFoundError, match="--create"):
+        _store_for(tmp_path / "new.kbstore", model, create=False)
+    assert len(triples_of(_store_for(tmp_path / "new.kbstore", model, create=True))) == 0

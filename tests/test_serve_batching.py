@@ -106,3 +106,29 @@ def test_sources_are_cut_per_request():
     few, many = b.submit(Job(["a"], AskParams(), 1)), b.submit(Job(["b"], AskParams(), 4))
     assert len(few.result(10)[0].answer.sources) == 1 and len(many.result(10)[0].answer.sources) == 4
     b.stop()
+
+
+def test_clients_answered_by_a_batch_join_the_next_one():
+    """Four clients that ask again 15 to 24 ms after each answer (spread wider than the 5 ms window, as HTTP
+    responses reach them one after another) stay in one batch instead of splitting into turns."""
+
+    def run(questions, params, max_sources, streamer):
+        time.sleep(0.5)
+        sizes.append(len(questions))
+        return [Answer(question=q, text="t") for q in questions], 1
+
+    sizes: list[int] = []
+    b = batcher(run, window_s=0.005, max_batch=8)
+
+    def client(i):
+        for _ in range(3):
+            b.submit(Job([f"q{i}"], AskParams(), 5)).result(10)
+            time.sleep(0.015 + 0.003 * i)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    b.stop()
+    assert sizes == [4, 4, 4]

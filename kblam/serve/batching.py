@@ -67,6 +67,10 @@ Runner = Callable[[list[str], AskParams, int, "BatchStreamer | None"], tuple[lis
 
 
 class MicroBatcher:
+    # After a batch, wait for the clients it answered up to this share of its time, at most SETTLE_MAX_S
+    # (a 2.5 s batch of 32 waits 50 ms, 2% of it; a 20 ms batch waits 1 ms).
+    SETTLE_SHARE, SETTLE_MAX_S = 0.05, 0.05
+
     def __init__(self, run: Runner, tokenizer, *, window_s: float = 0.005, max_batch: int = 32,
                  max_queue: int = 512, on_batch: Callable[[int, float], None] | None = None):
         if max_batch < 1 or max_queue < max_batch or window_s < 0:
@@ -109,15 +113,17 @@ class MicroBatcher:
 
     def _loop(self) -> None:
         pending: deque[Job] = deque()  # taken from the queue, not answered yet (other settings, or no room)
-        stopping = False
+        stopping, settle_until = False, 0.0
         while not (stopping and not pending):
             if not pending:
                 job = self._queue.get()
                 if job is None:
                     break
                 pending.append(job)
-            # Everything that arrived within the window of the oldest request (at once if it waited already).
-            deadline = pending[0].arrived + self.window_s
+            # Everything that arrived within the window of the oldest request. Right after a batch, also the
+            # clients it answered, who ask again within milliseconds: without this wait they would miss the next
+            # batch and the clients split into two halves taking turns, each batch half full.
+            deadline = max(pending[0].arrived + self.window_s, settle_until)
             while not stopping and self._rows(pending, pending[0].params) < self.max_batch:
                 try:
                     job = self._queue.get(timeout=max(deadline - time.monotonic(), 0)) \
@@ -130,7 +136,10 @@ class MicroBatcher:
                     pending.append(job)
             batch = self._take(pending)
             if batch:
+                started = time.monotonic()
                 self._answer(batch)
+                ended = time.monotonic()
+                settle_until = ended + min(self.SETTLE_SHARE * (ended - started), self.SETTLE_MAX_S)
 
     @staticmethod
     def _rows(jobs, params: AskParams) -> int:
