@@ -120,7 +120,10 @@ def test_clients_answered_by_a_batch_join_the_next_one():
     sizes: list[int] = []
     b = batcher(run, window_s=0.005, max_batch=8)
 
+    start = threading.Barrier(4)
+
     def client(i):
+        start.wait()
         for _ in range(3):
             b.submit(Job([f"q{i}"], AskParams(), 5)).result(10)
             time.sleep(0.015 + 0.003 * i)
@@ -131,4 +134,6 @@ def test_clients_answered_by_a_batch_join_the_next_one():
     for t in threads:
         t.join()
     b.stop()
-    assert sizes == [4, 4, 4]
+    # [4, 4, 4]; or, when the first questions came more than the 5 ms window apart (a loaded machine),
+    # [2, 4, 4, 2]: the groups merge. Without the wait: [4, 2, 2, 2, 2], turns that never merge.
+    assert sum(sizes) == 12 and len(sizes) <= 4 and sizes.count(4) >= 2, sizes

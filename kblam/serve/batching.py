@@ -67,9 +67,9 @@ Runner = Callable[[list[str], AskParams, int, "BatchStreamer | None"], tuple[lis
 
 
 class MicroBatcher:
-    # After a batch, wait for the clients it answered up to this share of its time, at most SETTLE_MAX_S
-    # (a 2.5 s batch of 32 waits 50 ms, 2% of it; a 20 ms batch waits 1 ms).
-    SETTLE_SHARE, SETTLE_MAX_S = 0.05, 0.05
+    # After a batch, wait for the clients it answered at most this share of its time, and at most SETTLE_MAX_S
+    # (a 6 s batch of 32 at most 0.25 s, a 0.4 s batch of one 20 ms); no longer once as many came back.
+    SETTLE_SHARE, SETTLE_MAX_S = 0.05, 0.25
 
     def __init__(self, run: Runner, tokenizer, *, window_s: float = 0.005, max_batch: int = 32,
                  max_queue: int = 512, on_batch: Callable[[int, float], None] | None = None):
@@ -113,21 +113,25 @@ class MicroBatcher:
 
     def _loop(self) -> None:
         pending: deque[Job] = deque()  # taken from the queue, not answered yet (other settings, or no room)
-        stopping, settle_until = False, 0.0
+        stopping = False
+        ended, answered, settle_until = 0.0, 0, 0.0  # the last batch: its end, its questions, how long to wait
         while not (stopping and not pending):
             if not pending:
                 job = self._queue.get()
                 if job is None:
                     break
                 pending.append(job)
-            # Everything that arrived within the window of the oldest request. Right after a batch, also the
-            # clients it answered, who ask again within milliseconds: without this wait they would miss the next
-            # batch and the clients split into two halves taking turns, each batch half full.
-            deadline = max(pending[0].arrived + self.window_s, settle_until)
+            # Everything that arrives within the window of the oldest request. Right after a batch, also the
+            # clients it answered, who ask again within milliseconds (until as many questions came back as it
+            # answered, or settle_until): without this wait those that come back last miss the next batch, and
+            # under load the clients split into groups taking turns, each batch part full.
+            window_end = pending[0].arrived + self.window_s
             while not stopping and self._rows(pending, pending[0].params) < self.max_batch:
+                back = sum(len(j.questions) for j in pending if j.arrived >= ended)
+                until = max(window_end, settle_until) if back < answered else window_end
+                now = time.monotonic()
                 try:
-                    job = self._queue.get(timeout=max(deadline - time.monotonic(), 0)) \
-                        if time.monotonic() < deadline else self._queue.get_nowait()
+                    job = self._queue.get(timeout=until - now) if now < until else self._queue.get_nowait()
                 except queue.Empty:
                     break
                 if job is None:
@@ -139,6 +143,7 @@ class MicroBatcher:
                 started = time.monotonic()
                 self._answer(batch)
                 ended = time.monotonic()
+                answered = sum(len(j.questions) for j in batch)
                 settle_until = ended + min(self.SETTLE_SHARE * (ended - started), self.SETTLE_MAX_S)
 
     @staticmethod
