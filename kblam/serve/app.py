@@ -25,14 +25,21 @@ from fastapi.middleware.cors import CORSMiddleware
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.trustedhost import TrustedHostMiddleware
-from starlette.responses import JSONResponse
 
 from kblam._version import __version__
 from kblam.kb import MAX_FIELD_CHARS, KBFormatError, Triple
 from kblam.serve.batching import Answered, AskParams, Job, MicroBatcher, Overloaded
 from kblam.serve.kbservice import Conflict, KBService, VersionMismatch
 from kblam.serve.metrics import CONTENT_TYPE, Metrics, MetricsMiddleware
-from kblam.serve.security import LOOPBACK_HOSTS, BearerAuth, BodyLimits, Limits, SameOriginWrites, is_loopback
+from kblam.serve.security import (
+    LOOPBACK_HOSTS,
+    BearerAuth,
+    BodyLimits,
+    Limits,
+    SameOriginWrites,
+    error_response,
+    is_loopback,
+)
 
 log = logging.getLogger("kblam.serve")
 
@@ -490,11 +497,6 @@ def create_app(model, kb_path: str | Path, config: ServeConfig | None = None, *,
     return app
 
 
-def _error(status: int, message: str, kind: str, param: str | None = None, headers: dict | None = None):
-    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}},
-                        status_code=status, headers=headers)
-
-
 def _where(loc) -> str:
     parts = [str(p) for p in loc if p not in ("body", "query", "header", "path")]
     return ".".join(parts) or "body"
@@ -503,14 +505,14 @@ def _where(loc) -> str:
 def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def api_error(request, err: APIError):
-        return _error(err.status, err.message, err.kind, err.param, err.headers)
+        return error_response(err.status, err.message, err.kind, err.param, err.headers)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request, err: RequestValidationError):
         # The problems in words, without echoing the input (which may be huge, or bytes).
         problems = [f"{_where(e.get('loc', ()))}: {e.get('msg', 'invalid')}" for e in err.errors()[:10]]
         first = err.errors()[0].get("loc", ()) if err.errors() else ()
-        return _error(422, "; ".join(problems) or "the request is not valid", "invalid_request_error",
+        return error_response(422, "; ".join(problems) or "the request is not valid", "invalid_request_error",
                       _where(first) if first else None)
 
     @app.exception_handler(StarletteHTTPException)
@@ -519,9 +521,9 @@ def _add_error_handlers(app: FastAPI) -> None:
                     413: "the request body is over this server's limit"}
         detail = err.detail if isinstance(err.detail, str) and err.status_code not in messages else \
             messages.get(err.status_code, str(err.detail))
-        return _error(err.status_code, detail, "invalid_request_error", headers=getattr(err, "headers", None))
+        return error_response(err.status_code, detail, "invalid_request_error", headers=getattr(err, "headers", None))
 
     @app.exception_handler(Exception)
     async def internal(request, err: Exception):
         log.exception("internal error on %s %s", request.method, request.url.path)
-        return _error(500, "internal error: the server's log has the details", "server_error")
+        return error_response(500, "internal error: the server's log has the details", "server_error")

@@ -74,8 +74,10 @@ def read_api_key(path: str | os.PathLike) -> str:
     return key
 
 
-def _error(status: int, message: str, kind: str, headers: dict | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": None}},
+def error_response(status: int, message: str, kind: str, param: str | None = None,
+                   headers: dict | None = None) -> JSONResponse:
+    """Every error the server sends, in OpenAI's shape (its clients read error.message)."""
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}},
                         status_code=status, headers=headers)
 
 
@@ -94,7 +96,8 @@ class BearerAuth:
             return await self.app(scope, receive, send)
         message = ("this server needs an API key: send Authorization: Bearer <key>" if not given
                    else "the API key is not valid")
-        await _error(401, message, "authentication_error", {"WWW-Authenticate": "Bearer"})(scope, receive, send)
+        await error_response(401, message, "authentication_error", headers={"WWW-Authenticate": "Bearer"})(
+            scope, receive, send)
 
 
 class SameOriginWrites:
@@ -117,7 +120,7 @@ class SameOriginWrites:
             reason = "a page of another site"
         else:
             return await self.app(scope, receive, send)
-        await _error(403, f"refused a {scope['method']} from {reason}: this server accepts changes from its own "
+        await error_response(403, f"refused a {scope['method']} from {reason}: this server accepts changes from its own "
                           "page, from programs, and from origins allowed with --cors-origin",
                      "permission_error")(scope, receive, send)
 
@@ -135,6 +138,6 @@ class BodyLimits:
         limit = self.by_path.get(scope["path"], self.default)
         declared = Headers(scope=scope).get("content-length", "")
         if declared.isdigit() and int(declared) > limit:  # said at once, in the server's JSON shape
-            return await _error(413, f"the request body is {int(declared):,} bytes, over this server's limit of "
+            return await error_response(413, f"the request body is {int(declared):,} bytes, over this server's limit of "
                                      f"{limit:,}", "invalid_request_error")(scope, receive, send)
         await RequestBodyLimitResponder(self.app, limit)(scope, receive, send)
