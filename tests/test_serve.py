@@ -175,6 +175,10 @@ def test_kb_info_list_search_and_pages(client, store):
     symbols = client.get("/v1/kb/triples", params={"property": "symbol", "limit": 1000}).json()
     assert symbols["total"] == 12 and all(t["property"] == "symbol" for t in symbols["triples"])
     assert client.get("/v1/kb/triples", params={"q": "no such thing"}).json()["total"] == 0
+    blank = client.get("/v1/kb/triples", params={"name": " ", "property": " ", "q": " "})  # no filter, not an error
+    assert blank.status_code == 200 and blank.json()["total"] == 50
+    padded = client.get("/v1/kb/triples", params={"name": " Gold ", "property": "symbol "}).json()
+    assert padded["triples"] == exact["triples"]
 
 
 def test_writes_are_versioned_and_durable(client, store):

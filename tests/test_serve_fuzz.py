@@ -110,7 +110,9 @@ def test_raw_bytes(served, endpoint, body, content_type):
 @FUZZ
 @given(endpoint=st.sampled_from(QUERY_ENDPOINTS), params=st.dictionaries(
     st.sampled_from(["name", "property", "q", "offset", "limit", "format", "path", "file"]) | text,
-    text | st.integers(-10**20, 10**20).map(str), max_size=4), if_match=st.none() | header_text)
+    text | st.integers(-10**20, 10**20).map(str), max_size=4) | st.fixed_dictionaries(
+    {"name": text, "property": text}, optional={"q": text, "limit": text, "offset": text}),
+    if_match=st.none() | header_text)
 def test_query_strings(served, endpoint, params, if_match):
     client, store = served
     before = snapshot(store)

@@ -90,14 +90,14 @@ class KBService:
         """(version, matches, one page of them): exact name and property, `q` in any field (case-insensitive)."""
         store = self.reader()
         version = store.generation
-        if name and property:
-            found = store.get(name, property)
+        name = name.strip() or None if name else None  # stored fields are stripped; blank is no filter
+        prop = property.strip() or None if property else None
+        needle = q.strip().casefold() or None if q else None
+        if name and prop:
+            found = store.get(name, prop)
             items = [] if found is None else [found]
         else:
             items = store.triples()
-        name = name.strip() if name else None
-        prop = property.strip() if property else None
-        needle = q.strip().casefold() if q and q.strip() else None
         items = [t for t in items if (name is None or t.name == name) and (prop is None or t.property == prop)
                  and (needle is None or any(needle in f.casefold() for f in (t.name, t.property, t.value)))]
         return version, len(items), items[offset:offset + limit]
