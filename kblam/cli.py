@@ -15,6 +15,7 @@ from pathlib import Path
 from kblam import cli_kb
 from kblam._version import __version__
 from kblam.display import json_line, printable
+from kblam.serve import cli as cli_serve
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -72,6 +73,7 @@ def _parser() -> argparse.ArgumentParser:
                            help="the most answerable questions the threshold may refuse on validation (default 0.05)")
 
     cli_kb.add_parser(commands)
+    cli_serve.add_parser(commands)
     return parser
 
 
@@ -228,7 +230,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with warnings.catch_warnings():  # restored on return: main() may run inside another program
             warnings.showwarning = _show_warning
-            commands = {"ask": _ask, "train": _train, "eval": _eval, "calibrate": _calibrate, "kb": cli_kb.run}
+            commands = {"ask": _ask, "train": _train, "eval": _eval, "calibrate": _calibrate, "kb": cli_kb.run,
+                        "serve": cli_serve.run}
             return commands[args.command](args)
     except KeyboardInterrupt:
         print("kblam: interrupted", file=sys.stderr)

@@ -543,21 +543,27 @@ def save_triples(path: str | os.PathLike, triples: Iterable[Triple]) -> None:
     """Write triples as .jsonl, .json (a list of records) or .csv/.tsv by suffix, UTF-8, atomically
     (``KnowledgeBase.save``, and ``kblam kb export`` from a store)."""
     path = Path(path)
-    suffix = path.suffix.lower()
-    if suffix == ".jsonl":
-        text = "".join(json.dumps(t.to_record(), ensure_ascii=False) + "\n" for t in triples)
-    elif suffix == ".json":
-        text = json.dumps([t.to_record() for t in triples], ensure_ascii=False, indent=2) + "\n"
-    elif suffix in (".csv", ".tsv"):
+    try:
+        text = triples_text(triples, path.suffix)
+    except KBFormatError as err:
+        raise KBFormatError(err.reason, path=path) from None
+    _atomic_write(path, text)
+
+
+def triples_text(triples: Iterable[Triple], suffix: str) -> str:
+    """Triples as the text of a .jsonl, .json, .csv or .tsv file (save_triples; the server's export)."""
+    kind = suffix.lower()
+    if kind == ".jsonl":
+        return "".join(json.dumps(t.to_record(), ensure_ascii=False) + "\n" for t in triples)
+    if kind == ".json":
+        return json.dumps([t.to_record() for t in triples], ensure_ascii=False, indent=2) + "\n"
+    if kind in (".csv", ".tsv"):
         buf = io.StringIO(newline="")
-        writer = csv.writer(buf, delimiter="\t" if suffix == ".tsv" else ",", lineterminator="\n")
+        writer = csv.writer(buf, delimiter="\t" if kind == ".tsv" else ",", lineterminator="\n")
         writer.writerow(FIELDS)
         writer.writerows((t.name, t.property, t.value) for t in triples)
-        text = buf.getvalue()
-    else:
-        raise KBFormatError(f"cannot save as {path.suffix or 'a file without suffix'!r}; "
-                            "use .jsonl, .json, .csv or .tsv", path=path)
-    _atomic_write(path, text)
+        return buf.getvalue()
+    raise KBFormatError(f"cannot save as {suffix or 'a file without suffix'!r}; use .jsonl, .json, .csv or .tsv")
 
 
 def _caller_stacklevel() -> int:
