@@ -81,7 +81,7 @@ def main(argv=None) -> dict:
                 if args.counterfactual:
                     import random
 
-                    swapped = swap(kb, seed=args.seed + k)
+                    swapped = swap(kb, seed=args.seed + k, strict=False)
                     changed = {(t.name, t.property): t for t in swapped}
                     cf_kb = [changed.get((t.name, t.property), t) for t in kb]
                     rng = random.Random(f"cf:{name}:{args.seed + k}")

@@ -55,13 +55,15 @@ def countries_kb(*, currencies: bool = True) -> KnowledgeBase:
     return KnowledgeBase(country_triples(currencies=currencies), source="pycountry")
 
 
-def counterfactual(triples: Sequence[Triple], seed: int = 0) -> list[Triple]:
+def counterfactual(triples: Sequence[Triple], seed: int = 0, *, strict: bool = True) -> list[Triple]:
     """The same triples with each property's values permuted among its entities, in the same order.
 
     Within each property the permutation is a derangement of the values: no triple keeps its value
     (Sattolo's algorithm, which draws a random cyclic permutation, from ``random.Random(seed)`` per
     property; redrawn if equal value strings would land on each other). Properties held by a single
-    triple cannot be swapped and are left out. Deterministic for a given seed.
+    triple cannot be swapped and are left out. A property whose values are mostly one string (the
+    country of airports) cannot be deranged either: an error, or with strict=False left out too.
+    Deterministic for a given seed.
     """
     by_property: dict[str, list[int]] = {}
     for i, t in enumerate(triples):
@@ -81,6 +83,8 @@ def counterfactual(triples: Sequence[Triple], seed: int = 0) -> list[Triple]:
             if all(values[order[k]] != values[k] for k in range(len(rows))):
                 break
         else:
+            if not strict:
+                continue
             raise ValueError(f"cannot derange the values of property {prop!r} (too many equal values)")
         for k, i in enumerate(rows):
             new_values[i] = values[order[k]]

@@ -130,6 +130,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--card-only", action="store_true", help="rewrite the card from the saved JSON files")
     parser.add_argument("--skip-export", action="store_true", help="calibrate and evaluate what is in TARGET")
+    parser.add_argument("--skip-calibration", action="store_true", help="keep TARGET's calibration.json")
     parser.add_argument("--recipe", type=Path, default=RECIPE, help="the run to ship (its recipe)")
     args = parser.parse_args(argv)
     hf_logging.disable_progress_bar()
@@ -142,9 +143,12 @@ def main(argv=None) -> int:
             load_checkpoint(Path(cfg.out) / CHECKPOINT, model)
             export_adapter(model, cfg, TARGET)
         model = KBLaM.from_pretrained(TARGET)  # what ships: the bfloat16 weights, loaded as users load them
-        calibrator, _ = calibrate(model, sizes=(100, 1000, 10000))  # 10,000: the synthetic train split only
-        calibrator.save(TARGET)
-        plot(calibrator, TARGET / "calibration.png")
+        if args.skip_calibration:
+            calibrator = model.calibrator
+        else:
+            calibrator, _ = calibrate(model, sizes=(100, 1000, 10000))  # 10,000: the synthetic train split only
+            calibrator.save(TARGET)
+            plot(calibrator, TARGET / "calibration.png")
         records = answer_eval.evaluate(model, **EVAL_ARGS)
         text, rows = answer_eval.table(records, calibrator.threshold)
         equal = no_kb_matches_base(model, [r.item.question for r in records[:6]])

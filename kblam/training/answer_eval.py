@@ -390,7 +390,7 @@ def evaluate(model, names: Sequence[str], sizes: Sequence[int], *, kbs: int = 2,
                               progress=bar, dataset_name=name, spans=spans)
                 records += got
                 if counterfactual and size == min(sizes):
-                    swapped = swap(kb, seed=seed + k)
+                    swapped = swap(kb, seed=seed + k, strict=False)
                     changed = {(t.name, t.property): t for t in swapped}
                     cf_kb = [changed.get((t.name, t.property), t) for t in kb]
                     rng = random.Random(f"cf:{name}:{seed + k}")
