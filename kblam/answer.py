@@ -4,7 +4,9 @@
 2. The KB is attached (kblam.model): all of it, or each question's pre-filtered candidates.
 3. The prompt's forward pass reads the KB; its KB attention gives the sources, and with the encoder's
    cosines the signals of answerability (kblam.confidence). A calibrated confidence below
-   `min_confidence` refuses the question there and then.
+   `min_confidence` refuses the question there and then. A question that names several properties
+   of one entity (`named_facts`), or an open question about an entity it names (kblam.open_questions),
+   is answered there too, by stating those facts whole.
 4. The answer is decoded with value spans (kblam.spans): each step is the LM's token or a whole span
    quoted from the KB; `Answer.quoted` lists the triples quoted, in order. With a calibrated adapter the
    refusal is that decision's alone: an answered question never quotes the null slot's refusal.
@@ -29,6 +31,7 @@ from kblam import spans as span_decoding
 from kblam.confidence import QuestionSignals, repair_name, signals
 from kblam.encoder import KBEmbeddings
 from kblam.kb import KnowledgeBase, Triple
+from kblam.open_questions import open_facts
 from kblam.prefilter import KBPrefilter
 from kblam.store import KBStore, load_kb
 
@@ -40,7 +43,9 @@ class Answer:
     sources: triples by their share of the KB attention paid by the question's tokens, best first.
     quoted: the triples whose text the answer quotes, in order (kblam.spans).
     confidence: the calibrated probability that the answer states a fact the KB holds (None when the
-    adapter has no calibration or no KB was given). refused: the answer is the refusal.
+    adapter has no calibration or no KB was given); 1.0 for an open question ("Tell me about gold.")
+    answered with the facts of the entity it names word for word (kblam.open_questions).
+    refused: the answer is the refusal.
     signals: the measured signals the confidence was computed from (kblam.confidence).
     """
 
@@ -176,12 +181,23 @@ def ask(
         if source_of is None:
             return stop
         measured.extend(_signals(model, recorder, asked, source_of, kb_size, repaired))
+        shares = recorder.scores()
         if calibrator is not None:
             for i, c in enumerate(calibrator.confidence(measured)):
                 confidences[i] = c
                 refused_now[i] = c < min_confidence
-        shares = recorder.scores()
         for i, q in enumerate(asked):
+            # An open question about an entity the question names word for word states that entity's
+            # facts, the KB's own text: nothing is left to doubt, so it is never refused on confidence.
+            opened = open_facts(q, shares[i], lambda j, i=i: source_of(i, j)) if spans else []
+            if opened:
+                stated[i], refused_now[i] = opened, False
+                if confidences[i] is not None:
+                    confidences[i] = 1.0
+        for i, q in enumerate(asked):
+            if i in stated:
+                stop[i] = True
+                continue
             named = [] if refused_now[i] or not spans else named_facts(q, shares[i], lambda j, i=i: source_of(i, j))
             if len(named) >= 2:
                 stated[i] = named
