@@ -159,8 +159,9 @@ def cost_section(c: dict) -> list[str]:
         f"median of {s['repeats']} question(s) (one for ICL prompts over 2,000 tokens), {s['new_tokens']} new "
         "tokens (end of text suppressed). KB embeddings are fixed random vectors: cost does not depend on them.",
         "",
-        "- TTFT: from the call to the first token's logits, for one question: kblam's `ask` (projecting the KB "
-        "through the adapter on every call), RAG's question embedding + search + prompt, ICL's whole prefill "
+        "- TTFT: from the call to the first token's logits, for one question: kblam's `ask` (the first question "
+        "over a KB projects it through the adapter, later ones reuse the cached states: kblam.kb_cache; a "
+        "quick run's one question pays the projection), RAG's question embedding + search + prompt, ICL's whole prefill "
         "(no prefix cache);",
         "- kblam reads the whole KB at every size (`prefilter=False`); \"kblam + pre-filter\" (measured from "
         "10,000 triples) is what `ask` does by default beyond 20,000: a FAISS search narrows each question to "

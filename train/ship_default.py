@@ -30,7 +30,7 @@ EVAL_ARGS = dict(names=["synthetic", "elements", "airports", "cities"], sizes=[1
                  simple=40, unknown=24, multi=6, opened=6, counterfactual=20)
 # The stages before this recipe (their runs are not kept; numbers from their model cards in git history).
 EARLIER = ("stage 4 (700 steps of value spans with answers that echo the question, the same wordings and mix), "
-           "itself from stage 3 (525 steps of the same with fewer multi-fact and open wordings, from stage 2's "
+           "itself from stage 3 (529 steps of the same with fewer multi-fact and open wordings, from stage 2's "
            "adapter), stage 2 (`train/recipes/smollm2-135m-stage2.yaml`, 300 steps) and stage 1 "
            "(`train/recipes/smollm2-135m.yaml`, 1,000 steps), both with the token-level copy path")
 
