@@ -133,6 +133,20 @@ def glue_tokens(tokenizer, vocab: int) -> torch.Tensor:
     return _GLUE[key]
 
 
+_BREAKS: dict[int, torch.Tensor] = {}
+
+
+def line_break_tokens(tokenizer, vocab: int) -> torch.Tensor:
+    """(vocab,) bool: tokens that hold a line break. Computed once per tokenizer."""
+    key = id(tokenizer)
+    if key not in _BREAKS or _BREAKS[key].shape[0] != vocab:
+        mask = torch.zeros(vocab, dtype=torch.bool)
+        for i in range(min(vocab, len(tokenizer))):
+            mask[i] = "\n" in tokenizer.decode([i])
+        _BREAKS[key] = mask
+    return _BREAKS[key]
+
+
 class SpanDecoder:
     """A transformers logits processor that makes each step either the LM's token or a whole span.
 
@@ -142,6 +156,9 @@ class SpanDecoder:
     With `block_null` (that decision was made) the rows it answers never quote the null slot's refusal.
     Rows stop at `budget` new tokens, except that a span under way always completes. Right after a
     span, the LM may not glue letters or digits onto it: the value reads exactly as the KB holds it.
+    Once a triple is quoted, a line break ends the answer (its probability goes to end of text): the
+    answers are one paragraph, and what follows a break is a new, unasked statement ("14,022\n\nThe
+    employee count of ... is 435."; "R33485940\nR33485941\n...").
     After generation, `quotes[row]` lists the (column, kind) quoted, in order.
     """
 
@@ -194,6 +211,14 @@ class SpanDecoder:
                 scores.device), float("-inf"))
         for row in glued:
             self.after_span[row] = False
+        stated = [row for row in range(b) if row not in forced and any(self.triples(row, c) is not None
+                                                                        for c, _ in self.quotes[row])]
+        if stated:
+            breaks = line_break_tokens(self.model.tokenizer, scores.shape[-1]).to(scores.device)
+            eos = self.eos[0]
+            moved = torch.logsumexp(torch.cat([scores[stated][:, breaks], scores[stated][:, eos:eos + 1]], -1), -1)
+            scores[stated] = scores[stated].masked_fill(breaks, float("-inf"))
+            scores[stated, eos] = moved
         free = [row for row in range(b) if row not in forced]
         if free and self.spans and kb is not None and kb.tap is not None:
             forced.update(self._choose(input_ids, scores, free, kb))

@@ -68,8 +68,48 @@ def test_nothing_is_glued_onto_a_span(hash_encoder):
 
 def test_fact_spans_state_the_whole_triple(hash_encoder):
     model = span_model(hash_encoder, value=-30.0, fact=0.0)
-    answer = model.ask("Tell me about Gold.", kb=KB[:1], max_new_tokens=4, min_confidence=0.0)
+    answer = model.ask("What is the symbol of Gold?", kb=KB[:1], max_new_tokens=4, min_confidence=0.0)
     assert answer.text == "The symbol of Gold is Au" and answer.quoted == KB[:1]
+
+
+def test_an_open_question_states_the_named_entitys_facts(hash_encoder):
+    model = span_model(hash_encoder, lm=30.0)  # the LM would write: the open answer is stated, not generated
+    answer = model.ask("Tell me about Gold.", kb=KB, max_new_tokens=4, min_confidence=0.0)
+    assert answer.text == "The symbol of Gold is Au, and the number of Gold is 79."
+    assert answer.quoted == [KB[0], KB[3]] and not answer.refused
+
+
+def test_a_line_break_after_a_quoted_fact_ends_the_answer(hash_encoder):
+    """The LM, left alone, would write "Au\nz\nz...": a new statement after a break is never asked for."""
+    import string
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = sorted(set(string.ascii_letters + string.digits + " .,'?-:!\n"))
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, **{c: i + 4 for i, c in enumerate(chars)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    model = span_model(hash_encoder, lm=-30.0)
+    model.tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>",
+                                              eos_token="</s>", unk_token="<unk>")
+    newline, z = vocab["\n"], vocab["z"]
+
+    def after_break_write_z(module, args, kwargs, output):  # "\n", then "z" after every "\n"
+        last = kwargs["input_ids"][:, -1]
+        boost = torch.where(last == newline, z, newline)
+        output.logits[torch.arange(len(last)), -1, boost] += 100.0
+        return output
+
+    hook = model.base.register_forward_hook(after_break_write_z, with_kwargs=True)
+    try:
+        answer = model.ask("What is the symbol of Gold?", kb=KB[:1], max_new_tokens=6, min_confidence=0.0)
+        plain = model.ask("What is the symbol of Gold?", kb=None, max_new_tokens=4)
+    finally:
+        hook.remove()
+    assert answer.text == "Au" and answer.quoted == KB[:1]
+    assert plain.text == "z\nz"  # no quote, no rule: the hook's LM writes its line breaks
 
 
 def test_the_lm_writes_when_the_gate_says_so(hash_encoder):

@@ -248,7 +248,7 @@ def test_prefilter_with_the_copy_path_copies_the_asked_value(hash_encoder):
     with torch.no_grad():
         model.adapter.copy_gate.bias.fill_(30.0)
         model.adapter.null_bias.fill_(-1e4)
-    asked = {"What is the property of entity 37?": 37, "And of entity 150?": 150}
+    asked = {"What is the property of entity 37?": 37, "And the property of entity 150?": 150}
     kb = _kb_with_asked_rows(model, 200, asked)
     values = [f"v{j}" + "x" * (j % 13) for j in range(200)]  # candidate sets differ in value length
     kb = KBEmbeddings(tuple(Triple(t.name, t.property, v) for t, v in zip(kb.triples, values, strict=True)),
