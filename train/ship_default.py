@@ -59,8 +59,10 @@ def card(cfg, log: list[dict], report: dict, calibration: dict) -> str:
 The answer quotes the KB. At every step a gate chooses between the LM's next token and a whole span of the
 triple the KB attention points at, emitted verbatim (`kblam/spans.py`); this adapter states each fact
 whole ("The symbol of Gold is Au."). A question naming several properties of one entity is answered by
-stating each named fact (`kblam.answer.named_facts`). A calibrated confidence decides, after the prompt's
-forward pass, whether to refuse (`kblam/confidence.py`); the threshold is {chosen['threshold']:.2f}.
+stating each named fact (`kblam.answer.named_facts`), and an open question ("Tell me about gold.") about an
+entity it names, by stating up to four of its facts (`kblam/open_questions.py`). Once a triple is quoted, a
+line break ends the answer. A calibrated confidence decides, after the prompt's forward pass, whether to
+refuse (`kblam/confidence.py`); the threshold is {chosen['threshold']:.2f}.
 
 ## Training
 
@@ -110,6 +112,9 @@ With no KB attached, the answer equals that of the base model (loaded separately
 - A question naming the value to find its entity ("Which element has the symbol Fe?") is not trained:
   keys encode the name and property, not the value.
 - An entity known by another name than the KB's ("USA" for "United States") counts as absent.
+- Open questions are recognised by the words of the training wordings only: of the evaluation's four
+  held-out open wordings, one is recognised ("open_no_invented" above is the share answered, all with the
+  entity's own facts); the others are refused.
 """
 
 
