@@ -150,3 +150,19 @@ def save_tiny_adapter(folder, seed: int = 0):
     torch.manual_seed(seed)
     save_file({k: v.contiguous() for k, v in KBAdapter(config).state_dict().items()}, str(folder / WEIGHTS_NAME))
     return folder
+
+
+def write_file(tmp_path, name: str, data: str | bytes, encoding: str = "utf-8"):
+    """A KB file under tmp_path: text in `encoding`, or bytes as they are."""
+    path = tmp_path / name
+    path.write_bytes(data.encode(encoding) if isinstance(data, str) else data)
+    return path
+
+
+def format_error(fn, *args, **kw):
+    """The KBFormatError that fn(*args, **kw) raises."""
+    from kblam.kb import KBFormatError
+
+    with pytest.raises(KBFormatError) as info:
+        fn(*args, **kw)
+    return info.value
