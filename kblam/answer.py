@@ -187,19 +187,15 @@ def ask(
                 confidences[i] = c
                 refused_now[i] = c < min_confidence
         for i, q in enumerate(asked):
+            triple_of = lambda j, i=i: source_of(i, j)  # noqa: E731
             # An open question about an entity the question names word for word states that entity's
             # facts, the KB's own text: nothing is left to doubt, so it is never refused on confidence.
-            opened = open_facts(q, shares[i], lambda j, i=i: source_of(i, j)) if spans else []
+            opened = open_facts(q, shares[i], triple_of) if spans else []
             if opened:
                 stated[i], refused_now[i] = opened, False
                 if confidences[i] is not None:
                     confidences[i] = 1.0
-        for i, q in enumerate(asked):
-            if i in stated:
-                stop[i] = True
-                continue
-            named = [] if refused_now[i] or not spans else named_facts(q, shares[i], lambda j, i=i: source_of(i, j))
-            if len(named) >= 2:
+            elif spans and not refused_now[i] and len(named := named_facts(q, shares[i], triple_of)) >= 2:
                 stated[i] = named
             stop[i] = refused_now[i] or i in stated
         return stop

@@ -117,34 +117,29 @@ def clause_prior(model, clause: str, keys: torch.Tensor) -> torch.Tensor:
     return scale.detach().to(cosine) * cosine
 
 
-_GLUE: dict[int, torch.Tensor] = {}
+_TOKEN_MASKS: dict[tuple[int, str], torch.Tensor] = {}
+
+
+def _token_mask(tokenizer, vocab: int, kind: str, holds) -> torch.Tensor:
+    """(vocab,) bool: the tokens whose decoded text `holds(text)`. Computed once per tokenizer and kind."""
+    key = (id(tokenizer), kind)
+    if key not in _TOKEN_MASKS or _TOKEN_MASKS[key].shape[0] != vocab:
+        mask = torch.zeros(vocab, dtype=torch.bool)
+        for i in range(min(vocab, len(tokenizer))):
+            mask[i] = holds(tokenizer.decode([i]))
+        _TOKEN_MASKS[key] = mask
+    return _TOKEN_MASKS[key]
 
 
 def glue_tokens(tokenizer, vocab: int) -> torch.Tensor:
     """(vocab,) bool: tokens that begin with a letter or digit, which would fuse onto a span just emitted
-    ("Nd" + "E"). Computed once per tokenizer."""
-    key = id(tokenizer)
-    if key not in _GLUE or _GLUE[key].shape[0] != vocab:
-        mask = torch.zeros(vocab, dtype=torch.bool)
-        for i in range(min(vocab, len(tokenizer))):
-            text = tokenizer.decode([i])
-            mask[i] = bool(text) and text[0].isalnum()
-        _GLUE[key] = mask
-    return _GLUE[key]
-
-
-_BREAKS: dict[int, torch.Tensor] = {}
+    ("Nd" + "E")."""
+    return _token_mask(tokenizer, vocab, "glue", lambda text: bool(text) and text[0].isalnum())
 
 
 def line_break_tokens(tokenizer, vocab: int) -> torch.Tensor:
-    """(vocab,) bool: tokens that hold a line break. Computed once per tokenizer."""
-    key = id(tokenizer)
-    if key not in _BREAKS or _BREAKS[key].shape[0] != vocab:
-        mask = torch.zeros(vocab, dtype=torch.bool)
-        for i in range(min(vocab, len(tokenizer))):
-            mask[i] = "\n" in tokenizer.decode([i])
-        _BREAKS[key] = mask
-    return _BREAKS[key]
+    """(vocab,) bool: tokens that hold a line break."""
+    return _token_mask(tokenizer, vocab, "break", lambda text: "\n" in text)
 
 
 class SpanDecoder:
@@ -211,14 +206,16 @@ class SpanDecoder:
                 scores.device), float("-inf"))
         for row in glued:
             self.after_span[row] = False
-        stated = [row for row in range(b) if row not in forced and any(self.triples(row, c) is not None
-                                                                        for c, _ in self.quotes[row])]
+        # A row that quoted the null slot has its refusal and end of text queued, so it is never free
+        # again: a free row with a quote has quoted a triple.
+        stated = [row for row in range(b) if row not in forced and self.quotes[row]]
         if stated:
             breaks = line_break_tokens(self.model.tokenizer, scores.shape[-1]).to(scores.device)
-            eos = self.eos[0]
-            moved = torch.logsumexp(torch.cat([scores[stated][:, breaks], scores[stated][:, eos:eos + 1]], -1), -1)
-            scores[stated] = scores[stated].masked_fill(breaks, float("-inf"))
-            scores[stated, eos] = moved
+            eos, rows = self.eos[0], scores[stated]
+            moved = torch.logsumexp(torch.cat([rows[:, breaks], rows[:, eos:eos + 1]], -1), -1)
+            rows = rows.masked_fill(breaks, float("-inf"))
+            rows[:, eos] = moved
+            scores[stated] = rows
         free = [row for row in range(b) if row not in forced]
         if free and self.spans and kb is not None and kb.tap is not None:
             forced.update(self._choose(input_ids, scores, free, kb))
