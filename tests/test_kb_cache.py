@@ -296,3 +296,18 @@ def test_asking_while_another_thread_edits(hash_encoder):
         t.join()
     assert errors == []
     _same(_answers(model, kb), _uncached(model, kb), scores_atol=1e-5)
+
+
+def test_one_encoder_call_per_question_when_it_names_an_entity(hash_encoder):
+    """ask encodes the question and the guess of what the confidence reads (the question without the
+    entity's name) at once; after an edit the new entity's name is known without a pass over the KB."""
+    model = _model(hash_encoder)
+    kb = _kb()
+    calls = []
+    inner = hash_encoder.model.encode  # what reaches the encoder's model: texts not cached yet
+    hash_encoder.model.encode = lambda texts, **kw: calls.append(list(texts)) or inner(texts, **kw)
+    model.ask("What is the symbol of entity 3?", kb, max_new_tokens=2, min_confidence=0.0)
+    asked = [texts for texts in calls if "What is the symbol of entity 3?" in texts]
+    assert asked == [["What is the symbol of entity 3?", "What is the symbol of ?"]]  # guessed and encoded with it
+    kb.add(Triple("Fresh Entity", "symbol", "Fx"))
+    assert "fresh" in model.kb_states(kb).derived["entity_names"]  # merged from the edit's triples
