@@ -5,8 +5,13 @@
     .venv/bin/python benchmarks/speed.py --markdown-only       # redo docs/performance.md from the JSON
 
 On the embedded default model (SmolLM2-135M-Instruct, the shipped adapter) with one torch thread
-(--threads), KB states in the model's default dtype (--dtype to override). KBs are synthetic triples
-with random key/value vectors: the cost is that of real ones, the answers are meaningless.
+(--threads), KB states in the model's default dtype (--dtype to override). The goals ask synthetic KBs
+encoded by the default encoder (MiniLM; --vectors real, built once under --real-workdir as KBStores:
+about 75 s for 10,000 triples and 8 min for 100,000 on this machine): with random vectors the best
+source of a question is a random entity, and the answer path then does what no real question makes it
+do (the confidence encodes that entity's property names, its guess of the question without the name
+misses). The components, the memory and the million-triple store use random vectors (their cost does
+not depend on the answers; encoding a million triples takes hours here).
 
 Parts (--parts):
 - machine: memory bandwidth (a 256 MB tensor copy: bytes read + written per second) and the matrix
@@ -18,7 +23,8 @@ Parts (--parts):
   FLOPs at the measured product rate and its bytes at the measured bandwidth (the model is in
   docs/performance.md).
 - goals: the issue's ratios, each side measured alternately in this one process so that load on
-  the machine weighs on both: time to first token (ask, max_new_tokens=1, a new question each time)
+  the machine weighs on both: time to first token (ask, max_new_tokens=1, a new question each time,
+  --ttft-repeats questions a side: the first questions of a process run slower, 5 gave medians 5% apart)
   at 10K and 100K triples with full attention and at 100K with the pre-filter; 16 questions as one
   batch for exactly 17 steps; answers per second for batches of 1, 4, 16 and 64; decoding tokens per
   second (exactly --decode-steps steps); asking again after editing one triple of a 100K-triple
@@ -95,6 +101,18 @@ def _random_kb(n: int, seed: int = 0, dim: int = 384):
     g = torch.Generator().manual_seed(seed)
     triples = tuple(_synthetic(n, seed=seed))
     return KBEmbeddings(triples, torch.randn(n, dim, generator=g), torch.randn(n, dim, generator=g))
+
+
+def _real_kb(n: int, workdir: Path):
+    """KBEmbeddings of n synthetic triples encoded by the default encoder, from a KBStore that
+    benchmarks/scale.py's build makes once under workdir (and reuses)."""
+    from scale import child_build
+
+    from kblam.store import KBStore
+
+    built = child_build(n, str(workdir), real=True)
+    with KBStore.open(built["store"], readonly=True) as store:
+        return store.embeddings()
 
 
 def _questions(kb, count: int, offset: int = 0) -> list[str]:
@@ -286,20 +304,24 @@ def _ttft(model, kb, questions, **kw):
     return ttft
 
 
-def goals(model, repeats: int, decode_steps: int, batch_sizes: list[int]) -> dict:
-    out: dict = {"load_average_start": [round(x, 2) for x in os.getloadavg()]}
-    kbs = {m: _random_kb(m, seed=1) for m in (10_000, 100_000)}
+def goals(model, repeats: int, decode_steps: int, batch_sizes: list[int], real_workdir: Path | None = None,
+          ttft_repeats: int = 25) -> dict:
+    out: dict = {"load_average_start": [round(x, 2) for x in os.getloadavg()], "ttft_questions": ttft_repeats}
+    kbs = {m: _real_kb(m, real_workdir) if real_workdir else _random_kb(m, seed=1) for m in (10_000, 100_000)}
+    out["vectors"] = "MiniLM" if real_workdir else "random"
     for kb in kbs.values():
         model.ask("warm up", kb, max_new_tokens=1, prefilter=False)  # projected once: the cache's state
-    nokb_questions = [f"What is the capital of country number {i}?" for i in range(4 * repeats + 4)]
+    nokb_questions = [f"What is the capital of country number {i}?" for i in range(4 * ttft_repeats + 4)]
     for m, kb in kbs.items():
-        qs = _questions(kb, repeats + 1, offset=3)
-        kb_s, no_s = _alternate(_ttft(model, kb, qs, prefilter=False), _ttft(model, None, nokb_questions), repeats)
+        qs = _questions(kb, ttft_repeats + 1, offset=3)
+        kb_s, no_s = _alternate(_ttft(model, kb, qs, prefilter=False), _ttft(model, None, nokb_questions),
+                                ttft_repeats)
         out[f"ttft_{m}_full"] = {"kb_s": kb_s, "nokb_s": no_s, "ratio": kb_s / no_s}
     kb = kbs[100_000]
     model.prefilter_index(kb)
-    qs = _questions(kb, repeats + 1, offset=5)
-    kb_s, no_s = _alternate(_ttft(model, kb, qs, prefilter=True), _ttft(model, None, nokb_questions), repeats)
+    qs = _questions(kb, ttft_repeats + 1, offset=5)
+    kb_s, no_s = _alternate(_ttft(model, kb, qs, prefilter=True), _ttft(model, None, nokb_questions[2:]),
+                            ttft_repeats)
     out["ttft_100000_prefilter"] = {"kb_s": kb_s, "nokb_s": no_s, "ratio": kb_s / no_s}
     print(f"[speed] goals so far {json.dumps(out)}", file=sys.stderr, flush=True)
 
@@ -408,10 +430,11 @@ def child_million(task: dict) -> dict:
     model.prefilter_index(store)
     index_s = time.perf_counter() - t0
     triples = store.triples()
-    qs = [f"What is the {t.property} of {t.name}?" for t in triples[7::100_003]][: task["repeats"] + 1]
-    nokb = [f"What is the capital of country number {i}?" for i in range(task["repeats"] + 2)]
+    n = task["ttft_repeats"]
+    qs = [f"What is the {t.property} of {t.name}?" for t in triples[7::len(triples) // (n + 2)]][: n + 1]
+    nokb = [f"What is the capital of country number {i}?" for i in range(n + 2)]
     model.ask(qs[-1], store, max_new_tokens=1, prefilter=True)
-    kb_s, no_s = _alternate(_ttft(model, store, qs, prefilter=True), _ttft(model, None, nokb), task["repeats"])
+    kb_s, no_s = _alternate(_ttft(model, store, qs, prefilter=True), _ttft(model, None, nokb), n)
     return {"ttft_1000000_prefilter": {"kb_s": kb_s, "nokb_s": no_s, "ratio": kb_s / no_s, "index_build_s": index_s,
                                        "index": repr(model.prefilter_index(store))}}
 
@@ -524,7 +547,10 @@ def markdown(results: dict) -> str:
             lines += ["", "| batch size | answers/s, no KB | answers/s, 10,000 triples | ratio |", "|---:|---:|---:|---:|"]
             for size, v in aps.items():
                 lines.append(f"| {size} | {v['nokb']:.2f} | {v['kb']:.2f} | {v['nokb'] / v['kb']:.2f}x |")
-        lines += ["", f"Load average during the goals: {g.get('load_average_start')} at the start, "
+        vectors = {"MiniLM": "encoded by MiniLM", "random": "random vectors"}.get(g.get("vectors"), "random vectors")
+        lines += ["", f"KBs of the goals at 10,000 and 100,000 triples: synthetic, {vectors}; the 1,000,000-triple "
+                      "store: random vectors.",
+                  "", f"Load average during the goals: {g.get('load_average_start')} at the start, "
                       f"{g.get('load_average_end')} at the end."]
     return "\n".join(lines)
 
@@ -543,11 +569,16 @@ def main() -> None:
     parser.add_argument("--memory-dtypes", default="bfloat16,float32")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 16, 64])
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--ttft-repeats", type=int, default=25,
+                        help="questions per side of a time-to-first-token goal (its median is steadier with more)")
     parser.add_argument("--decode-steps", type=int, default=32)
     parser.add_argument("--encode-sample", type=int, default=1500, help="triples for the encoding rate")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--dtype", default=None, help="KB state dtype (default: the model's)")
     parser.add_argument("--workdir", type=Path, default=None, help="the 1M store (default: kblam cache/bench-speed)")
+    parser.add_argument("--vectors", choices=("real", "random"), default="real", help="the goals' KB vectors")
+    parser.add_argument("--real-workdir", type=Path, default=None,
+                        help="the MiniLM-encoded stores (default: kblam cache/bench-scale, as benchmarks/scale.py)")
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--docs", type=Path, default=DOCS)
     parser.add_argument("--markdown-only", action="store_true")
@@ -575,7 +606,10 @@ def main() -> None:
         if "components" in parts:
             results["components"] = components(model, args.sizes, results["machine"], args.repeats)
         if "goals" in parts:
-            goals_out.update(goals(model, args.repeats, args.decode_steps, args.batch_sizes))
+            from kblam.defaults import cache_dir
+
+            real = (args.real_workdir or cache_dir() / "bench-scale") if args.vectors == "real" else None
+            goals_out.update(goals(model, args.repeats, args.decode_steps, args.batch_sizes, real, args.ttft_repeats))
         del model
     common = {"threads": args.threads, "dtype": args.dtype}
     if "million" in parts:
@@ -583,7 +617,8 @@ def main() -> None:
 
         workdir = args.workdir or cache_dir() / "bench-speed"
         workdir.mkdir(parents=True, exist_ok=True)
-        goals_out.update(run_child({"kind": "million", "workdir": str(workdir), "repeats": args.repeats, **common}))
+        goals_out.update(run_child({"kind": "million", "workdir": str(workdir), "ttft_repeats": args.ttft_repeats,
+                                    **common}))
     if "memory" in parts:
         goals_out["memory_per_triple"] = {}
         for dtype in args.memory_dtypes.split(","):

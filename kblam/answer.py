@@ -137,6 +137,7 @@ def ask(
         narrow = prefilter if isinstance(prefilter, bool) else (
             prefilter is not None or (above is not None and len(kb) > above))
         index = prefilter if isinstance(prefilter, KBPrefilter) else None
+        _encode_properties(model, kb)
         if repair_names:
             asked, repaired, found = _repaired(model, kb, questions, narrow, index, k)
 
@@ -391,6 +392,26 @@ def _span_bound(triples, cfg) -> int:
     longest = max((len(t.value.encode()) + (len(t.name.encode()) + len(t.property.encode()) + 16
                                             if "fact" in (cfg.span_kinds or ()) else 0) for t in triples), default=0)
     return max(longest, len(cfg.refusal.encode())) + 2
+
+
+PROPERTIES_ENCODED_UP_TO = 1024
+
+
+def _encode_properties(model, states) -> None:
+    """The KB's property names through the encoder, once per KB version (its first question), when it has
+    at most PROPERTIES_ENCODED_UP_TO of them: the confidence's property match reads the best entity's
+    property names, and a name not yet encoded costs a question an encoder call. Not for a store (its
+    million triples are not read for this)."""
+    if states.from_store:
+        return
+
+    def encode(triples) -> int:
+        names = sorted({t.property for t in triples})
+        if len(names) <= PROPERTIES_ENCODED_UP_TO:
+            model.encoder.encode(names)
+        return len(names)
+
+    states.derive("properties_encoded", encode, merge=lambda old, new: old + new)
 
 
 def _repaired(model, states, questions: list[str], narrow: bool, index, k: int

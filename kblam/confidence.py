@@ -231,9 +231,10 @@ def signals(items: Sequence[QuestionSignals], encoder) -> list[dict[str, float]]
             "name_repaired": float(it.repaired),
         })
     if out:
-        q = torch.nn.functional.normalize(encoder.encode(masked), dim=-1)
         flat = [p for ps in properties for p in ps]
-        p = torch.nn.functional.normalize(encoder.encode(flat), dim=-1)
+        encoded = encoder.encode(masked + flat)  # one encoder call for whatever is not cached yet
+        q = torch.nn.functional.normalize(encoded[:len(masked)], dim=-1)
+        p = torch.nn.functional.normalize(encoded[len(masked):], dim=-1)
         at = 0
         for i, (row, ps) in enumerate(zip(out, properties, strict=True)):
             row["property_match"] = float((p[at:at + len(ps)] @ q[i]).max())

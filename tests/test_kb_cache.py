@@ -311,3 +311,17 @@ def test_one_encoder_call_per_question_when_it_names_an_entity(hash_encoder):
     assert asked == [["What is the symbol of entity 3?", "What is the symbol of ?"]]  # guessed and encoded with it
     kb.add(Triple("Fresh Entity", "symbol", "Fx"))
     assert "fresh" in model.kb_states(kb).derived["entity_names"]  # merged from the edit's triples
+
+
+def test_the_kbs_property_names_are_encoded_with_its_first_question(hash_encoder):
+    """The confidence's property match reads the best entity's property names: encoded once per KB
+    version, and an edit's new property with the next question, not each at question time."""
+    model = _model(hash_encoder)
+    kb = _kb()
+    kb.add(Triple("entity 1", "atomic number", "1"))
+    model.ask("What is the symbol of entity 3?", kb, max_new_tokens=2, min_confidence=0.0)
+    assert {"symbol", "atomic number"} <= set(hash_encoder._cache)
+    kb.add(Triple("entity 2", "discoverer", "Someone"))
+    model.ask("What is the symbol of entity 3?", kb, max_new_tokens=2, min_confidence=0.0)
+    assert "discoverer" in hash_encoder._cache
+    assert model.kb_states(kb).derived["properties_encoded"] >= 3
