@@ -118,10 +118,11 @@ def _within_one_edit(a: str, b: str) -> bool:
     return a[i + 1:] == b[i + 1:] or (a[i + 2:] == b[i + 2:] and a[i:i + 2] == b[i:i + 2][::-1])
 
 
-def repair_name(question: str, names) -> str | None:
+def repair_name(question: str, names, *, prune: bool = True) -> str | None:
     """The question with a one-letter typo in a KB entity's name put right ("Tanznia" -> "Tanzania"),
     or None: when it names one of `names` exactly, when no name of five letters or more is one edit
-    away, or when two different names are (no guessing between them)."""
+    away, or when two different names are (no guessing between them). `prune=False` measures every
+    name in full (what the pruning must not change; tested)."""
     words = _WORD.findall(question.lower())
     runs: dict[int, list[str]] = {}  # words per run -> the question's runs of that many words, as name_match joins them
     found = {}
@@ -133,7 +134,7 @@ def repair_name(question: str, names) -> str | None:
         sizes = {max(1, n - 1), n, n + 1}
         for size in sizes - runs.keys():
             runs[size] = [" ".join(words[k:k + size]) for k in range(len(words) - size + 1)]
-        if not any(_within_one_edit(run, target) for size in sizes for run in runs[size]):
+        if prune and not any(_within_one_edit(run, target) for size in sizes for run in runs[size]):
             continue
         edits, span = close_name(name, question)
         if edits == 0:
