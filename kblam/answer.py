@@ -18,7 +18,6 @@ generated (a span's tokens one per step, as the span decoder forces them).
 
 from __future__ import annotations
 
-import re
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
@@ -28,7 +27,16 @@ from pathlib import Path
 import torch
 
 from kblam import spans as span_decoding
-from kblam.confidence import QuestionSignals, entity_names, masked_guess, merge_names, repair_name, signals
+from kblam.confidence import (
+    QuestionSignals,
+    entity_names,
+    masked_guess,
+    merge_names,
+    repair_name,
+    run_at,
+    signals,
+    words,
+)
 from kblam.encoder import KBEmbeddings
 from kblam.kb import KnowledgeBase, Triple
 from kblam.open_questions import open_facts
@@ -314,13 +322,10 @@ class AnswerStream:
         self._cancelled.set()
 
 
-_WORD = re.compile(r"\w+", re.UNICODE)
-
-
 def _stems(text: str) -> list[str]:
     """Lower-case words, a plural or "-ed" ending dropped: "codes" names "code"."""
     out = []
-    for word in _WORD.findall(text.lower()):
+    for word in words(text):
         for suffix, shortest in (("es", 5), ("s", 4), ("ed", 5)):
             if word.endswith(suffix) and len(word) >= shortest:
                 word = word[: -len(suffix)]
@@ -343,10 +348,10 @@ def named_facts(question: str, shares: torch.Tensor, triple_of) -> list[Triple]:
         t = triple_of(j)
         if t is None or t.name != best.name:
             continue
-        words = _stems(t.property)
-        at = [k for k in range(len(asked) - len(words) + 1) if asked[k:k + len(words)] == words]
-        if words and at:
-            named.append((at[0], -len(words), t))
+        stems = _stems(t.property)
+        at = run_at(asked, stems)
+        if at >= 0:
+            named.append((at, -len(stems), t))
     named.sort(key=lambda x: (x[0], x[1]))
     out, taken = [], set()
     for start, minus_len, t in named:  # a longer property wins its words ("alpha-2 code" over "code")

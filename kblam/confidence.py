@@ -43,6 +43,21 @@ SIGNALS = ("top_share", "margin", "entity_share", "null_share", "cosine_top", "c
 _WORD = re.compile(r"\w+", re.UNICODE)
 
 
+def words(text: str) -> list[str]:
+    """The text's words in lower case: what every name and property match in kblam compares."""
+    return _WORD.findall(text.lower())
+
+
+def run_at(seq: Sequence[str], run: Sequence[str]) -> int:
+    """Where `run` first stands in `seq` word for word, or -1 (also for an empty run)."""
+    n = len(run)
+    if n:
+        for k in range(len(seq) - n + 1):
+            if seq[k:k + n] == run:
+                return k
+    return -1
+
+
 def _edit_distance(a: str, b: str) -> int:
     """Edit distance with adjacent transpositions (optimal string alignment): a typo such as "Gadoilnium"
     costs 1. Names are short, and the standard library has no edit distance."""
@@ -64,19 +79,20 @@ def name_match(name: str, question: str) -> tuple[float, tuple[int, int] | None,
     The score is 1 - edit distance / length over the run of question words closest to the name
     (case-insensitive, runs one word shorter or longer included, for a split or merged word).
     """
-    target = " ".join(_WORD.findall(name.lower()))
-    words = list(_WORD.finditer(question.lower()))
-    if not target or not words:
+    name_words = words(name)
+    target = " ".join(name_words)
+    found = list(_WORD.finditer(question.lower()))
+    if not target or not found:
         return 0.0, None, len(target)
-    n = len(target.split())
-    lowered = [w.group() for w in words]
-    for start in range(len(words) - n + 1):  # named exactly (the common case): the first such run wins
-        if " ".join(lowered[start:start + n]) == target:
-            return 1.0, (words[start].start(), words[start + n - 1].end()), 0
+    n = len(name_words)
+    lowered = [w.group() for w in found]
+    start = run_at(lowered, name_words)
+    if start >= 0:  # named exactly (the common case): the first such run wins
+        return 1.0, (found[start].start(), found[start + n - 1].end()), 0
     best, span, distance = 0.0, None, len(target)
     for size in {max(1, n - 1), n, n + 1}:
-        for start in range(0, len(words) - size + 1):
-            run = words[start:start + size]
+        for start in range(0, len(found) - size + 1):
+            run = found[start:start + size]
             text = " ".join(lowered[start:start + size])
             if 1.0 - abs(len(text) - len(target)) / max(len(target), len(text)) <= best:
                 continue  # edits >= the length difference: this run cannot score higher
@@ -123,17 +139,17 @@ def repair_name(question: str, names, *, prune: bool = True) -> str | None:
     or None: when it names one of `names` exactly, when no name of five letters or more is one edit
     away, or when two different names are (no guessing between them). `prune=False` measures every
     name in full (what the pruning must not change; tested)."""
-    words = _WORD.findall(question.lower())
+    asked = words(question)
     runs: dict[int, list[str]] = {}  # words per run -> the question's runs of that many words, as name_match joins them
     found = {}
     for name in set(names):
-        target = " ".join(_WORD.findall(name.lower()))
-        n = len(target.split())
+        name_words = words(name)
+        target, n = " ".join(name_words), len(name_words)
         # A name no run of words is within one edit of cannot be exact or one typo away: skip the full edit
         # distances of name_match (a Python loop over every run, for each of the 64 names asked about).
         sizes = {max(1, n - 1), n, n + 1}
         for size in sizes - runs.keys():
-            runs[size] = [" ".join(words[k:k + size]) for k in range(len(words) - size + 1)]
+            runs[size] = [" ".join(asked[k:k + size]) for k in range(len(asked) - size + 1)]
         if prune and not any(_within_one_edit(run, target) for size in sizes for run in runs[size]):
             continue
         edits, span = close_name(name, question)
@@ -159,9 +175,9 @@ def entity_names(triples) -> dict[str, dict[str, str]]:
     for t in triples:
         if t.name not in seen:
             seen.add(t.name)
-            words = _WORD.findall(t.name.lower())
-            if words:
-                index.setdefault(words[0], {})[" ".join(words)] = t.name
+            name_words = words(t.name)
+            if name_words:
+                index.setdefault(name_words[0], {})[" ".join(name_words)] = t.name
     return index
 
 
@@ -178,12 +194,12 @@ def masked_guess(question: str, names: dict[str, dict[str, str]]) -> str | None:
     question holds word for word (the longest, when several), or None when it names none. `ask` encodes
     it with the question, in one encoder call: a call of the encoder streams all its weights, whatever
     the batch (about 6 ms of MiniLM's 8 ms here), so the second text costs a third of a call."""
-    words = _WORD.findall(question.lower())
+    asked = words(question)
     best = None
-    for i, word in enumerate(words):
+    for i, word in enumerate(asked):
         for target, name in names.get(word, {}).items():
             n = target.count(" ") + 1
-            if (best is None or len(target) > len(best[0])) and " ".join(words[i:i + n]) == target:
+            if (best is None or len(target) > len(best[0])) and " ".join(asked[i:i + n]) == target:
                 best = (target, name)
     return None if best is None else without_name(question, name_match(best[1], question)[1])
 

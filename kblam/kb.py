@@ -435,8 +435,10 @@ class KnowledgeBase:
             raise _KBKeyError(self._not_found(new.name, new.property, None))
         # Found by identity (the index holds the list's own objects): list.index compares triples field by
         # field (30 ms over 100,000 triples).
-        ids = list(map(id, self._triples))
-        position = ids.index(id(group[0])) if id(group[0]) in ids else self._triples.index(group[0])
+        try:
+            position = list(map(id, self._triples)).index(id(group[0]))
+        except ValueError:  # the index ever holding another object than the list: compare by value
+            position = self._triples.index(group[0])
         meta = self._meta.get(new) or self._next_origin("update")
         for t in group:
             del self._meta[t]

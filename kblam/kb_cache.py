@@ -379,7 +379,10 @@ def _same_triples(kb, entry: KBStates) -> bool:
 def _same_run(same, limit: int) -> int:
     """How many of the first `limit` items of the iterable `same` are True, counting up to the first False."""
     flags = list(itertools.islice(same, limit))
-    return flags.index(False) if False in flags else len(flags)
+    try:
+        return flags.index(False)
+    except ValueError:
+        return len(flags)
 
 
 def _reuse(old: Sequence[Triple], new: Sequence[Triple]) -> list[int]:

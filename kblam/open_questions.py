@@ -15,16 +15,15 @@ recognised, and is answered (or refused) as a one-fact question.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Sequence
 
 import torch
 
+from kblam.confidence import run_at, words
 from kblam.kb import Triple
 
 MAX_FACTS = 4  # as many as the training answers to open questions state (kb_builders.questions)
 
-_WORD = re.compile(r"\w+", re.UNICODE)
 FUNCTION_WORDS = frozenset(
     "a an the of on in about for to from me you we us i it its do does did is are was were be what who which "
     "or and can could would will some any have has please s your my this that there with".split())
@@ -33,20 +32,16 @@ CUES = frozenset(
     "learn brief recorded".split())
 
 
-def _words(text: str) -> list[str]:
-    return _WORD.findall(text.lower())
-
-
 def open_facts(question: str, shares: torch.Tensor, triple_of: Callable[[int], Triple | None],
                limit: int = MAX_FACTS) -> list[Triple]:
     """The facts to state for an open question (at most `limit`, one per property, in the KB's order),
     or [] when the question is not an open question about an entity among its 64 best sources."""
     near = torch.topk(shares, min(64, shares.numel())).indices.tolist()
-    asked = _words(question)
+    asked = words(question)
     entity = _named_entity(asked, [triple_of(j) for j in near])
     if entity is None:
         return []
-    name = set(_words(entity))
+    name = set(words(entity))
     if any(w not in name and w not in FUNCTION_WORDS and w not in CUES for w in asked):
         return []
     facts: dict[str, Triple] = {}
@@ -61,9 +56,9 @@ def _named_entity(asked: Sequence[str], near: Sequence[Triple | None]) -> str | 
     """The longest entity name among the sources whose words the question holds in a row."""
     best = None
     for t in near:
-        if t is None or (best is not None and len(_words(t.name)) <= len(_words(best))):
+        if t is None or (best is not None and len(words(t.name)) <= len(words(best))):
             continue
-        name = _words(t.name)
-        if name and any(list(asked[k:k + len(name)]) == name for k in range(len(asked) - len(name) + 1)):
+        name = words(t.name)
+        if run_at(list(asked), name) >= 0:
             best = t.name
     return best
