@@ -225,8 +225,7 @@ def ask(
             from kblam.model import CopyProcessor
 
             processors.insert(0, CopyProcessor(model, inputs["input_ids"].shape[1]))
-        output = model.base.generate(**inputs, max_new_tokens=budget + longest + 1, logits_processor=processors,
-                                     **generate_kwargs)
+        output = span_decoding.generate(model, decoder, inputs, budget + longest + 1, processors, **generate_kwargs)
     texts = tok.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
     scores = recorder.scores() if source_of is not None else None
     answers = []
@@ -413,7 +412,7 @@ def _encode_properties(model, states) -> None:
     def encode(triples) -> int:
         names = sorted({t.property for t in triples})
         if len(names) <= PROPERTIES_ENCODED_UP_TO:
-            model.encoder.encode(names)
+            model.encoder.encode(names, keep=True)
         return len(names)
 
     states.derive("properties_encoded", encode, merge=lambda old, new: old + new)

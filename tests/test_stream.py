@@ -40,7 +40,8 @@ def test_the_stream_is_ask_answer(lm, hash_encoder):
 
 
 def test_text_arrives_while_generating(hash_encoder):
-    """Generation waits at its fourth step until the reader has a piece: only a real stream gets past."""
+    """Generation waits at its third step until the reader has a piece: only a real stream gets past.
+    (Each step here chooses a span, streamed whole before the model reads it in one pass.)"""
     model = _model(hash_encoder, lm=-30.0)
     got_first, waited = threading.Event(), []
 
@@ -49,7 +50,7 @@ def test_text_arrives_while_generating(hash_encoder):
 
         def __call__(self, input_ids, scores):
             self.steps += 1
-            if self.steps == 4:
+            if self.steps == 3:
                 waited.append(got_first.wait(timeout=20))
             return scores
 
@@ -93,3 +94,35 @@ def test_errors_raise_from_the_iteration(hash_encoder):
         list(model.ask_stream(QUESTION, kb=KB, max_sources=-1))
     with pytest.raises(TypeError, match="one question"):
         model.ask_stream([QUESTION], kb=KB)
+
+
+@pytest.mark.parametrize("lm", [-30.0, 0.0], ids=["spans", "mixed"])
+def test_a_span_is_read_in_one_pass(lm, hash_encoder):
+    """One question's spans are read by the model in one forward pass each (kblam.spans.generate), and the
+    answer is the one token-by-token generation gives (a batch's rows, which keep one pass per token)."""
+    model = _model(hash_encoder, lm=lm)
+    passes = []
+    hook = model.base.register_forward_pre_hook(lambda module, args: passes.append(1))
+    try:
+        for question in (QUESTION, "Tell me about Gold and Iron and Neon.", "What is the motto of Gold?"):
+            passes.clear()
+            one = model.ask(question, kb=KB, max_new_tokens=12, min_confidence=0.0)
+            one_pass = len(passes)
+            batch = model.ask([question, question], kb=KB, max_new_tokens=12, min_confidence=0.0)
+            for row in batch:  # sources and signals differ in float rounding (a batch's products)
+                assert (row.text, row.quoted, row.refused) == (one.text, one.quoted, one.refused)
+            tokens = len(model.tokenizer(one.text, add_special_tokens=False)["input_ids"])
+            if lm < 0:  # every step quotes a value, a fact or the refusal: fewer passes than tokens
+                assert one_pass < tokens
+    finally:
+        hook.remove()
+
+
+def test_a_caller_stop_is_not_resumed(hash_encoder):
+    """A stopping criterion that ends the answer at its first step ends it there, span or not."""
+    model = _model(hash_encoder, lm=-30.0)
+    stop = lambda input_ids, scores, **_: torch.ones(input_ids.shape[0], dtype=torch.bool)  # noqa: E731
+    one = model.ask(QUESTION, kb=KB, max_new_tokens=12, min_confidence=0.0, stopping_criteria=[stop])
+    full = model.ask(QUESTION, kb=KB, max_new_tokens=12, min_confidence=0.0)
+    batch = model.ask([QUESTION, QUESTION], kb=KB, max_new_tokens=12, min_confidence=0.0, stopping_criteria=[stop])
+    assert one.text == batch[0].text and len(one.text) < len(full.text)
