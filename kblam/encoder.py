@@ -1,11 +1,14 @@
 """The frozen sentence encoder that turns triples into key/value embeddings, with a per-text cache.
 
 The cache is keyed by the text itself (one cache per encoder), so changing one triple's value
-re-encodes that one value and nothing else.
+re-encodes that one value and nothing else. A KB's texts (`keep=True`) stay as long as the encoder;
+every other text (questions, what the confidence compares) goes to a cache of the `recent` last ones,
+so that a server answering new questions for months does not grow by a vector per question.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -29,24 +32,46 @@ class KBEmbeddings:
 class KBEncoder:
     """Wraps a sentence-transformers model (or anything with `encode(list[str])` and a dimension)."""
 
-    def __init__(self, model, name: str | None = None, batch_size: int = 128, progress: bool | None = None):
+    def __init__(self, model, name: str | None = None, batch_size: int = 128, progress: bool | None = None,
+                 recent: int = 4096):
         self.model = model
         self.name = name or getattr(model, "name_or_path", None) or type(model).__name__
         get_dim = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
         self.dim = int(get_dim())
         self.batch_size = batch_size
         self.progress = progress
-        self._cache: dict[str, torch.Tensor] = {}
+        self._cache: dict[str, torch.Tensor] = {}  # the KBs' texts (encode(..., keep=True))
+        # Other texts, least recently used first; a question and what its answer encodes after the forward
+        # pass are read within one ask, so a few thousand are plenty (4,096 of MiniLM's: 6 MB).
+        self._recent: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self.recent = recent
         self.hits = 0
         self.misses = 0
 
     def __repr__(self) -> str:
-        return f"KBEncoder({self.name!r}, dim={self.dim}, cached={len(self._cache)})"
+        return f"KBEncoder({self.name!r}, dim={self.dim}, cached={len(self._cache) + len(self._recent)})"
+
+    def __contains__(self, text: object) -> bool:
+        """Whether `text` is cached (encoding it would not call the model)."""
+        return text in self._cache or text in self._recent
 
     @torch.no_grad()
-    def encode(self, texts: Sequence[str]) -> torch.Tensor:
-        """(n, dim) float32 embeddings; only texts not seen before reach the model."""
-        missing = list(dict.fromkeys(t for t in texts if t not in self._cache))
+    def encode(self, texts: Sequence[str], *, keep: bool = False) -> torch.Tensor:
+        """(n, dim) float32 embeddings; only texts not cached reach the model. `keep`: a KB's texts, cached
+        for good; others are cached among the `recent` last."""
+        found: dict[str, torch.Tensor] = {}
+        for t in texts:
+            if t in found:
+                continue
+            vector = self._cache.get(t)
+            if vector is None and t in self._recent:
+                vector = self._recent[t]
+                self._recent.move_to_end(t)
+                if keep:
+                    self._cache[t] = self._recent.pop(t)
+            if vector is not None:
+                found[t] = vector
+        missing = list(dict.fromkeys(t for t in texts if t not in found))
         self.hits += len(texts) - len(missing)
         self.misses += len(missing)
         if missing:
@@ -55,10 +80,16 @@ class KBEncoder:
                 missing, batch_size=self.batch_size, convert_to_tensor=True, show_progress_bar=show
             )
             for text, vector in zip(missing, vectors.float().cpu(), strict=True):
-                self._cache[text] = vector
+                found[text] = vector
+                if keep:
+                    self._cache[text] = vector
+                else:
+                    self._recent[text] = vector
+            while len(self._recent) > self.recent:
+                self._recent.popitem(last=False)
         if not texts:
             return torch.empty(0, self.dim)
-        return torch.stack([self._cache[t] for t in texts])
+        return torch.stack([found[t] for t in texts])
 
     def encode_kb(
         self,
@@ -71,4 +102,4 @@ class KBEncoder:
             raise ValueError("the knowledge base is empty: add at least one triple before asking")
         keys = [t.key_text(key_template) for t in triples]
         values = [t.value_text(value_template) for t in triples]
-        return KBEmbeddings(triples, self.encode(keys), self.encode(values))
+        return KBEmbeddings(triples, self.encode(keys, keep=True), self.encode(values, keep=True))

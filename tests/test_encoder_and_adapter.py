@@ -30,6 +30,29 @@ def test_changing_one_triple_reencodes_one_text():
     torch.testing.assert_close(second.values[1:], first.values[1:])
 
 
+def test_other_texts_are_cached_among_the_recent_ones_and_a_kbs_for_good():
+    """Questions go to a bounded cache (a server asked new questions for months does not grow); a KB's
+    texts stay, however many questions came after them."""
+    raw = HashEncoder()
+    encoder = KBEncoder(raw, name="test/hash-encoder", recent=3)
+    kb = KnowledgeBase([Triple("gold", "symbol", "Au")])
+    first = encoder.encode_kb(kb)
+    questions = [f"question {i}" for i in range(5)]
+    vectors = encoder.encode(questions)
+    assert len(encoder._recent) == 3 and "question 0" not in encoder and "question 4" in encoder
+    encoder.encode(["question 2"])  # used again: now the most recent
+    encoder.encode(["question 5"])
+    assert "question 2" in encoder and "question 3" not in encoder
+    calls = len(raw.calls)
+    again = encoder.encode(["question 0"])
+    assert raw.calls[calls:] == ["question 0"]  # evicted: encoded again, the same vector
+    torch.testing.assert_close(again[0], vectors[0])
+    assert encoder.encode_kb(kb).keys.equal(first.keys) and len(raw.calls) == calls + 1  # the KB's: still cached
+    encoder.encode(["question 0"], keep=True)  # a recent text kept for good leaves the bounded cache
+    encoder.encode([f"more {i}" for i in range(5)])
+    assert "question 0" in encoder._cache and "question 0" not in encoder._recent
+
+
 def test_empty_kb_is_refused(hash_encoder):
     with pytest.raises(ValueError, match="empty"):
         hash_encoder.encode_kb(KnowledgeBase())

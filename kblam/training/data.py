@@ -92,7 +92,7 @@ def _cached_encode(encoder, texts: list[str], cache: Path | None, what: str) -> 
         path = cache / f"{what}-{digest}.pt"
         if path.is_file():
             return torch.load(path)
-    vectors = encoder.encode(texts)
+    vectors = encoder.encode(texts, keep=True)
     if cache is not None:
         cache.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
