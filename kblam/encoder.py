@@ -59,37 +59,25 @@ class KBEncoder:
     def encode(self, texts: Sequence[str], *, keep: bool = False) -> torch.Tensor:
         """(n, dim) float32 embeddings; only texts not cached reach the model. `keep`: a KB's texts, cached
         for good; others are cached among the `recent` last."""
-        found: dict[str, torch.Tensor] = {}
-        for t in texts:
-            if t in found:
-                continue
-            vector = self._cache.get(t)
-            if vector is None and t in self._recent:
-                vector = self._recent[t]
-                self._recent.move_to_end(t)
-                if keep:
-                    self._cache[t] = self._recent.pop(t)
-            if vector is not None:
-                found[t] = vector
-        missing = list(dict.fromkeys(t for t in texts if t not in found))
+        cache, recent = self._cache, self._recent
+        missing = list(dict.fromkeys(t for t in texts if t not in cache and t not in recent))
         self.hits += len(texts) - len(missing)
         self.misses += len(missing)
+        for t in [t for t in dict.fromkeys(texts) if t in recent] if recent else ():  # used now: the most recent
+            if keep:
+                cache[t] = recent.pop(t)
+            else:
+                recent.move_to_end(t)
         if missing:
             show = self.progress if self.progress is not None else len(missing) >= 1000
             vectors = self.model.encode(
                 missing, batch_size=self.batch_size, convert_to_tensor=True, show_progress_bar=show
             )
-            for text, vector in zip(missing, vectors.float().cpu(), strict=True):
-                found[text] = vector
-                if keep:
-                    self._cache[text] = vector
-                else:
-                    self._recent[text] = vector
-            while len(self._recent) > self.recent:
-                self._recent.popitem(last=False)
-        if not texts:
-            return torch.empty(0, self.dim)
-        return torch.stack([found[t] for t in texts])
+            (cache if keep else recent).update(zip(missing, vectors.float().cpu(), strict=True))
+        out = torch.stack([cache[t] if t in cache else recent[t] for t in texts]) if texts else torch.empty(0, self.dim)
+        while len(recent) > self.recent:  # after reading them: one call may bring more than `recent` texts
+            recent.popitem(last=False)
+        return out
 
     def encode_kb(
         self,

@@ -48,6 +48,8 @@ def test_other_texts_are_cached_among_the_recent_ones_and_a_kbs_for_good():
     assert raw.calls[calls:] == ["question 0"]  # evicted: encoded again, the same vector
     torch.testing.assert_close(again[0], vectors[0])
     assert encoder.encode_kb(kb).keys.equal(first.keys) and len(raw.calls) == calls + 1  # the KB's: still cached
+    many = encoder.encode([f"many {i}" for i in range(5)])  # more than `recent` in one call: all returned
+    assert many.shape == (5, raw.dim) and len(encoder._recent) == 3
     encoder.encode(["question 0"], keep=True)  # a recent text kept for good leaves the bounded cache
     encoder.encode([f"more {i}" for i in range(5)])
     assert "question 0" in encoder._cache and "question 0" not in encoder._recent
