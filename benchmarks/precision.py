@@ -34,6 +34,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--dtypes", default="float32,bfloat16",
                         help="KB state dtypes, in order (the first is the reference); 'reference': no cache")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--batch-size", type=int, default=8, help="questions per ask (1: each alone, which reads "
+                        "a quoted span in one pass; a batch reads it a token a pass)")
     parser.add_argument("--out", default=str(DEFAULT_OUT))
     parser.add_argument("--compare", default=None, help="a JSON this script wrote (another checkout): answers "
                         "with the same text / top source as its first run")
@@ -57,12 +59,13 @@ def main(argv=None) -> dict:
             model.kb_cache.clear()
             model.kb_cache.dtype = getattr(torch, name)
         began = time.perf_counter()
-        records = answer_eval.evaluate(model, names, sizes, kbs=args.kbs, progress=False, log=lambda *_: None)
+        records = answer_eval.evaluate(model, names, sizes, kbs=args.kbs, progress=False, log=lambda *_: None,
+                                       batch_size=args.batch_size)
         runs[name] = (records, time.perf_counter() - began)
         print(f"{name}: {len(records)} questions in {runs[name][1]:.0f} s", flush=True)
 
     first, (reference, _) = next(iter(runs.items()))
-    out = {"datasets": names, "sizes": sizes, "kbs": args.kbs, "threshold": threshold,
+    out = {"datasets": names, "sizes": sizes, "kbs": args.kbs, "batch_size": args.batch_size, "threshold": threshold,
            "load_average": list(os.getloadavg()), "torch_threads": args.threads, "runs": {}}
     for name, (records, seconds) in runs.items():
         same_text = sum(a.text == b.text for a, b in zip(records, reference, strict=True))

@@ -18,8 +18,9 @@ Parts (--parts):
   product rate in float32 and bfloat16 (1024 x 1024 products), best of several: the floors' rates.
 - components: at each --sizes, the time of base prefill (one question, no KB), KB projection (the
   whole KB through the adapter: what the cache saves per question), KB attention in the prefill (the
-  prefill with the KB attached minus without), the span path (the span decoder's work per step) and a
-  decoding step (one question, with and without the KB), each beside its floor: the larger of its
+  prefill with the KB attached minus without), the span path (the span decoder's work per call: each
+  step that is not inside a quoted span, the choice of a span included) and a
+  decoding step (one token of one question, with and without the KB), each beside its floor: the larger of its
   FLOPs at the measured product rate and its bytes at the measured bandwidth (the model is in
   docs/performance.md).
 - goals: the issue's ratios, each side measured alternately in this one process so that load on
@@ -27,7 +28,8 @@ Parts (--parts):
   --ttft-repeats questions a side: the first questions of a process run slower, 5 gave medians 5% apart)
   at 10K and 100K triples with full attention and at 100K with the pre-filter; 16 questions as one
   batch for exactly 17 steps; answers per second for batches of 1, 4, 16 and 64; decoding tokens per
-  second (exactly --decode-steps steps); asking again after editing one triple of a 100K-triple
+  second (exactly --decode-steps steps, one forward pass each: generate with the KB attached); an
+  answer's tokens per second after its first (ask, which reads a quoted span in one pass); asking again after editing one triple of a 100K-triple
   KnowledgeBase (full attention).
 - million: time to first token with the pre-filter over a 1,000,000-triple KBStore of random vectors
   (built once under --workdir), beside no KB, in a child process.
@@ -264,20 +266,23 @@ def component_row(model, m: int, rates: dict, repeats: int) -> dict:
             spent.append(time.perf_counter() - t0)
 
     def decode(kb_or_none, steps=24) -> float:
-        """The median decoding step of one question's answer, exactly `steps` tokens long."""
+        """The median decoding step of `steps` tokens, token by token (generate with the KB attached, no
+        span decoder: ask reads a quoted span in one pass, kblam.spans.generate)."""
         clock = StepClock()
-        model.ask(question, kb_or_none, max_new_tokens=steps, min_new_tokens=steps, logits_processor=[clock],
-                  stopping_criteria=[Steps(steps)], prefilter=False, min_confidence=0.0)
+        model.generate(**inputs, kb=kb_or_none, questions=None if kb_or_none is None else [question],
+                       max_new_tokens=steps, min_new_tokens=steps, do_sample=False, logits_processor=[clock])
         return _median([b - a for a, b in zip(clock.times[1:], clock.times[2:], strict=False)])
 
     steps_kb, steps_no = [], []
     for _ in range(max(2, repeats // 2)):
-        spans.SpanDecoder.__call__ = timed
-        try:
-            steps_kb.append(decode(kb))
-        finally:
-            spans.SpanDecoder.__call__ = inner
+        steps_kb.append(decode(kb))
         steps_no.append(decode(None))
+    spans.SpanDecoder.__call__ = timed
+    try:  # the decoder is called at the steps the LM or a span's choice makes (not inside a span, read whole)
+        for asked in _questions(kb, 3, offset=1):
+            model.ask(asked, kb, max_new_tokens=24, prefilter=False, min_confidence=0.0)
+    finally:
+        spans.SpanDecoder.__call__ = inner
     step_kb, step_no = _median(steps_kb), _median(steps_no)
     return {
         "triples": m, "prompt_tokens": inputs["input_ids"].shape[1], "state_dtype": str(dtype).removeprefix("torch."),
@@ -341,16 +346,36 @@ def goals(model, repeats: int, decode_steps: int, batch_sizes: list[int], real_w
     print(f"[speed] goals so far {json.dumps(out)}", file=sys.stderr, flush=True)
 
     def decode(with_kb: bool):
+        """Tokens per second, exactly decode_steps of them, one pass each (generate with the KB attached)."""
+        question = _questions(kb, 1, offset=11)[0]
+        inputs = model.tokenizer([model.format_prompt(question)], return_tensors="pt", add_special_tokens=False)
         clock = StepClock()
-        model.ask(_questions(kb, 1, offset=11)[0], kb if with_kb else None, max_new_tokens=decode_steps,
-                  min_new_tokens=decode_steps, logits_processor=[clock], stopping_criteria=[Steps(decode_steps)],
-                  prefilter=False, min_confidence=0.0)
+        model.generate(**inputs, kb=kb if with_kb else None, questions=[question] if with_kb else None,
+                       max_new_tokens=decode_steps, min_new_tokens=decode_steps, do_sample=False,
+                       logits_processor=[clock])
         return (len(clock.times) - 1) / (clock.times[-1] - clock.times[0])
 
     speeds = [(decode(True), decode(False)) for _ in range(max(2, repeats // 2))]
     kb_tps, no_tps = _median([s[0] for s in speeds]), _median([s[1] for s in speeds])
     out["decode_tokens_per_s_10000"] = {"kb": kb_tps, "nokb": no_tps, "ratio": kb_tps / no_tps,
                                         "steps": decode_steps}
+
+    def answer_rate(with_kb: bool, question: str):
+        """An answer's tokens after the first per second, from its first token's logits to its end (ask: a
+        quoted span is read in one pass)."""
+        clock = StepClock()
+        got = model.ask(question, kb if with_kb else None, max_new_tokens=decode_steps, prefilter=False,
+                        logits_processor=[clock])
+        end = time.perf_counter()
+        tokens = len(model.tokenizer(got.text, add_special_tokens=False)["input_ids"])
+        return (tokens - 1) / (end - clock.times[0]), tokens
+
+    rates = [(answer_rate(True, q), answer_rate(False, q)) for q in _questions(kb, max(2, repeats), offset=13)]
+    out["answer_tokens_per_s_10000"] = {
+        "kb": _median([r[0][0] for r in rates]), "nokb": _median([r[1][0] for r in rates]),
+        "kb_tokens": _median([r[0][1] for r in rates]), "nokb_tokens": _median([r[1][1] for r in rates])}
+    out["answer_tokens_per_s_10000"]["ratio"] = (out["answer_tokens_per_s_10000"]["kb"]
+                                                 / out["answer_tokens_per_s_10000"]["nokb"])
     out.update(edit_goal(model, repeats))
     out["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
     return out
@@ -486,7 +511,7 @@ def memory_slope(runs: list[dict]) -> dict | None:
 COMPONENTS = (("base prefill (one question, no KB)", "base_prefill_s", "base_prefill"),
               ("KB projection (whole KB, once per version)", "kb_projection_s", "kb_projection"),
               ("KB attention, prefill (one question)", "kb_attention_prefill_s", "kb_attention_prefill"),
-              ("span path, per step", "span_step_s", "span_step"),
+              ("span path, per call (a step that is not inside a span)", "span_step_s", "span_step"),
               ("decoding step, base (one question)", "decode_step_base_s", "decode_step_base"),
               ("decoding step, KB's share", "decode_step_kb_s", "decode_step_kb"))
 
@@ -528,7 +553,7 @@ def markdown(results: dict) -> str:
         row("TTFT, 100,000 triples, pre-filter / no KB", "ttft_100000_prefilter", 1.3)
         row("TTFT, 1,000,000 triples (store), pre-filter / no KB", "ttft_1000000_prefilter", 1.3)
         row("16 questions x 17 tokens, 10,000 triples / no KB", "batch16_17_tokens_10000", 1.5)
-        row("decoding tokens/s, 10,000 triples / no KB", "decode_tokens_per_s_10000", 0.9, ">=")
+        row("decoding tokens/s, 10,000 triples / no KB (one pass a token)", "decode_tokens_per_s_10000", 0.9, ">=")
         row("edit one triple + ask / ask, 100,000 triples, full attention", "edit_100000_full", 1.2)
         mem = g.get("memory_per_triple")
         if mem:
@@ -547,6 +572,11 @@ def markdown(results: dict) -> str:
             lines += ["", "| batch size | answers/s, no KB | answers/s, 10,000 triples | ratio |", "|---:|---:|---:|---:|"]
             for size, v in aps.items():
                 lines.append(f"| {size} | {v['nokb']:.2f} | {v['kb']:.2f} | {v['nokb'] / v['kb']:.2f}x |")
+        ans = g.get("answer_tokens_per_s_10000")
+        if ans:
+            lines += ["", f"Answers (ask, a quoted span read in one pass), tokens after the first per second: "
+                          f"{ans['kb']:.1f} with 10,000 triples ({ans['kb_tokens']:.0f} tokens, median), "
+                          f"{ans['nokb']:.1f} without a KB ({ans['nokb_tokens']:.0f} tokens): {ans['ratio']:.2f}x."]
         vectors = {"MiniLM": "encoded by MiniLM", "random": "random vectors"}.get(g.get("vectors"), "random vectors")
         lines += ["", f"KBs of the goals at 10,000 and 100,000 triples: synthetic, {vectors}; the 1,000,000-triple "
                       "store: random vectors.",

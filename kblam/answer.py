@@ -264,7 +264,8 @@ class AnswerStream:
         stream.answer.sources                      # and quoted, confidence, refused, signals
 
     `ask` runs in a worker thread (torch's grad mode and kblam's attached KB are per thread, so it
-    attaches there) with transformers' TextIteratorStreamer, which hands over text a word at a time.
+    attaches there) with transformers' TextIteratorStreamer, which hands over text a word at a time (a
+    quoted span, read in one pass, at once).
     The pieces join to `answer.text`: leading and trailing whitespace is held back as `ask` strips it,
     and an answer refused after the prompt's forward pass streams the refusal at the end. Only when
     the answer became the refusal after other text was streamed do they differ (`answer.text` is the
