@@ -6,7 +6,7 @@ import threading
 
 import pytest
 import torch
-from conftest import tiny_tokenizer, wrap
+from conftest import FAMILIES, tiny_tokenizer, wrap
 
 from kblam.confidence import Calibrator
 from kblam.kb import Triple
@@ -16,8 +16,8 @@ KB = [Triple("Gold", "symbol", "Au"), Triple("Iron", "symbol", "Fe"), Triple("Ne
 QUESTION = "What is the symbol of Gold?"
 
 
-def _model(hash_encoder, lm: float = 0.0, value: float = 0.5):
-    model = wrap("llama", hash_encoder, retrieval_prior=True, null_slot=True, span_kinds=["value", "fact"],
+def _model(hash_encoder, lm: float = 0.0, value: float = 0.5, family: str = "llama"):
+    model = wrap(family, hash_encoder, retrieval_prior=True, null_slot=True, span_kinds=["value", "fact"],
                  query_rank=4)
     model.tokenizer = tiny_tokenizer()
     with torch.no_grad():
@@ -96,11 +96,13 @@ def test_errors_raise_from_the_iteration(hash_encoder):
         model.ask_stream([QUESTION], kb=KB)
 
 
-@pytest.mark.parametrize("lm", [-30.0, 0.0], ids=["spans", "mixed"])
-def test_a_span_is_read_in_one_pass(lm, hash_encoder):
-    """One question's spans are read by the model in one forward pass each (kblam.spans.generate), and the
-    answer is the one token-by-token generation gives (a batch's rows, which keep one pass per token)."""
-    model = _model(hash_encoder, lm=lm)
+@pytest.mark.parametrize(("family", "lm"), [*((f, -30.0) for f in FAMILIES), ("llama", 0.0)],
+                         ids=[*(f"{f}-spans" for f in FAMILIES), "llama-mixed"])
+def test_a_span_is_read_in_one_pass(family, lm, hash_encoder):
+    """One question's spans are read by the model in one forward pass each (kblam.spans.generate: generate
+    resumes from each family's cache), and the answer is the one token-by-token generation gives (a
+    batch's rows, which keep one pass per token)."""
+    model = _model(hash_encoder, lm=lm, family=family)
     passes = []
     hook = model.base.register_forward_pre_hook(lambda module, args: passes.append(1))
     try:
