@@ -19,18 +19,17 @@ Parts (--parts):
 - components: at each --sizes, the time of base prefill (one question, no KB), KB projection (the
   whole KB through the adapter: what the cache saves per question), KB attention in the prefill (the
   prefill with the KB attached minus without), the span path (the span decoder's work per call: each
-  step that is not inside a quoted span, the choice of a span included) and a
-  decoding step (one token of one question, with and without the KB), each beside its floor: the larger of its
-  FLOPs at the measured product rate and its bytes at the measured bandwidth (the model is in
-  docs/performance.md).
+  step that is not inside a quoted span, the choice of a span included) and a decoding step (one token
+  of one question, with and without the KB), each beside its floor: the larger of its FLOPs at the
+  measured product rate and its bytes at the measured bandwidth (the model is in docs/performance.md).
 - goals: the issue's ratios, each side measured alternately in this one process so that load on
   the machine weighs on both: time to first token (ask, max_new_tokens=1, a new question each time,
   --ttft-repeats questions a side: the first questions of a process run slower, 5 gave medians 5% apart)
   at 10K and 100K triples with full attention and at 100K with the pre-filter; 16 questions as one
   batch for exactly 17 steps; answers per second for batches of 1, 4, 16 and 64; decoding tokens per
   second (exactly --decode-steps steps, one forward pass each: generate with the KB attached); an
-  answer's tokens per second after its first (ask, which reads a quoted span in one pass); asking again after editing one triple of a 100K-triple
-  KnowledgeBase (full attention).
+  answer's tokens per second after its first (ask, which reads a quoted span in one pass); asking
+  again after editing one triple of a 100K-triple KnowledgeBase (full attention).
 - million: time to first token with the pre-filter over a 1,000,000-triple KBStore of random vectors
   (built once under --workdir), beside no KB, in a child process.
 - memory: peak resident memory after loading, asking one question with full attention over KBs of
@@ -266,12 +265,9 @@ def component_row(model, m: int, rates: dict, repeats: int) -> dict:
             spent.append(time.perf_counter() - t0)
 
     def decode(kb_or_none, steps=24) -> float:
-        """The median decoding step of `steps` tokens, token by token (generate with the KB attached, no
-        span decoder: ask reads a quoted span in one pass, kblam.spans.generate)."""
-        clock = StepClock()
-        model.generate(**inputs, kb=kb_or_none, questions=None if kb_or_none is None else [question],
-                       max_new_tokens=steps, min_new_tokens=steps, do_sample=False, logits_processor=[clock])
-        return _median([b - a for a, b in zip(clock.times[1:], clock.times[2:], strict=False)])
+        """The median decoding step of `steps` tokens."""
+        times = _decode_times(model, question, kb_or_none, steps, inputs)
+        return _median([b - a for a, b in zip(times[1:], times[2:], strict=False)])
 
     steps_kb, steps_no = [], []
     for _ in range(max(2, repeats // 2)):
@@ -291,6 +287,18 @@ def component_row(model, m: int, rates: dict, repeats: int) -> dict:
         "floors_s": floors(_shape(model), m, inputs["input_ids"].shape[1], dtype.itemsize, rates),
         "load_average": [round(x, 2) for x in os.getloadavg()],
     }
+
+
+def _decode_times(model, question: str, kb, steps: int, inputs=None) -> list[float]:
+    """When each of exactly `steps` tokens' logits were ready, one forward pass a token: generate with the
+    KB attached (or none), no span decoder (ask reads a quoted span in one pass, kblam.spans.generate)."""
+    if inputs is None:
+        inputs = model.tokenizer([model.format_prompt(question)], return_tensors="pt", add_special_tokens=False)
+    clock = StepClock()
+    model.generate(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], kb=kb,
+                   questions=None if kb is None else [question], max_new_tokens=steps, min_new_tokens=steps,
+                   do_sample=False, logits_processor=[clock])
+    return clock.times
 
 
 # ----------------------------------------------------------------------------------------- goals
@@ -345,15 +353,12 @@ def goals(model, repeats: int, decode_steps: int, batch_sizes: list[int], real_w
         out["answers_per_s_10000"][size] = {"kb": size / kb_s, "nokb": size / no_s}
     print(f"[speed] goals so far {json.dumps(out)}", file=sys.stderr, flush=True)
 
+    question = _questions(kb, 1, offset=11)[0]
+
     def decode(with_kb: bool):
-        """Tokens per second, exactly decode_steps of them, one pass each (generate with the KB attached)."""
-        question = _questions(kb, 1, offset=11)[0]
-        inputs = model.tokenizer([model.format_prompt(question)], return_tensors="pt", add_special_tokens=False)
-        clock = StepClock()
-        model.generate(**inputs, kb=kb if with_kb else None, questions=[question] if with_kb else None,
-                       max_new_tokens=decode_steps, min_new_tokens=decode_steps, do_sample=False,
-                       logits_processor=[clock])
-        return (len(clock.times) - 1) / (clock.times[-1] - clock.times[0])
+        """Tokens per second, exactly decode_steps of them."""
+        times = _decode_times(model, question, kb if with_kb else None, decode_steps)
+        return (len(times) - 1) / (times[-1] - times[0])
 
     speeds = [(decode(True), decode(False)) for _ in range(max(2, repeats // 2))]
     kb_tps, no_tps = _median([s[0] for s in speeds]), _median([s[1] for s in speeds])
@@ -371,11 +376,10 @@ def goals(model, repeats: int, decode_steps: int, batch_sizes: list[int], real_w
         return (tokens - 1) / (end - clock.times[0]), tokens
 
     rates = [(answer_rate(True, q), answer_rate(False, q)) for q in _questions(kb, max(2, repeats), offset=13)]
-    out["answer_tokens_per_s_10000"] = {
-        "kb": _median([r[0][0] for r in rates]), "nokb": _median([r[1][0] for r in rates]),
-        "kb_tokens": _median([r[0][1] for r in rates]), "nokb_tokens": _median([r[1][1] for r in rates])}
-    out["answer_tokens_per_s_10000"]["ratio"] = (out["answer_tokens_per_s_10000"]["kb"]
-                                                 / out["answer_tokens_per_s_10000"]["nokb"])
+    kb_rate, no_rate = _median([r[0][0] for r in rates]), _median([r[1][0] for r in rates])
+    out["answer_tokens_per_s_10000"] = {"kb": kb_rate, "nokb": no_rate, "ratio": kb_rate / no_rate,
+                                        "kb_tokens": _median([r[0][1] for r in rates]),
+                                        "nokb_tokens": _median([r[1][1] for r in rates])}
     out.update(edit_goal(model, repeats))
     out["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
     return out

@@ -63,7 +63,9 @@ class KBEncoder:
         missing = list(dict.fromkeys(t for t in texts if t not in cache and t not in recent))
         self.hits += len(texts) - len(missing)
         self.misses += len(missing)
-        for t in [t for t in dict.fromkeys(texts) if t in recent] if recent else ():  # used now: the most recent
+        for t in dict.fromkeys(texts) if recent else ():  # a recent text used now: kept, or the most recent
+            if t not in recent:
+                continue
             if keep:
                 cache[t] = recent.pop(t)
             else:
