@@ -130,7 +130,7 @@ def _ask(args) -> int:
 def _train(args) -> int:
     from transformers.utils import logging as hf_logging
 
-    from kblam.training.loop import TrainConfig, build_model, train
+    from kblam.training.loop import TrainConfig, build_model, end_distributed, train
     from kblam.training.plan import check_fits, estimate, visible_gpu_memory
 
     hf_logging.disable_progress_bar()
@@ -152,12 +152,15 @@ def _train(args) -> int:
     if gpu is not None:
         check_fits(estimate(cfg, device="cuda"), *gpu)  # refuse before loading any weights
     model = build_model(cfg)
-    final = train(cfg, model=model)
-    print(json.dumps(final))
-    if args.export:
-        from kblam.training.export import export_adapter
+    try:
+        final = train(cfg, model=model)
+        print(json.dumps(final))
+        if args.export:
+            from kblam.training.export import export_adapter
 
-        print(f"adapter saved to {export_adapter(model, cfg, args.export)}")
+            print(f"adapter saved to {export_adapter(model, cfg, args.export)}")
+    finally:
+        end_distributed()
     return 0
 
 

@@ -317,6 +317,17 @@ def _accelerator(cfg: TrainConfig):
     return Accelerator(cpu=cfg.device == "cpu" or not torch.cuda.is_available())
 
 
+def end_distributed() -> None:
+    """End the process group a distributed `train` joined (through accelerate), if any: once, at the end
+    of the process, as accelerate asks of a script (`Accelerator.end_training`). A group left to the
+    interpreter's exit tears gloo's threads down unordered; `train` itself leaves it open, since the
+    caller may still gather across ranks (and accelerate's state is one per process)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def _device(cfg: TrainConfig, accelerator) -> torch.device:
     if accelerator is not None:
         return accelerator.device

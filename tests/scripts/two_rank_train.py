@@ -20,7 +20,7 @@ from conftest import HashEncoder, tiny_model, tiny_tokenizer  # noqa: E402
 from kblam import KBLaM  # noqa: E402
 from kblam.encoder import KBEncoder  # noqa: E402
 from kblam.training.data import build_examples, prepare  # noqa: E402
-from kblam.training.loop import TrainConfig, train  # noqa: E402
+from kblam.training.loop import TrainConfig, end_distributed, train  # noqa: E402
 
 
 def main(out: str) -> None:
@@ -49,6 +49,7 @@ def main(out: str) -> None:
 
     train(cfg, model=model, data=data, progress=False, log=lambda *_: None, on_step=after_step)
     Path(out, f"rank{dist.get_rank()}.json").write_text(json.dumps(record))
+    end_distributed()
 
 
 if __name__ == "__main__":
