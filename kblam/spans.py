@@ -11,9 +11,8 @@ attention, and weighs three kinds of next move:
     p(the whole fact of triple i)  = g_fact  * a_i       "the {property} of {name} is {value}"
 
 where a is the KB attention at this position (mean over KB layers and heads, renormalised over the
-knowledge tokens). Greedy decoding takes the largest; a chosen span is then emitted verbatim (for one
-question the model reads it in one forward pass, `generate`; a batch, token by token), and control
-goes back to the LM. A triple is quoted at most once per answer, so a value cannot
+knowledge tokens). Greedy decoding takes the largest; a chosen span is then emitted verbatim (the model
+reads it in one forward pass, `generate`), and control goes back to the LM. A triple is quoted at most once per answer, so a value cannot
 repeat, and its text is the KB's own, so it cannot be truncated or blended. The gate also sees the KB
 mass already spent on quoted triples: once the asked facts are stated, the LM finishes the sentence.
 
@@ -181,6 +180,7 @@ class SpanDecoder:
         self.quoted: torch.Tensor | None = None
         self.done: list[bool] = []
         self.after_span: list[bool] = []
+        self.pads: list[int] = []  # per row, the padding `generate` inserted (not the row's tokens)
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         b, step = input_ids.shape[0], input_ids.shape[1] - self.prompt_length
@@ -191,6 +191,7 @@ class SpanDecoder:
             self.quotes = [[] for _ in range(b)]
             self.done = [False] * b
             self.after_span = [False] * b
+            self.pads = [0] * b
             width = 0 if kb is None or kb.tap is None else kb.tap.shape[-1]
             self.quoted = torch.zeros(b, width, dtype=torch.bool, device=scores.device)
             refuse = self.on_prefill(input_ids) if self.on_prefill is not None else torch.zeros(b, dtype=torch.bool)
@@ -206,7 +207,7 @@ class SpanDecoder:
                 forced[row] = self.queue[row].pop(0)
                 self.after_span[row] = not self.queue[row]
                 continue
-            elif step >= self.budget:
+            elif step - self.pads[row] >= self.budget:
                 forced[row] = self.eos[0]
         glued = [row for row in range(b) if row not in forced and self.after_span[row]]
         if glued:
@@ -301,46 +302,68 @@ class SpanDecoder:
         return int(score.argmax()) if torch.isfinite(score.max()) else column
 
 
+# False: spans are read a token a pass, as transformers' generate alone does (the reference the tests compare with).
+READ_SPANS_WHOLE = True
+
+
 def generate(model, decoder: SpanDecoder, inputs, max_new_tokens: int, processors, **kwargs) -> torch.Tensor:
-    """model.base.generate with `decoder` among `processors`; for one question, each span it chooses is
-    read by the model in one forward pass instead of one pass per token.
+    """model.base.generate with `decoder` among `processors`; each span it chooses is read by the model in
+    one forward pass instead of one pass per token.
 
     A span's tokens are known once it is chosen, and every step inside it is forced, so its tokens need
-    the model only for the cache of what follows. Generation stops after a span's first token
-    (`_SpanChosen`), the rest is appended, and transformers' generate resumes from the cache: it reads
-    the appended tokens in one pass and the decoder sees the next free step as it would have (a value
-    of 12 tokens: one pass of about a decoding step's time, not 12). The answer is the same up to the
-    rounding of a k-token product against k one-token ones. A batch keeps one pass per token: its rows
-    start their spans at different steps.
+    the model only for the cache of what follows. Generation stops once every unfinished row has a span
+    under way (`_SpanChosen`), each row's rest is appended and transformers' generate resumes from the
+    cache: it reads the appended tokens in one pass and the decoder sees the next free step as it would
+    have (a value of 12 tokens: one pass of about a decoding step's time, not 12). In a batch the rests
+    differ in length: the shorter ones are padded on their left, masked out like a prompt's padding (the
+    positions come from the mask), so every row's last token is its own. A row writing its own words
+    while others quote keeps the batch at one pass a token until it too quotes or ends. The answer is
+    the same up to the rounding of a k-token product against k one-token ones.
     """
     ids = inputs["input_ids"]
-    whole = (decoder.spans and ids.shape[0] == 1 and kwargs.get("num_beams", 1) in (None, 1)
+    whole = (READ_SPANS_WHOLE and decoder.spans and kwargs.get("num_beams", 1) in (None, 1)
              and kwargs.get("past_key_values") is None and not kwargs.get("return_dict_in_generate"))
     if not whole:
         return model.base.generate(**inputs, max_new_tokens=max_new_tokens, logits_processor=processors, **kwargs)
     from transformers import DynamicCache, StoppingCriteriaList
 
-    prompt = ids.shape[1]
+    b, prompt = ids.shape
+    mask = inputs.get("attention_mask")
+    mask = torch.ones_like(ids) if mask is None else mask
+    pad = kwargs.get("pad_token_id")
+    pad = decoder.eos[0] if pad is None else pad
     min_new = kwargs.pop("min_new_tokens", None) or 0
     streamer = kwargs.pop("streamer", None)
     stop = _SpanChosen(decoder, StoppingCriteriaList(kwargs.pop("stopping_criteria", None) or []))
     cache = DynamicCache(config=model.base.config)
     resumed = False
     while True:
-        new = ids.shape[1] - prompt
+        fewest = ids.shape[1] - prompt - max(decoder.pads, default=0)  # the fewest new tokens a row has
+        limit = max(max_new_tokens - fewest, 1)
         out = model.base.generate(
-            input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=cache,
-            max_new_tokens=max_new_tokens - new, min_new_tokens=max(min_new - new, 0) or None,
+            input_ids=ids, attention_mask=mask, past_key_values=cache,
+            max_new_tokens=limit, min_new_tokens=max(min_new - fewest, 0) or None,
             logits_processor=processors, stopping_criteria=StoppingCriteriaList([stop]),
             streamer=None if streamer is None else _Resumed(streamer, resumed), **kwargs)
-        rest = decoder.take_queued(0)
-        if not rest or stop.stopped or out.shape[1] - prompt >= max_new_tokens or int(out[0, -1]) in decoder.eos:
+        rests = [[] if row in stop.finished else decoder.take_queued(row) for row in range(b)]
+        if not any(rests) or stop.stopped or out.shape[1] - ids.shape[1] >= limit:
             break
-        ids, resumed = torch.cat([out, torch.tensor([rest], dtype=out.dtype, device=out.device)], dim=1), True
+        k = max(len(rest) for rest in rests)
+        chunk = torch.tensor([[pad] * (k - len(rest)) + rest for rest in rests], dtype=out.dtype, device=out.device)
+        # A finished row's padding is not masked, as generate pads a finished row (and a masked last
+        # position would read to generate as a right-padded prompt).
+        chunk_mask = torch.tensor([[int(not rest)] * (k - len(rest)) + [1] * len(rest) for rest in rests],
+                                  dtype=mask.dtype, device=mask.device)
+        mask = torch.cat([mask, mask.new_ones(b, out.shape[1] - mask.shape[1]), chunk_mask], dim=1)
+        ids, resumed = torch.cat([out, chunk], dim=1), True
+        for row, rest in enumerate(rests):
+            decoder.pads[row] += k - len(rest)
+            if row in stop.finished:
+                decoder.done[row] = True  # stopped by the caller's criteria: it stays stopped
         if streamer is not None:  # (batch, tokens), as generate hands over a prompt; a step's is (batch,)
-            streamer.put(torch.tensor([rest]))
-        if rest[-1] in decoder.eos:  # the refusal, which ends the answer: nothing is left to generate
-            out = ids
+            streamer.put(chunk)
+        if all(decoder.done[row] or decoder.refused[row] or int(ids[row, -1]) in decoder.eos for row in range(b)):
+            out = ids  # the refusal, which ends an answer: nothing is left to generate
             break
     if streamer is not None:
         streamer.end()
@@ -348,18 +371,25 @@ def generate(model, decoder: SpanDecoder, inputs, max_new_tokens: int, processor
 
 
 class _SpanChosen:
-    """Stops generation once the decoder has queued a span's tokens (or the caller's criteria stop it:
-    `stopped` then says so, and nothing resumes)."""
+    """Stops generation once every unfinished row has a span's tokens queued (or the caller's criteria stop
+    every row: `stopped` then says so, and nothing resumes; the rows they stop are `finished`)."""
 
     def __init__(self, decoder: SpanDecoder, criteria):
         self.decoder, self.criteria, self.stopped = decoder, criteria, False
+        self.finished: set[int] = set()
 
     def __call__(self, input_ids, scores, **kwargs):
         done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
         if self.criteria:
             done = done | self.criteria(input_ids, scores, **kwargs)
+            self.finished.update(done.nonzero()[:, 0].tolist())
         self.stopped = bool(done.all())
-        return done | any(self.decoder.queue)
+        d = self.decoder
+        waiting = [row for row in range(input_ids.shape[0]) if not (
+            row in self.finished or d.done[row] or d.refused[row] or int(input_ids[row, -1]) in d.eos)]
+        if waiting and all(d.queue[row] for row in waiting):
+            return torch.ones_like(done)
+        return done
 
 
 class _Resumed:

@@ -8,6 +8,7 @@ import pytest
 import torch
 from conftest import FAMILIES, tiny_tokenizer, wrap
 
+from kblam import spans as span_decoding
 from kblam.confidence import Calibrator
 from kblam.kb import Triple
 
@@ -96,28 +97,40 @@ def test_errors_raise_from_the_iteration(hash_encoder):
         model.ask_stream([QUESTION], kb=KB)
 
 
-@pytest.mark.parametrize(("family", "lm"), [*((f, -30.0) for f in FAMILIES), ("llama", 0.0)],
-                         ids=[*(f"{f}-spans" for f in FAMILIES), "llama-mixed"])
-def test_a_span_is_read_in_one_pass(family, lm, hash_encoder):
-    """One question's spans are read by the model in one forward pass each (kblam.spans.generate: generate
-    resumes from each family's cache), and the answer is the one token-by-token generation gives (a
-    batch's rows, which keep one pass per token)."""
-    model = _model(hash_encoder, lm=lm, family=family)
+ASKED = [QUESTION, "Tell me about Gold and Iron and Neon.", "What is the motto of Gold?"]
+
+
+def _ask_counting(model, monkeypatch, asked, whole: bool, **kwargs):
+    """model.ask with spans read whole (kblam.spans.generate) or a token a pass; returns (answers, passes)."""
+    monkeypatch.setattr(span_decoding, "READ_SPANS_WHOLE", whole)
     passes = []
     hook = model.base.register_forward_pre_hook(lambda module, args: passes.append(1))
     try:
-        for question in (QUESTION, "Tell me about Gold and Iron and Neon.", "What is the motto of Gold?"):
-            passes.clear()
-            one = model.ask(question, kb=KB, max_new_tokens=12, min_confidence=0.0)
-            one_pass = len(passes)
-            batch = model.ask([question, question], kb=KB, max_new_tokens=12, min_confidence=0.0)
-            for row in batch:  # sources and signals differ in float rounding (a batch's products)
-                assert (row.text, row.quoted, row.refused) == (one.text, one.quoted, one.refused)
-            tokens = len(model.tokenizer(one.text, add_special_tokens=False)["input_ids"])
-            if lm < 0:  # every step quotes a value, a fact or the refusal: fewer passes than tokens
-                assert one_pass < tokens
+        got = model.ask(asked, kb=KB, max_new_tokens=12, min_confidence=0.0, **kwargs)
     finally:
         hook.remove()
+    return got, len(passes)
+
+
+def _said(answers):
+    return [(a.text, a.quoted, a.refused) for a in (answers if isinstance(answers, list) else [answers])]
+
+
+@pytest.mark.parametrize(("family", "lm"), [*((f, -30.0) for f in FAMILIES), ("llama", 0.0)],
+                         ids=[*(f"{f}-spans" for f in FAMILIES), "llama-mixed"])
+def test_a_span_is_read_in_one_pass(family, lm, hash_encoder, monkeypatch):
+    """Spans are read by the model in one forward pass each (kblam.spans.generate: generate resumes from
+    each family's cache; in a batch of questions of different lengths, the shorter rests are padded),
+    and the answers are those that token-by-token generation gives."""
+    model = _model(hash_encoder, lm=lm, family=family)
+    for asked in (*ASKED, ASKED):
+        whole, whole_passes = _ask_counting(model, monkeypatch, asked, True)
+        token, token_passes = _ask_counting(model, monkeypatch, asked, False)
+        assert _said(whole) == _said(token)  # sources and signals differ in float rounding (k-token products)
+        if lm < 0:  # every step quotes a value, a fact or the refusal: fewer passes
+            assert whole_passes < token_passes
+    for alone, row in zip(ASKED, whole, strict=True):  # a batch's rows say what each question alone says
+        assert _said(row) == _said(_ask_counting(model, monkeypatch, alone, True)[0])
 
 
 def test_a_caller_stop_is_not_resumed(hash_encoder):
@@ -128,3 +141,15 @@ def test_a_caller_stop_is_not_resumed(hash_encoder):
     full = model.ask(QUESTION, kb=KB, max_new_tokens=12, min_confidence=0.0)
     batch = model.ask([QUESTION, QUESTION], kb=KB, max_new_tokens=12, min_confidence=0.0, stopping_criteria=[stop])
     assert one.text == batch[0].text and len(one.text) < len(full.text)
+
+
+def test_a_row_stopped_by_the_caller_stays_stopped(hash_encoder, monkeypatch):
+    """A criterion that stops one row of a batch at its first step: the others go on, spans read whole,
+    and every row says what token-by-token generation says."""
+    model = _model(hash_encoder, lm=-30.0)
+    first = lambda input_ids, scores, **_: torch.arange(input_ids.shape[0]) == 0  # noqa: E731
+    whole, _ = _ask_counting(model, monkeypatch, ASKED, True, stopping_criteria=[first])
+    token, _ = _ask_counting(model, monkeypatch, ASKED, False, stopping_criteria=[first])
+    assert _said(whole)[1:] == _said(token)[1:] and whole[0].text == token[0].text
+    # The stopped row quotes what it began to (generate alone leaves the decoder quoting on in the dark).
+    assert len(whole[0].text) < len(whole[1].text) and len(whole[0].quoted) == 1
