@@ -34,8 +34,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--dtypes", default="float32,bfloat16",
                         help="KB state dtypes, in order (the first is the reference); 'reference': no cache")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--batch-size", type=int, default=8, help="questions per ask (1: each alone, which reads "
-                        "a quoted span in one pass; a batch reads it a token a pass)")
+    parser.add_argument("--batch-size", type=int, default=8, help="questions per ask (1: each alone; "
+                        "either way a quoted span is read in one pass)")
     parser.add_argument("--out", default=str(DEFAULT_OUT))
     parser.add_argument("--compare", default=None, help="a JSON this script wrote (another checkout): answers "
                         "with the same text / top source as its first run")
