@@ -21,6 +21,8 @@ and adapter:
   (no KBStates handle on it is alive) are written into it: one triple's projection, nothing else.
   Otherwise (triples added or removed, or an answer reading) copy on write: unchanged rows are
   copied at memory speed, and an answer still reading the old version keeps one consistent version.
+  A store read only through the pre-filter (nothing projected) gets a fresh view of its new
+  generation instead: its own index follows its edits.
 - Bounded by bytes, least recently used KB dropped first. Only memory the cache owns counts: a
   caller's KBEmbeddings tensors or a store's memory maps do not.
 
@@ -275,6 +277,11 @@ class KBStateCache:
         """
         if isinstance(kb, KBEmbeddings):
             return None  # its tensors were changed in place: nothing to reuse safely
+        if isinstance(kb, KBStore) and old.layers is None and old.key_norms is None:
+            # Read through the pre-filter only: nothing projected to reuse, and the store's own index
+            # follows its edits. A fresh version is a view (free); a diff would parse every triple (0.3 s
+            # a question at 1,000,000, and 6 s for the first edit a process sees).
+            return None
         triples = tuple(kb.triples()) if isinstance(kb, KBStore) else tuple(kb)
         rows = _Rows(_reuse(old.triples, triples), len(old))
         if len(rows.changed) > len(triples) // 2:

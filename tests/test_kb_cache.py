@@ -205,6 +205,29 @@ def test_store_generations(hash_encoder, tmp_path, monkeypatch):
     _same(edited, _uncached(model, store), scores_atol=1e-5)
 
 
+def test_a_prefiltered_store_edit_reads_no_other_triple(hash_encoder, tmp_path, monkeypatch):
+    """A store read through the pre-filter has nothing projected to carry over: its next generation is
+    a fresh view, not a diff of every triple (which parsed a million-triple store on every edit)."""
+    from kblam.store import KBStore
+
+    model = _model(hash_encoder)
+    store = KBStore.create(tmp_path / "kb", hash_encoder)
+    store.add(list(_kb()), progress=False)
+    _answers(model, store, prefilter=True)
+    store.update("entity 3", "symbol", "Zz")
+    store.remove("entity 7")
+
+    def every_triple(self):
+        raise AssertionError("the cache read every triple of the store")
+
+    with monkeypatch.context() as m:
+        m.setattr(KBStore, "triples", every_triple)
+        edited = _answers(model, store, prefilter=True)
+        version = model.kb_states(store).triples
+        assert Triple("entity 3", "symbol", "Zz") in version and all(t.name != "entity 7" for t in version)
+    _same(edited, _uncached(model, store, prefilter=True), scores_atol=1e-5)
+
+
 def test_bfloat16_states(hash_encoder):
     model = _model(hash_encoder)
     kb = _kb(40)
