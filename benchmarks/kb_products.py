@@ -8,9 +8,11 @@ question, one token). Each figure is the median of --repeats calls, each after a
 tensor that pushes the KB out of the caches (cold), or right after the previous call (warm). Rows:
 the scores (queries x keys, as kblam.attention multiplies a whole KB), the mix (probabilities x
 values), a plain read of the keys (the memory's rate for the same bytes), the scores after reading the
-keys first (warming the cache on purpose) and the scores with the keys prepacked for oneDNN (the
-layout torch's inductor uses for frozen weights; kblam keeps the plain one, which chunks and edits
-slice). Prints one JSON object of milliseconds.
+keys first (warming the cache on purpose) and the scores and mix with the states prepacked for oneDNN
+(the layout torch's inductor uses for frozen weights; kblam keeps the plain one, which chunks and edits
+slice). Then other ways to the same scores, from memory: keys x queries, float32 states, a product
+per chunk of 2,048 knowledge tokens, the KV heads as one block-diagonal product, a product per query
+row. Prints one JSON object of milliseconds.
 """
 
 from __future__ import annotations
@@ -36,33 +38,60 @@ def main() -> None:
     probs = torch.rand(heads, group, m).bfloat16()
     flush = torch.zeros(64 << 20)
 
-    def ms(fn, cold: bool = True) -> float:
+    keys_t = keys.transpose(-1, -2)
+    keys_f32, queries_t = keys.float(), queries.transpose(-1, -2)
+    by_token = keys.transpose(0, 1).reshape(m, heads * dim).contiguous()  # (M, KV heads x dim)
+    block = torch.zeros(heads * dim, heads * group, dtype=torch.bfloat16)  # the queries, block-diagonal
+    for h in range(heads):
+        block[h * dim:(h + 1) * dim, h * group:(h + 1) * group] = queries[h].T
+
+    def by_chunk(size: int = 2048):
+        for h in range(heads):
+            for start in range(0, m, size):
+                torch.mm(queries[h], keys_t[h, :, start:start + size])
+
+    # name: (product, cold). The first six are kblam's products and the memory's rate; the rest are other
+    # ways to the same result, none of which kblam uses: each was tried for issue 10.
+    runs = {
+        "scores_cold": (lambda: torch.bmm(queries, keys_t), True),
+        "scores_warm": (lambda: torch.bmm(queries, keys_t), False),
+        "mix_cold": (lambda: torch.bmm(probs, values), True),
+        "mix_warm": (lambda: torch.bmm(probs, values), False),
+        "read_keys_cold": (lambda: keys.sum(), True),
+        "read_then_scores_cold": (lambda: (keys.sum(), torch.bmm(queries, keys_t)), True),
+        "keys_left_scores_cold": (lambda: torch.bmm(keys, queries_t), True),  # keys x queries
+        "float32_scores_cold": (lambda: torch.bmm(queries.float(), keys_f32.transpose(-1, -2)), True),
+        "chunked_2048_scores_cold": (by_chunk, True),
+        "block_diagonal_scores_cold": (lambda: torch.mm(by_token, block), True),  # all KV heads in one product
+        "per_row_scores_cold": (lambda: [torch.mv(keys[h], queries[h, g]) for h in range(heads)
+                                         for g in range(group)], True),
+    }
+    out: dict = {"triples": m, "state_mb": round(2 * keys.numel() * keys.element_size() / 1e6, 2)}
+    try:
+        linear = torch.ops.mkldnn._linear_pointwise
+        packed = [torch.ops.mkldnn._reorder_linear_weight(keys[h].contiguous(), group) for h in range(heads)]
+        packed_v = [torch.ops.mkldnn._reorder_linear_weight(values[h].T.contiguous(), group) for h in range(heads)]
+        runs["prepacked_scores_cold"] = (lambda: [linear(queries[h], packed[h], None, "none", [], "")
+                                                  for h in range(heads)], True)
+        runs["prepacked_mix_cold"] = (lambda: [linear(probs[h], packed_v[h], None, "none", [], "")
+                                               for h in range(heads)], True)
+    except (AttributeError, RuntimeError) as error:  # a torch build without oneDNN's linear ops
+        out["prepacked_scores_cold"] = out["prepacked_mix_cold"] = f"unavailable: {error}"
+
+    # Every product once per round, in turn, so that the machine's drifts weigh on all of them alike.
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for fn, _ in runs.values():
         fn()
-        times = []
-        for _ in range(args.repeats):
+    for _ in range(args.repeats):
+        for name, (fn, cold) in runs.items():
             if cold:
                 flush.add_(1)
+            elif name.endswith("_warm"):
+                fn()
             start = time.perf_counter()
             fn()
-            times.append(time.perf_counter() - start)
-        return round(statistics.median(times) * 1e3, 3)
-
-    keys_t = keys.transpose(-1, -2)
-    out = {
-        "triples": m, "state_mb": round(2 * keys.numel() * keys.element_size() / 1e6, 2),
-        "scores_cold": ms(lambda: torch.bmm(queries, keys_t)),
-        "scores_warm": ms(lambda: torch.bmm(queries, keys_t), cold=False),
-        "mix_cold": ms(lambda: torch.bmm(probs, values)),
-        "mix_warm": ms(lambda: torch.bmm(probs, values), cold=False),
-        "read_keys_cold": ms(lambda: keys.sum()),
-        "read_then_scores_cold": ms(lambda: (keys.sum(), torch.bmm(queries, keys_t))),
-    }
-    try:
-        packed = [torch.ops.mkldnn._reorder_linear_weight(keys[h].contiguous(), group) for h in range(heads)]
-        out["prepacked_scores_cold"] = ms(lambda: [torch.ops.mkldnn._linear_pointwise(
-            queries[h], packed[h], None, "none", [], "") for h in range(heads)])
-    except (AttributeError, RuntimeError) as error:  # a torch build without oneDNN's linear ops
-        out["prepacked_scores_cold"] = f"unavailable: {error}"
+            times[name].append(time.perf_counter() - start)
+    out.update({name: round(statistics.median(t) * 1e3, 3) for name, t in times.items()})
     print(json.dumps(out))
 
 
