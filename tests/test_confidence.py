@@ -196,3 +196,29 @@ def test_the_masked_question_is_guessed_from_the_name_the_question_holds():
     assert masked_guess("What is the symbol of gold?", names) is None
     merge_names(names, entity_names([Triple("Gold", "symbol", "Au")]))  # the next version's new triples
     assert masked_guess("What is the symbol of gold?", names) == "What is the symbol of ?"
+
+
+def test_the_masked_guess_looks_names_up_as_every_name_was_tried():
+    """masked_guess looks up the question's runs of words; trying every name that starts with each word
+    (as it did) finds the same guess, on names that share first words and nest."""
+    import random
+
+    from kblam.confidence import entity_names, masked_guess, without_name, words
+    from kblam.kb import Triple
+
+    def tried_every_name(question, names):
+        asked, best = words(question), None
+        for i, word in enumerate(asked):
+            for target, name in names.get(word, {}).items():
+                n = target.count(" ") + 1
+                if (best is None or len(target) > len(best[0])) and " ".join(asked[i:i + n]) == target:
+                    best = (target, name)
+        return None if best is None else without_name(question, name_match(best[1], question)[1])
+
+    rng = random.Random(7)
+    vocabulary = ["the", "new", "york", "city", "red", "river", "of", "st", "john's", "a"]
+    triples = [Triple(" ".join(rng.choices(vocabulary, k=rng.randint(1, 4))).title(), "p", "v") for _ in range(300)]
+    names = entity_names(triples)
+    for _ in range(500):
+        question = "What is " + " ".join(rng.choices(vocabulary, k=rng.randint(1, 9))) + "?"
+        assert masked_guess(question, names) == tried_every_name(question, names), question
