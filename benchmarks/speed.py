@@ -634,23 +634,24 @@ def markdown(results: dict) -> str:
                       "| batch size | answers/s, no KB | answers/s, 10,000 triples | ratio |", "|---:|---:|---:|---:|"]
             for size, v in aps.items():
                 lines.append(f"| {size} | {v['nokb']:.2f} | {v['kb']:.2f} | {v['nokb'] / v['kb']:.2f}x |")
-        ans = g.get("answer_tokens_per_s_10000")
-        if ans:
-            lines += ["", f"Answers (ask, a quoted span read in one pass), tokens after the first per second: "
-                          f"{ans['kb']:.1f} with 10,000 triples ({ans['kb_tokens']:.0f} tokens, median), "
-                          f"{ans['nokb']:.1f} without a KB ({ans['nokb_tokens']:.0f} tokens): {ans['ratio']:.2f}x."]
-        store_edit = g.get("edit_1000000_store_prefilter")
-        if store_edit:
-            lines += ["", f"Editing one triple of the 1,000,000-triple store and asking about it, pre-filtered: "
-                          f"{store_edit['edit_and_ask_s']:.3f} s against {store_edit['ask_s']:.3f} s for a "
-                          f"question without an edit ({store_edit['ratio']:.2f}x); the first edit of a process "
-                          f"and its question, {store_edit['first_edit_and_ask_s']:.1f} s (the store reads every "
-                          f"triple for its name index)."]
-        both = g.get("batch16_answers_10000")
-        if both:
-            lines += ["", f"16 questions as one batch (ask, each answer as long as it is, 10,000 triples): "
-                          f"{both['whole_answers_per_s']:.2f} answers/s with quoted spans read in one pass, "
-                          f"{both['token_answers_per_s']:.2f} reading them a token a pass: {both['speedup']:.2f}x."]
+        sentences = {  # one paragraph per measurement that has one
+            "answer_tokens_per_s_10000": lambda v: (
+                f"Answers (ask, a quoted span read in one pass), tokens after the first per second: {v['kb']:.1f} "
+                f"with 10,000 triples ({v['kb_tokens']:.0f} tokens, median), {v['nokb']:.1f} without a KB "
+                f"({v['nokb_tokens']:.0f} tokens): {v['ratio']:.2f}x."),
+            "edit_1000000_store_prefilter": lambda v: (
+                f"Editing one triple of the 1,000,000-triple store and asking about it, pre-filtered: "
+                f"{v['edit_and_ask_s']:.3f} s against {v['ask_s']:.3f} s for a question without an edit "
+                f"({v['ratio']:.2f}x); the first edit of a process and its question, {v['first_edit_and_ask_s']:.1f} s "
+                f"(the store reads every triple for its name index)."),
+            "batch16_answers_10000": lambda v: (
+                f"16 questions as one batch (ask, each answer as long as it is, 10,000 triples): "
+                f"{v['whole_answers_per_s']:.2f} answers/s with quoted spans read in one pass, "
+                f"{v['token_answers_per_s']:.2f} reading them a token a pass: {v['speedup']:.2f}x."),
+        }
+        for key, say in sentences.items():
+            if g.get(key):
+                lines += ["", say(g[key])]
         vectors = {"MiniLM": "encoded by MiniLM", "random": "random vectors"}.get(g.get("vectors"), "random vectors")
         lines += ["", f"KBs of the goals at 10,000 and 100,000 triples: synthetic, {vectors}; the 1,000,000-triple "
                       "store: random vectors.",
