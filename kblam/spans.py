@@ -14,8 +14,8 @@ where a is the KB attention at this position (mean over KB layers and heads, ren
 knowledge tokens). Greedy decoding takes the largest; a chosen span is then emitted verbatim (the model
 reads it in one forward pass, `generate`), and control goes back to the LM. A triple is quoted at most
 once per answer, so a value cannot repeat, and its text is the KB's own, so it cannot be truncated or
-blended. The gate also sees the KB
-mass already spent on quoted triples: once the asked facts are stated, the LM finishes the sentence.
+blended. The gate also sees the KB mass already spent on quoted triples: once the asked facts are
+stated, the LM finishes the sentence.
 
 The same arithmetic is the training loss (kblam.training.loss): -log g_kind - log a_i at the first
 token of a span, -log g_lm - log p_lm(w) at every other answer token, nothing inside a span.
