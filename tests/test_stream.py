@@ -106,7 +106,7 @@ def _ask_counting(model, monkeypatch, asked, whole: bool, **kwargs):
     passes = []
     hook = model.base.register_forward_pre_hook(lambda module, args: passes.append(1))
     try:
-        got = model.ask(asked, kb=KB, max_new_tokens=12, min_confidence=0.0, **kwargs)
+        got = model.ask(asked, kb=KB, **{"max_new_tokens": 12, "min_confidence": 0.0, **kwargs})
     finally:
         hook.remove()
     return got, len(passes)
@@ -153,3 +153,15 @@ def test_a_row_stopped_by_the_caller_stays_stopped(hash_encoder, monkeypatch):
     assert _said(whole)[1:] == _said(token)[1:] and whole[0].text == token[0].text
     # The stopped row quotes what it began to (generate alone leaves the decoder quoting on in the dark).
     assert len(whole[0].text) < len(whole[1].text) and len(whole[0].quoted) == 1
+
+
+@pytest.mark.parametrize("budget", [1, 3])
+@pytest.mark.parametrize("lm", [-30.0, 0.0], ids=["spans", "mixed"])
+def test_a_batch_read_whole_keeps_the_token_budget(budget, lm, hash_encoder, monkeypatch):
+    """Short budgets (a span under way always completes) and a forced minimum length: the padded rows'
+    budgets count their own tokens, so the answers are those of token-by-token generation."""
+    model = _model(hash_encoder, lm=lm)
+    for extra in ({}, {"min_new_tokens": budget}):
+        said = [_said(_ask_counting(model, monkeypatch, ASKED, whole, max_new_tokens=budget, **extra)[0])
+                for whole in (True, False)]
+        assert said[0] == said[1]
