@@ -145,6 +145,12 @@ def glue_tokens(tokenizer, vocab: int) -> torch.Tensor:
     return _token_mask(tokenizer, vocab, "glue", lambda text: bool(text) and text[0].isalnum())
 
 
+def number_tail_tokens(tokenizer, vocab: int) -> torch.Tensor:
+    """(vocab,) bool: tokens that would carry on a number: a digit first, or "." or "," then a digit."""
+    return _token_mask(tokenizer, vocab, "number", lambda text: bool(text) and (
+        text[0].isdigit() or (text[0] in ".," and text[1:2].isdigit())))
+
+
 def line_break_tokens(tokenizer, vocab: int) -> torch.Tensor:
     """(vocab,) bool: tokens that hold a line break."""
     return _token_mask(tokenizer, vocab, "break", lambda text: "\n" in text)
@@ -158,7 +164,8 @@ class SpanDecoder:
     rows to refuse without generating (the calibrated decision in kblam.answer); they end at once.
     With `block_null` (that decision was made) the rows it answers never quote the null slot's refusal.
     Rows stop at `budget` new tokens, except that a span under way always completes. Right after a
-    span, the LM may not glue letters or digits onto it: the value reads exactly as the KB holds it.
+    span, the LM may not glue letters or digits onto it: the value reads exactly as the KB holds it. Nor
+    may it carry on a number a span ends with, through "." or "," and digits ("0" then ".15").
     Once a triple is quoted, a line break ends the answer (its probability goes to end of text): the
     answers are one paragraph, and what follows a break is a new, unasked statement ("14,022\n\nThe
     employee count of ... is 435."; "R33485940\nR33485941\n...").
@@ -182,6 +189,8 @@ class SpanDecoder:
         self.done: list[bool] = []
         self.after_span: list[bool] = []
         self.pads: list[int] = []  # per row, the padding `generate` inserted (not the row's tokens)
+        self.ends_in_digit: list[bool] = []  # per row: the last span chosen ends with a digit
+        self.after_number: list[bool] = []  # per row: one free token since such a span ended
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         b, step = input_ids.shape[0], input_ids.shape[1] - self.prompt_length
@@ -193,6 +202,8 @@ class SpanDecoder:
             self.done = [False] * b
             self.after_span = [False] * b
             self.pads = [0] * b
+            self.ends_in_digit = [False] * b
+            self.after_number = [False] * b
             width = 0 if kb is None or kb.tap is None else kb.tap.shape[-1]
             self.quoted = torch.zeros(b, width, dtype=torch.bool, device=scores.device)
             refuse = self.on_prefill(input_ids) if self.on_prefill is not None else torch.zeros(b, dtype=torch.bool)
@@ -214,6 +225,18 @@ class SpanDecoder:
         if glued:
             scores[glued] = scores[glued].masked_fill(glue_tokens(self.model.tokenizer, scores.shape[-1]).to(
                 scores.device), float("-inf"))
+        # A number a span ends with stays the KB's: neither ".15" right after it, nor "15" after its ".".
+        tail = number_tail_tokens(self.model.tokenizer, scores.shape[-1]) if any(self.ends_in_digit) else None
+        texts = _TOKEN_TEXTS.get(id(self.model.tokenizer), [])
+        for row in range(b):
+            if row in forced:
+                continue
+            last = int(input_ids[row, -1])
+            carried = (self.after_span[row] and self.ends_in_digit[row]) or (
+                self.after_number[row] and last < len(texts) and texts[last] in (".", ","))
+            self.after_number[row] = self.after_span[row] and self.ends_in_digit[row]
+            if carried:
+                scores[row] = scores[row].masked_fill(tail.to(scores.device), float("-inf"))
         for row in glued:
             self.after_span[row] = False
         # A row that quoted the null slot has its refusal and end of text queued, so it is never free
@@ -278,6 +301,8 @@ class SpanDecoder:
             self.quotes[row].append((column, kind))
             self.queue[row] = list(ids[1:])
             self.after_span[row] = len(ids) == 1
+            self.ends_in_digit[row] = text[-1:].isdigit()
+            self.after_number[row] = False
             chosen[row] = ids[0]
         return chosen
 

@@ -66,6 +66,29 @@ def test_nothing_is_glued_onto_a_span(hash_encoder):
         assert len(answer.text) == 2 or not answer.text[2].isalnum(), answer.text
 
 
+def test_a_quoted_number_is_not_carried_on(hash_encoder, monkeypatch):
+    """An LM pushed to write "." and digits after "79" (as SmolLM2 once wrote "edited 0.15 seconds" after
+    the value "edited 0") may write neither ".5" nor "5" after the "." it wrote: the number stays the KB's."""
+    from kblam import spans
+
+    model = span_model(hash_encoder)
+    kb = [Triple("Gold", "number", "79")]
+    pushed = [model.tokenizer.convert_tokens_to_ids(c) for c in ".,0123456789"]
+
+    def push(input_ids, scores):
+        scores[:, pushed] += 40.0
+        return scores
+
+    def ask():
+        return model.ask("What is the number of Gold?", kb=kb, max_new_tokens=6, min_confidence=0.0,
+                         logits_processor=[push]).text
+
+    text = ask()
+    assert text.startswith("79") and text[2] in ".," and not text[3].isdigit(), text
+    monkeypatch.setattr(spans, "number_tail_tokens", lambda tok, vocab: torch.zeros(vocab, dtype=torch.bool))
+    assert ask()[3].isdigit()  # without the rule, the LM would carry the number on
+
+
 def test_fact_spans_state_the_whole_triple(hash_encoder):
     model = span_model(hash_encoder, value=-30.0, fact=0.0)
     answer = model.ask("What is the symbol of Gold?", kb=KB[:1], max_new_tokens=4, min_confidence=0.0)
