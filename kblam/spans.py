@@ -151,6 +151,11 @@ def number_tail_tokens(tokenizer, vocab: int) -> torch.Tensor:
         text[0].isdigit() or (text[0] in ".," and text[1:2].isdigit())))
 
 
+def separator_tokens(tokenizer, vocab: int) -> torch.Tensor:
+    """(vocab,) bool: the tokens "." and "," alone, which may stand between a number and its decimals."""
+    return _token_mask(tokenizer, vocab, "separator", lambda text: text in (".", ","))
+
+
 def line_break_tokens(tokenizer, vocab: int) -> torch.Tensor:
     """(vocab,) bool: tokens that hold a line break."""
     return _token_mask(tokenizer, vocab, "break", lambda text: "\n" in text)
@@ -226,17 +231,18 @@ class SpanDecoder:
             scores[glued] = scores[glued].masked_fill(glue_tokens(self.model.tokenizer, scores.shape[-1]).to(
                 scores.device), float("-inf"))
         # A number a span ends with stays the KB's: neither ".15" right after it, nor "15" after its ".".
-        tail = number_tail_tokens(self.model.tokenizer, scores.shape[-1]) if any(self.ends_in_digit) else None
-        texts = _TOKEN_TEXTS.get(id(self.model.tokenizer), [])
-        for row in range(b):
-            if row in forced:
-                continue
-            last = int(input_ids[row, -1])
-            carried = (self.after_span[row] and self.ends_in_digit[row]) or (
-                self.after_number[row] and last < len(texts) and texts[last] in (".", ","))
-            self.after_number[row] = self.after_span[row] and self.ends_in_digit[row]
-            if carried:
-                scores[row] = scores[row].masked_fill(tail.to(scores.device), float("-inf"))
+        # (after_number is only ever set for a row whose span ends with a digit.)
+        if any(self.ends_in_digit):
+            tail = number_tail_tokens(self.model.tokenizer, scores.shape[-1]).to(scores.device)
+            separator = separator_tokens(self.model.tokenizer, scores.shape[-1])
+            for row in range(b):
+                if row in forced:
+                    continue
+                carried = (self.after_span[row] and self.ends_in_digit[row]) or (
+                    self.after_number[row] and bool(separator[int(input_ids[row, -1])]))
+                self.after_number[row] = self.after_span[row] and self.ends_in_digit[row]
+                if carried:
+                    scores[row] = scores[row].masked_fill(tail, float("-inf"))
         for row in glued:
             self.after_span[row] = False
         # A row that quoted the null slot has its refusal and end of text queued, so it is never free
@@ -305,6 +311,11 @@ class SpanDecoder:
             self.after_number[row] = False
             chosen[row] = ids[0]
         return chosen
+
+    def ended(self, row: int, last: int) -> bool:
+        """Whether `row` has ended: refused after the prompt, or its end of text written (`last`: its last
+        token, which the next call would see)."""
+        return self.done[row] or bool(self.refused[row]) or last in self.eos
 
     def take_queued(self, row: int) -> list[int]:
         """The rest of the span under way in `row` (which the caller appends itself), emptying its queue."""
@@ -388,7 +399,7 @@ def generate(model, decoder: SpanDecoder, inputs, max_new_tokens: int, processor
                 decoder.done[row] = True  # stopped by the caller's criteria: it stays stopped
         if streamer is not None:  # (batch, tokens), as generate hands over a prompt; a step's is (batch,)
             streamer.put(chunk)
-        if all(decoder.done[row] or decoder.refused[row] or int(ids[row, -1]) in decoder.eos for row in range(b)):
+        if all(decoder.ended(row, int(ids[row, -1])) for row in range(b)):
             out = ids  # the refusal, which ends an answer: nothing is left to generate
             break
     if streamer is not None:
@@ -411,8 +422,8 @@ class _SpanChosen:
             self.finished.update(done.nonzero()[:, 0].tolist())
         self.stopped = bool(done.all())
         d = self.decoder
-        waiting = [row for row in range(input_ids.shape[0]) if not (
-            row in self.finished or d.done[row] or d.refused[row] or int(input_ids[row, -1]) in d.eos)]
+        waiting = [row for row in range(input_ids.shape[0])
+                   if row not in self.finished and not d.ended(row, int(input_ids[row, -1]))]
         if waiting and all(d.queue[row] for row in waiting):
             return torch.ones_like(done)
         return done
