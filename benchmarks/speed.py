@@ -129,11 +129,11 @@ def _token_by_token():
     """Quoted spans read a token a pass (kblam.spans.READ_SPANS_WHOLE off), as before they were read whole."""
     from kblam import spans
 
-    spans.READ_SPANS_WHOLE = False
+    before, spans.READ_SPANS_WHOLE = spans.READ_SPANS_WHOLE, False
     try:
         yield
     finally:
-        spans.READ_SPANS_WHOLE = True
+        spans.READ_SPANS_WHOLE = before
 
 
 class Steps:
@@ -517,7 +517,7 @@ def child_million(task: dict) -> dict:
         with KBStore.open(Path(tmp) / "kb", _fixed_vectors()) as copy:
             step = len(triples) // (2 * n + 2)
             pairs = list(zip(triples[11::step], triples[13::step], strict=False))
-            first_asked, first_edited = _edits(model, copy, pairs[:1], prefilter=True)
+            _, first_edited = _edits(model, copy, pairs[:1], prefilter=True)
             asked, edited = _edits(model, copy, pairs[1:n + 1], prefilter=True)
     a, e = _median(asked), _median(edited)
     out["edit_1000000_store_prefilter"] = {"ask_s": a, "edit_and_ask_s": e, "ratio": e / a,
