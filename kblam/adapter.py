@@ -149,6 +149,14 @@ def query_projection(attn: nn.Module, q_out: int) -> tuple[torch.Tensor, torch.T
     raise TypeError(f"{type(attn).__name__} has neither q_proj nor qkv_proj: kblam cannot find its queries")
 
 
+def query_module(attn: nn.Module) -> nn.Linear | None:
+    """The plain nn.Linear whose output starts with the attention module's queries (q_proj, or Phi-3's
+    qkv_proj), or None when that projection is anything else (quantised, wrapped): its output would then
+    not be query_projection's product."""
+    proj = getattr(attn, "q_proj", None) or getattr(attn, "qkv_proj", None)
+    return proj if type(proj) is nn.Linear else None
+
+
 class LowRankQuery(nn.Module):
     """q = q_proj(h) + up(down(h)): the layer's frozen query projection plus a trainable low-rank delta."""
 
@@ -162,12 +170,14 @@ class LowRankQuery(nn.Module):
     def bind(self, attn: nn.Module) -> None:
         self._attn[:] = [attn]
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        if not self._attn:
-            raise RuntimeError("LowRankQuery is not bound to its attention module")
-        weight, bias = query_projection(self._attn[0], self.up.out_features)
-        base = nn.functional.linear(hidden.to(weight.dtype), weight, bias).to(hidden.dtype)
-        return base + self.up(self.down(hidden))
+    def forward(self, hidden: torch.Tensor, base: torch.Tensor | None = None) -> torch.Tensor:
+        """`base`: q_proj(hidden) when the caller has it already (the base model computed it)."""
+        if base is None:
+            if not self._attn:
+                raise RuntimeError("LowRankQuery is not bound to its attention module")
+            weight, bias = query_projection(self._attn[0], self.up.out_features)
+            base = nn.functional.linear(hidden.to(weight.dtype), weight, bias)
+        return base.to(hidden.dtype) + self.up(self.down(hidden))
 
 
 class KBAdapter(nn.Module):

@@ -63,6 +63,9 @@ class KBLayerInputs:
     # are then (B, heads, len(record_rows), chunk). A chunked call recomputes the KB logits of these rows
     # only, in its second pass (the question's tokens and the last position, not the whole prompt).
     record_rows: torch.Tensor | None = None
+    # The base's own q_proj output for hidden_states, when it was caught on its way (kblam.model): a
+    # low-rank query head adds its delta to it instead of multiplying by q_proj a second time.
+    base_query: torch.Tensor | None = None
 
 
 def kb_logit_shift(kb_size: int, kb_scale_factor: float | None) -> float:
@@ -147,10 +150,12 @@ def _with_kb(product: Callable, x: torch.Tensor, kb_part: torch.Tensor) -> torch
     return product(x, kb_part.to(x.dtype))
 
 
-def _text_bias(attention_mask: torch.Tensor | None, n: int, length: int, like: torch.Tensor) -> torch.Tensor:
-    """The text mask as an additive float bias broadcastable to (B, H, N, L)."""
+def _text_bias(attention_mask: torch.Tensor | None, n: int, length: int, like: torch.Tensor) -> torch.Tensor | None:
+    """The text mask as an additive float bias broadcastable to (B, H, N, L); None when it masks nothing."""
     neg = torch.finfo(like.dtype).min
     if attention_mask is None:
+        if n == 1:  # a decoding step without padding: the last position sees every text token
+            return None
         # transformers skipped a plain causal mask (sdpa's is_causal path): queries are the last n of L.
         i = torch.arange(n, device=like.device)[:, None] + (length - n)
         j = torch.arange(length, device=like.device)[None, :]
@@ -159,6 +164,11 @@ def _text_bias(attention_mask: torch.Tensor | None, n: int, length: int, like: t
     if mask.dtype == torch.bool:
         return torch.where(mask, 0.0, neg).to(like.dtype)
     return mask.to(like.dtype)
+
+
+def _masked(text_logits: torch.Tensor, attention_mask: torch.Tensor | None, n: int, length: int) -> torch.Tensor:
+    bias = _text_bias(attention_mask, n, length, text_logits)
+    return text_logits if bias is None else text_logits + bias
 
 
 def _softcap(logits: torch.Tensor, module: nn.Module) -> torch.Tensor:
@@ -171,7 +181,8 @@ def kb_query(module: nn.Module, kb: KBLayerInputs, head_dim: int) -> torch.Tenso
     b, n, _ = kb.hidden_states.shape
     # The adapter may be float32 over a bfloat16 base: compute in the head's dtype.
     hidden = kb.hidden_states.to(next(kb.query_head.parameters()).dtype)
-    q = kb.query_head(hidden).view(b, n, -1, head_dim).to(kb.hidden_states.dtype)
+    q = kb.query_head(hidden) if kb.base_query is None else kb.query_head(hidden, base=kb.base_query)
+    q = q.view(b, n, -1, head_dim).to(kb.hidden_states.dtype)
     q_norm = getattr(module, "q_norm", None)  # Qwen3, Gemma3 normalise queries per head
     if q_norm is not None:
         q = q_norm(q)
@@ -198,7 +209,7 @@ def rectangular_attention(
 
     kb_logits = _kb_logits(module, q_kb, kb, 0, kb.keys.shape[2]).to(query.dtype)
     text_logits = _softcap(_grouped_scores(query, key) * scaling, module)
-    text_logits = text_logits + _text_bias(attention_mask, n, key.shape[2], text_logits)
+    text_logits = _masked(text_logits, attention_mask, n, key.shape[2])
 
     probs = torch.softmax(torch.cat([kb_logits, text_logits], dim=-1), dim=-1, dtype=torch.float32)
     probs = nn.functional.dropout(probs, p=dropout, training=module.training).to(query.dtype)
@@ -260,7 +271,7 @@ def _chunked_attention(module, q_kb, query, key, value, attention_mask, scaling,
         top = new_top
 
     text_logits = _softcap(_grouped_scores(query, key) * scaling, module)
-    text_logits = (text_logits + _text_bias(attention_mask, query.shape[2], key.shape[2], text_logits)).float()
+    text_logits = _masked(text_logits, attention_mask, query.shape[2], key.shape[2]).float()
     joint = torch.maximum(top, text_logits.amax(-1, keepdim=True))  # finite: each row sees a token or the KB
     kb_share, text_p = torch.exp(top - joint), torch.exp(text_logits - joint)
     total = total * kb_share + text_p.sum(-1, keepdim=True)

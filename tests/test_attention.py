@@ -243,3 +243,40 @@ def test_bfloat16_base_with_float32_adapter(hash_encoder):
     with torch.no_grad():
         logits = model(input_ids=_ids(), kb=random_kb(5)).logits
     assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_low_rank_kb_queries_reuse_the_base_q_proj_output(family, hash_encoder, monkeypatch):
+    """A low-rank KB query head adds its delta to the q_proj output the base computed anyway (caught by
+    a forward hook): the same logits, bit for bit, as multiplying by q_proj again."""
+    from kblam.adapter import LowRankQuery
+
+    model = wrap(family, hash_encoder, query_rank=2)
+    kb, ids = random_kb(6), _ids(batch=2, n=5)
+    kwargs = dict(max_new_tokens=4, do_sample=False, pad_token_id=0, eos_token_id=None, output_scores=True,
+                  return_dict_in_generate=True)
+    original, given = LowRankQuery.forward, []
+
+    def spy(self, hidden, base=None):
+        given.append(base is not None)
+        return original(self, hidden, base)
+
+    monkeypatch.setattr(LowRankQuery, "forward", spy)
+    with torch.no_grad():
+        caught = model.generate(input_ids=ids, kb=kb, **kwargs)
+    assert given and all(given)  # prefill and every decoding step, on every KB layer
+    monkeypatch.setattr(LowRankQuery, "forward", lambda self, hidden, base=None: original(self, hidden))
+    with torch.no_grad():
+        recomputed = model.generate(input_ids=ids, kb=kb, **kwargs)
+    assert torch.equal(caught.sequences, recomputed.sequences)
+    for a, b in zip(caught.scores, recomputed.scores, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_low_rank_kb_queries_train_through_the_caught_q_proj_output(hash_encoder):
+    model = wrap("llama", hash_encoder, query_rank=2)
+    ids = _ids()
+    model.train()
+    model(input_ids=ids, labels=ids, kb=random_kb(4)).loss.backward()
+    grads = [p.grad for n, p in model.adapter.named_parameters() if n.startswith("query_heads")]
+    assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
