@@ -63,13 +63,29 @@ def project(adapter, keys: torch.Tensor, values: torch.Tensor, dtype: torch.dtyp
         for layer, (k, v) in part.items():
             if layer not in out:
                 shape = (1, k.shape[1], m + extra, k.shape[3])
-                out[layer] = (k.new_empty(shape, dtype=dtype), v.new_empty(shape, dtype=dtype))
+                out[layer] = (k.new_empty(shape, dtype=dtype), _by_token_last(v, shape, dtype))
                 if extra:  # the null slot: the same in every block
                     out[layer][0][:, :, m:] = k[:, :, n:]
                     out[layer][1][:, :, m:] = v[:, :, n:]
             out[layer][0][:, :, rows] = k[:, :, :n]
             out[layer][1][:, :, rows] = v[:, :, :n]
     return out
+
+
+def _by_token_last(like: torch.Tensor, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+    """An empty (1, kv_heads, M', head_dim) tensor laid out as its transpose, knowledge tokens innermost.
+
+    For the values: the attention's mix (probabilities x values) reads them faster so (a decoding step
+    over 10,000 triples, one KB layer, cold: 0.28 against 0.39 ms; prompts and chunks gain a little too;
+    measured for issue 10). The keys' products prefer the usual layout.
+    """
+    b, heads, m, dim = shape
+    # Made with these strides, not as a transposed view: edits write into it in place, with autograd on or off.
+    return torch.empty_strided(shape, (heads * dim * m, dim * m, 1, m), dtype=dtype, device=like.device)
+
+
+def _is_by_token_last(tensor: torch.Tensor) -> bool:
+    return tensor.dim() == 4 and not tensor.is_contiguous() and tensor.transpose(-1, -2).is_contiguous()
 
 
 def default_state_dtype(device: torch.device) -> torch.dtype:
@@ -350,12 +366,16 @@ class _Rows:
 
     def take(self, tensor: torch.Tensor, dim: int) -> torch.Tensor:
         """The new version's rows along `dim` (new triples' rows to be written); rows past the triples
-        (the null slot) are kept."""
+        (the null slot) are kept. Values keep their layout (_by_token_last)."""
         if self.same_places:
-            return tensor.clone()
+            return tensor.clone()  # keeps the layout
         extra = torch.arange(self.old_rows, tensor.shape[dim])
-        return tensor.index_select(dim, torch.cat([self.source, extra]).to(tensor.device))
-
+        index = torch.cat([self.source, extra]).to(tensor.device)
+        if dim == 2 and _is_by_token_last(tensor):
+            out = _by_token_last(tensor, (*tensor.shape[:2], len(index), tensor.shape[3]), tensor.dtype)
+            torch.index_select(tensor.transpose(-1, -2), 3, index, out=out.transpose(-1, -2))
+            return out
+        return tensor.index_select(dim, index)
 
 def fresh(model, kb: KnowledgeBase | KBEmbeddings | KBStore) -> KBStates:
     """A KB version built from nothing (what the cache stores, or what an uncached attach reads)."""

@@ -149,6 +149,32 @@ def test_an_edit_nobody_reads_is_written_in_place(hash_encoder):
     _same(_answers(model, kb), _uncached(model, kb), scores_atol=1e-5)
 
 
+@torch.no_grad()
+@pytest.mark.parametrize("edit", ["update", "add", "remove"])
+def test_values_are_kept_knowledge_tokens_innermost_through_edits(edit, hash_encoder):
+    """The cached KB values are laid out (kv head, dim, knowledge token), the layout the mix reads fastest
+    (kb_cache._by_token_last), and keep it through edits, whether written in place or copied."""
+    model = _model(hash_encoder)
+    kb = _kb(6)
+    held = model.kb_states(kb) if edit == "update" else None  # read while editing: copy on write
+    for keys, values in model.kb_layers(model.kb_states(kb)).values():
+        assert keys.is_contiguous() and values.transpose(-1, -2).is_contiguous()
+    {"update": lambda: kb.update("entity 2", "symbol", "changed"), "add": lambda: kb.add("entity 9", "symbol", "v"),
+     "remove": lambda: kb.remove("entity 4")}[edit]()
+    after = model.kb_states(kb)
+    assert model.kb_cache.updates == 1
+    fresh = model.kb_cache
+    model.kb_cache = None
+    try:
+        expected = model.kb_layers(model.kb_states(kb))
+    finally:
+        model.kb_cache = fresh
+    for layer, (keys, values) in model.kb_layers(after).items():
+        assert keys.is_contiguous() and values.transpose(-1, -2).is_contiguous()
+        torch.testing.assert_close(values, expected[layer][1], atol=1e-6, rtol=0)
+    del held
+
+
 def test_a_changed_adapter_is_projected_again(hash_encoder):
     model = _model(hash_encoder)
     kb = _kb()
