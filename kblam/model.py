@@ -248,6 +248,7 @@ class KBLaM(nn.Module):
             modules[layer].register_forward_pre_hook(self._make_hook(layer), with_kwargs=True)
             for layer in self.config.kb_layers
         ]
+        self._catching: set[int] = set()  # KB layers whose q_proj output is caught
         if self.config.query_rank:
             # A low-rank KB query head is q_proj plus a delta: the base's own q_proj output is caught on KB
             # layers instead of multiplying by q_proj again (about 0.9 ms of a 46 ms decoding step over 10,000
@@ -256,6 +257,7 @@ class KBLaM(nn.Module):
                 proj = query_module(modules[layer])
                 if proj is not None:
                     self._hooks.append(proj.register_forward_hook(self._make_query_catch(layer)))
+                    self._catching.add(layer)
         self._hooks.append(base_model.register_forward_pre_hook(self._reset_tap))  # a fresh tap per call
         if self.config.copy_values or self.config.span_kinds:
             # The copy gate reads what the LM head reads.
@@ -436,7 +438,8 @@ class KBLaM(nn.Module):
                 chunk_size=chunk,
                 record_rows=None if rows is None else rows.to(hidden.device),
             )
-            kb.awaiting_query[layer] = kwargs["kblam"]
+            if layer in self._catching:
+                kb.awaiting_query[layer] = kwargs["kblam"]
             return args, kwargs
 
         return hook
