@@ -7,7 +7,7 @@ The shapes are the default model's: 3 KV heads of 64 dimensions, 3 query heads p
 question, one token). Each figure is the median of --repeats calls, each after a pass over a 256 MB
 tensor that pushes the KB out of the caches (cold), or right after the previous call (warm). Rows:
 the scores (queries x keys, as kblam.attention multiplies a whole KB), the mix (probabilities x
-values), a plain read of the keys (the memory's rate for the same bytes), the scores after reading the
+values, the values stored knowledge token innermost, as kblam keeps them, and in the usual layout), a plain read of the keys (the memory's rate for the same bytes), the scores after reading the
 keys first (warming the cache on purpose) and the scores and mix with the states prepacked for oneDNN
 (the layout torch's inductor uses for frozen weights; kblam keeps the plain one, which chunks and edits
 slice). Then other ways to the same scores, from memory: keys x queries, float32 states, a product
@@ -33,7 +33,9 @@ def main() -> None:
     torch.set_num_threads(1)
     heads, group, dim, m = 3, 3, 64, args.triples
     keys = torch.randn(heads, m, dim).bfloat16()
-    values = torch.randn(heads, m, dim).bfloat16()
+    # The values as kblam keeps them (kblam.kb_cache._by_token_last): each head's block stored transposed.
+    values = torch.randn(heads, dim, m).bfloat16().transpose(-1, -2)
+    values_by_dim = values.contiguous()  # the usual layout, kept before (issue 10's fifth round)
     queries = torch.randn(heads, group, dim).bfloat16()
     probs = torch.rand(heads, group, m).bfloat16()
     flush = torch.zeros(64 << 20)
@@ -57,6 +59,7 @@ def main() -> None:
         "scores_warm": (lambda: torch.bmm(queries, keys_t), False),
         "mix_cold": (lambda: torch.bmm(probs, values), True),
         "mix_warm": (lambda: torch.bmm(probs, values), False),
+        "mix_values_by_dim_cold": (lambda: torch.bmm(probs, values_by_dim), True),
         "read_keys_cold": (lambda: keys.sum(), True),
         "read_then_scores_cold": (lambda: (keys.sum(), torch.bmm(queries, keys_t)), True),
         "keys_left_scores_cold": (lambda: torch.bmm(keys, queries_t), True),  # keys x queries

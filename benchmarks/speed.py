@@ -332,7 +332,7 @@ def _ttft(model, kb, questions, **kw):
 
 
 def goals(model, repeats: int, decode_steps: int, batch_sizes: list[int], real_workdir: Path | None = None,
-          ttft_repeats: int = 25) -> dict:
+          ttft_repeats: int = 25, decode_repeats: int = 8) -> dict:
     out: dict = {"load_average_start": [round(x, 2) for x in os.getloadavg()], "ttft_questions": ttft_repeats}
     kbs = {m: _real_kb(m, real_workdir) if real_workdir else _random_kb(m, seed=1) for m in (10_000, 100_000)}
     out["vectors"] = "MiniLM" if real_workdir else "random"
@@ -388,7 +388,7 @@ def goals(model, repeats: int, decode_steps: int, batch_sizes: list[int], real_w
         times = _decode_times(model, question, kb if with_kb else None, decode_steps)
         return (len(times) - 1) / (times[-1] - times[0])
 
-    speeds = [(decode(True), decode(False)) for _ in range(max(2, repeats // 2))]
+    speeds = [(decode(True), decode(False)) for _ in range(decode_repeats)]
     kb_tps, no_tps = _median([s[0] for s in speeds]), _median([s[1] for s in speeds])
     out["decode_tokens_per_s_10000"] = {"kb": kb_tps, "nokb": no_tps, "ratio": kb_tps / no_tps,
                                         "steps": decode_steps}
@@ -677,6 +677,8 @@ def main() -> None:
     parser.add_argument("--ttft-repeats", type=int, default=25,
                         help="questions per side of a time-to-first-token goal (its median is steadier with more)")
     parser.add_argument("--decode-steps", type=int, default=32)
+    parser.add_argument("--decode-repeats", type=int, default=8,
+                        help="decodings with and without the KB, in turn, for the tokens/s goal (2 moved it by 0.05)")
     parser.add_argument("--encode-sample", type=int, default=1500, help="triples for the encoding rate")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--dtype", default=None, help="KB state dtype (default: the model's)")
@@ -714,7 +716,8 @@ def main() -> None:
             from kblam.defaults import cache_dir
 
             real = (args.real_workdir or cache_dir() / "bench-scale") if args.vectors == "real" else None
-            goals_out.update(goals(model, args.repeats, args.decode_steps, args.batch_sizes, real, args.ttft_repeats))
+            goals_out.update(goals(model, args.repeats, args.decode_steps, args.batch_sizes, real, args.ttft_repeats,
+                                   args.decode_repeats))
         del model
     common = {"threads": args.threads, "dtype": args.dtype}
     if "million" in parts:
