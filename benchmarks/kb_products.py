@@ -7,12 +7,13 @@ The shapes are the default model's: 3 KV heads of 64 dimensions, 3 query heads p
 question, one token). Each figure is the median of --repeats calls, each after a pass over a 256 MB
 tensor that pushes the KB out of the caches (cold), or right after the previous call (warm). Rows:
 the scores (queries x keys, as kblam.attention multiplies a whole KB), the mix (probabilities x
-values, the values stored knowledge token innermost, as kblam keeps them, and in the usual layout), a plain read of the keys (the memory's rate for the same bytes), the scores after reading the
+values, the values stored knowledge token innermost, as kblam keeps them, and in the usual layout; also
+for a 24-token prompt's 72 rows), a plain read of the keys (the memory's rate for the same bytes), the scores after reading the
 keys first (warming the cache on purpose) and the scores and mix with the states prepacked for oneDNN
 (the layout torch's inductor uses for frozen weights; kblam keeps the plain one, which chunks and edits
 slice). Then other ways to the same scores, from memory: keys x queries, float32 states, a product
 per chunk of 2,048 knowledge tokens, the KV heads as one block-diagonal product, a product per query
-row. Prints one JSON object of milliseconds.
+row, and torch's fused attention over the KB part. Prints one JSON object of milliseconds.
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ def main() -> None:
     values_by_dim = values.contiguous()  # the usual layout, kept before (issue 10's fifth round)
     queries = torch.randn(heads, group, dim).bfloat16()
     probs = torch.rand(heads, group, m).bfloat16()
+    prompt_probs = torch.rand(heads, 72, m).bfloat16()  # a 24-token prompt's rows
+    bias = (torch.randn(1, 1, 1, m) - 9.0).bfloat16()
     flush = torch.zeros(64 << 20)
 
     keys_t = keys.transpose(-1, -2)
@@ -60,6 +63,8 @@ def main() -> None:
         "mix_cold": (lambda: torch.bmm(probs, values), True),
         "mix_warm": (lambda: torch.bmm(probs, values), False),
         "mix_values_by_dim_cold": (lambda: torch.bmm(probs, values_by_dim), True),
+        "mix_72_rows_cold": (lambda: torch.bmm(prompt_probs, values), True),
+        "mix_72_rows_values_by_dim_cold": (lambda: torch.bmm(prompt_probs, values_by_dim), True),
         "read_keys_cold": (lambda: keys.sum(), True),
         "read_then_scores_cold": (lambda: (keys.sum(), torch.bmm(queries, keys_t)), True),
         "keys_left_scores_cold": (lambda: torch.bmm(keys, queries_t), True),  # keys x queries
@@ -68,6 +73,10 @@ def main() -> None:
         "block_diagonal_scores_cold": (lambda: torch.mm(by_token, block), True),  # all KV heads in one product
         "per_row_scores_cold": (lambda: [torch.mv(keys[h], queries[h, g]) for h in range(heads)
                                          for g in range(group)], True),
+        # torch's fused attention (its CPU flash kernel) over the KB part alone: scores, softmax and mix
+        "sdpa_kb_part_cold": (lambda: torch.nn.functional.scaled_dot_product_attention(
+            queries.reshape(1, heads * group, 1, dim), keys[None], values_by_dim[None], attn_mask=bias, scale=1.0,
+            enable_gqa=True), True),
     }
     out: dict = {"triples": m, "state_mb": round(2 * keys.numel() * keys.element_size() / 1e6, 2)}
     try:
