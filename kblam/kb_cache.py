@@ -75,9 +75,9 @@ def project(adapter, keys: torch.Tensor, values: torch.Tensor, dtype: torch.dtyp
 def _by_token_last(like: torch.Tensor, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
     """An empty (1, kv_heads, M', head_dim) tensor laid out as its transpose, knowledge tokens innermost.
 
-    For the values: the attention's mix (probabilities x values) reads them faster so (a decoding step
-    over 10,000 triples, one KB layer, cold: 0.28 against 0.39 ms; prompts and chunks gain a little too;
-    measured for issue 10). The keys' products prefer the usual layout.
+    For the values: the attention's mix (probabilities x values) reads them faster so (one KB layer of
+    10,000 triples from memory: 14 to 33% faster for a decoding step's rows, about 10% for a prompt's;
+    benchmarks/kb_products.py). The keys' products prefer the usual layout.
     """
     b, heads, m, dim = shape
     # Made with these strides, not as a transposed view: edits write into it in place, with autograd on or off.

@@ -251,8 +251,8 @@ class KBLaM(nn.Module):
         self._catching: set[int] = set()  # KB layers whose q_proj output is caught
         if self.config.query_rank:
             # A low-rank KB query head is q_proj plus a delta: the base's own q_proj output is caught on KB
-            # layers instead of multiplying by q_proj again (about 0.9 ms of a 46 ms decoding step over 10,000
-            # triples, one thread; issue 10).
+            # layers instead of multiplying by q_proj again (about 1.2 ms of a decoding pass over 10,000 triples,
+            # one thread: benchmarks/decode_parts.py).
             for layer in self.config.kb_layers:
                 proj = query_module(modules[layer])
                 if proj is not None:
