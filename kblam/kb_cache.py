@@ -73,13 +73,14 @@ def project(adapter, keys: torch.Tensor, values: torch.Tensor, dtype: torch.dtyp
 
 
 def _by_token_last(like: torch.Tensor, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
-    """An empty (1, kv_heads, M', head_dim) tensor laid out as its transpose, knowledge tokens innermost.
+    """An empty tensor of `shape`, (1, kv_heads, M', head_dim), on `like`'s device, laid out as its
+    transpose: knowledge tokens innermost.
 
     For the values: the attention's mix (probabilities x values) reads them faster so (one KB layer of
     10,000 triples from memory: 14 to 33% faster for a decoding step's rows, about 10% for a prompt's;
     benchmarks/kb_products.py). The keys' products prefer the usual layout.
     """
-    b, heads, m, dim = shape
+    _, heads, m, dim = shape
     # Made with these strides, not as a transposed view: edits write into it in place, with autograd on or off.
     return torch.empty_strided(shape, (heads * dim * m, dim * m, 1, m), dtype=dtype, device=like.device)
 
@@ -376,6 +377,7 @@ class _Rows:
             torch.index_select(tensor.transpose(-1, -2), 3, index, out=out.transpose(-1, -2))
             return out
         return tensor.index_select(dim, index)
+
 
 def fresh(model, kb: KnowledgeBase | KBEmbeddings | KBStore) -> KBStates:
     """A KB version built from nothing (what the cache stores, or what an uncached attach reads)."""

@@ -184,9 +184,9 @@ class _AttachedKB:
                n: int | None = None) -> None:
         """Consume one layer's KB attention, (start, probs (B, heads, N, chunk)) chunk by chunk; with `rows`,
         the probabilities are those of these positions among the call's last n (rows_to_record)."""
-        sources = self.recorder is not None and self.recorder.wants(layer)
-        if not (sources or self.tap_enabled):
+        if not self.reads(layer):
             return
+        sources = self.recorder is not None and self.recorder.wants(layer)
         sums, taps = [], []
         for _, probs in chunks:
             mean = probs.float().mean(dim=1)  # (B, N, chunk)
