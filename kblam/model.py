@@ -183,9 +183,8 @@ class _AttachedKB:
     def record(self, layer: int, chunks: Iterable[tuple[int, torch.Tensor]], rows: torch.Tensor | None = None,
                n: int | None = None) -> None:
         """Consume one layer's KB attention, (start, probs (B, heads, N, chunk)) chunk by chunk; with `rows`,
-        the probabilities are those of these positions among the call's last n (rows_to_record)."""
-        if not self.reads(layer):
-            return
+        the probabilities are those of these positions among the call's last n (rows_to_record). Handed
+        over only when it reads(layer)."""
         sources = self.recorder is not None and self.recorder.wants(layer)
         sums, taps = [], []
         for _, probs in chunks:
