@@ -430,8 +430,9 @@ def _repaired(model, states, questions: list[str], narrow: bool, index, k: int
     pre-filtered, the pre-filter's k best rows per question (its search, of which the names read 64)."""
     # The question and, when it names an entity of the KB, the question without that name, which the
     # signals will read after the forward pass (kblam.confidence.masked_guess): one encoder call, not two.
-    # A store's million names are not gathered for this.
-    names = None if states.from_store else states.derive("entity_names", entity_names, merge=merge_names)
+    # A store's million names are not read for this: it keeps their hashes (kblam.store.names).
+    names = states.store.entity_names() if states.from_store else \
+        states.derive("entity_names", entity_names, merge=merge_names)
     guesses = [g for q in questions if (g := masked_guess(q, names)) is not None] if names else []
     queries = model.encoder.encode(questions + guesses)[:len(questions)]
     if narrow:

@@ -24,6 +24,8 @@ Layout (every file name is referenced from the manifest; ``<G>`` is the generati
     writer.lock            flock()ed by the single writer; holds its pid
     prefilter-<G>.faiss    the saved pre-filter index and its record (.json): derived data, checked
                            before use and rebuilt when in doubt (``kblam.store.index``)
+    names-<G>.npz          the entity names' hashes and their record (.json): derived data the same
+                           way (``kblam.store.names``)
 
 Why not fixed names (``keys.f16``)? Appends can go to the same file, but a rewrite (``compact()``,
 ``rebuild()``) must not touch files the committed manifest still names, so it writes new files and
@@ -113,6 +115,7 @@ from kblam.store.files import (
 if TYPE_CHECKING:
     from kblam.encoder import KBEmbeddings, KBEncoder
     from kblam.prefilter import KBPrefilter
+    from kblam.store.names import NameIndex
 
 # Rows per checksum block. A block is checked whole the first time any of its rows is read, and a
 # question's 256 candidates are spread over as many blocks: 256 rows (192 KB of 384-d keys) keep the
@@ -261,6 +264,7 @@ class KBStore:
         self._tables: dict[str, _Blocks] = {}  # committed block tables for _check (per generation)
         self._logical: list[Triple] | None = None
         self._index: list | None = None  # [keys file, KBPrefilter, rows in it, generation mapped] (store.index)
+        self._names: list | None = None  # [triples file, NameIndex, rows in it] (store.names)
         self._seen: tuple[int, int, int] | None = None  # manifest stat at the last reload() that read it
 
     # ------------------------------------------------------------------------------ opening
@@ -610,6 +614,15 @@ class KBStore:
 
         return index.current(self, progress=progress)
 
+    def entity_names(self) -> NameIndex:
+        """Which entity names the store holds, for the answer's guess of what the confidence will encode
+        (``kblam.store.names``): saved beside the data, loaded once a process (built and saved if missing
+        or stale), names appended since included. Hashes, not names: ``"marie curie" in index``."""
+        self._st()
+        from kblam.store import names
+
+        return names.current(self)
+
     def embeddings(self) -> KBEmbeddings:
         """The live triples with float32 key/value tensors (M, dim), row j for triple j."""
         import torch
@@ -951,9 +964,11 @@ class KBStore:
     def _after_commit(self, what: str) -> None:
         """Keep a saved pre-filter index current (kblam.store.index). The change is committed already,
         so a failure here is a warning: the index is rebuilt when it is next used."""
-        from kblam.store import index
+        from kblam.store import index, names
 
         try:
+            if what != "refresh":
+                names.cleanup(self)  # they cover the old triples file: built anew when next used
             index.refresh(self) if what == "refresh" else index.rebuild(self)
         except Exception as err:  # noqa: BLE001 - derived data; the commit stands
             warnings.warn(f"{self.path}: the change is committed, but updating the saved pre-filter index "

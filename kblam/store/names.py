@@ -1,0 +1,283 @@
+"""The entity names a KBStore holds, saved beside it: what lets a question over a store be encoded once.
+
+    names = store.entity_names()   # loaded once a process (built and saved if missing), kept current
+    names.get("marie")             # read as kblam.confidence.entity_names' dict is, by masked_guess
+
+Why: ``ask`` encodes a question together with its guess of what the confidence encodes after the
+forward pass, the question without the entity it names (``kblam.confidence.masked_guess``), so that
+the encoder runs once a question. A KnowledgeBase's names come from its triples; a store's million
+triples are not read for a question, so without this index each question over a store paid a second
+encoder call (about 15 ms here). The index holds a 64-bit hash of every entity name (its words in lower
+case, joined by one space) and of each name's first word, sorted: 16 bytes a name, read by binary search.
+
+Nothing in an answer depends on it: a hash two texts share, or the name of an entity removed since, only
+makes a guess that misses, and the confidence then encodes what it reads itself (a second call).
+
+Files (derived data: never part of a manifest commit, rebuilt whenever in doubt)::
+
+    names-<G>.npz    the two sorted uint64 arrays, numpy's own format
+    names-<G>.json   what it covers: the triples file, its first R rows (whole blocks of lines), the
+                     manifest's sha256 of those blocks, and the .npz file's size and sha256
+
+Like the pre-filter index (kblam.store.index) it covers *physical* rows, which only grow until
+``compact()``/``rebuild()`` writes a new triples file, so a saved file stays right for every later
+generation of the same file: rows appended since are parsed when it is loaded (once a process), and
+saved into a new file once they pass max(20,000, R / 20). A file that cannot be used is rebuilt,
+never read (a missing name would only cost speed, but a wrong array is cheaper to rule out than to
+reason about).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import tempfile
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from kblam.kb import _atomic_write
+from kblam.store.files import _Blocks
+
+if TYPE_CHECKING:
+    from kblam.store.core import KBStore
+
+FORMAT = "kblam-names"
+_RECORD = re.compile(r"^names-(\d+)\.json$")
+_TEMP = re.compile(r"^\.names-\d+\.npz\..+\.tmp$")
+_TEMP_AGE_S = 600  # a temp file older than this is a crash's leftover, not a save in progress
+REFRESH_ROWS = 20_000
+_CHECKED: set[tuple[str, int, int, str]] = set()  # .npz files whose sha256 matched in this process
+
+
+def _key(text: str) -> int:
+    # blake2b, not hash(): the same in every process (Python salts str hashes), and cheap (~1 us a name).
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
+
+
+def _has(sorted_keys: np.ndarray, text: str) -> bool:
+    key = np.uint64(_key(text))
+    i = int(np.searchsorted(sorted_keys, key))
+    return i < len(sorted_keys) and sorted_keys[i] == key
+
+
+def _sorted(keys: Iterable[int]) -> np.ndarray:
+    return np.array(sorted(set(keys)), dtype=np.uint64)
+
+
+class NameIndex:
+    """Which entity names a store holds, read the way ``masked_guess`` reads the dict of
+    ``kblam.confidence.entity_names``: ``get(word)`` is truthy when some name starts with that word,
+    and ``run in index`` tests a run of words (lower case, joined by one space); ``index[run]`` gives
+    the run itself, which ``name_match`` reads as it reads the name it stands for."""
+
+    def __init__(self, names: np.ndarray, firsts: np.ndarray):
+        self._names, self._firsts = names, firsts  # sorted uint64 hashes
+        self._added: set[str] = set()  # names of rows parsed since the saved arrays, as runs of words
+        self._added_firsts: set[str] = set()
+
+    @classmethod
+    def of(cls, names: Iterable[str]) -> NameIndex:
+        from kblam.confidence import words
+
+        runs = [w for name in set(names) if (w := words(name))]
+        return cls(_sorted(_key(" ".join(w)) for w in runs), _sorted(_key(w[0]) for w in runs))
+
+    def add(self, names: Iterable[str]) -> None:
+        from kblam.confidence import words
+
+        for name in names:
+            if w := words(name):
+                self._added.add(" ".join(w))
+                self._added_firsts.add(w[0])
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """The sorted hashes, names added since included (what a save writes)."""
+        if not self._added:
+            return self._names, self._firsts
+        more = NameIndex.of(self._added)
+        return (np.union1d(self._names, more._names).astype(np.uint64),
+                np.union1d(self._firsts, more._firsts).astype(np.uint64))
+
+    def __len__(self) -> int:
+        return len(self._names) + len(self._added)  # an upper bound: an added name may be saved too
+
+    def get(self, word: str, default=None):
+        return self if word in self._added_firsts or _has(self._firsts, word) else default
+
+    def __contains__(self, run: object) -> bool:
+        return isinstance(run, str) and (run in self._added or _has(self._names, run))
+
+    def __getitem__(self, run: str) -> str:
+        if run not in self:
+            raise KeyError(run)
+        return run
+
+    def __repr__(self) -> str:
+        return f"NameIndex({len(self):,} names)"
+
+
+# ------------------------------------------------------------------------------------------ files
+
+
+def _files(folder: Path, generation: int) -> tuple[Path, Path]:
+    return folder / f"names-{generation:08d}.npz", folder / f"names-{generation:08d}.json"
+
+
+def _saved(folder: Path) -> list[tuple[int, Path]]:
+    """(generation, record path) of every saved name index in the folder, newest first."""
+    found = [(int(m.group(1)), folder / name) for name in os.listdir(folder) if (m := _RECORD.match(name))]
+    return sorted(found, reverse=True)
+
+
+def _whole_blocks(store: KBStore) -> int:
+    """The committed rows in whole blocks of lines: what a save covers, so that the manifest's sha256
+    of each block fingerprints them without reading a line."""
+    m = store._manifest
+    br = int(m["block_rows"])
+    return int(m["rows"]) // br * br
+
+
+def _fingerprint(store: KBStore, rows: int) -> str:
+    m = store._manifest
+    meta, br = m["files"]["triples"], int(m["block_rows"])
+    h = hashlib.sha256(f"{meta['name']}:{rows}:".encode())
+    for _, sha in _Blocks.from_meta(meta, br).blocks[:rows // br]:
+        h.update(sha.encode())
+    return h.hexdigest()
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 24), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _problem(store: KBStore, info: dict, npz: Path) -> str | None:
+    """Why this saved index cannot serve the store, or None."""
+    m = store._manifest
+    if info.get("format") != FORMAT:
+        return "not a kblam name index record"
+    triples_file = m["files"]["triples"]["name"]
+    if info.get("triples_file") != triples_file:
+        return f"it covers {info.get('triples_file')}, the store's triples are in {triples_file} now"
+    rows = info.get("rows")
+    if not isinstance(rows, int) or not 0 <= rows <= int(m["rows"]) or rows % int(m["block_rows"]):
+        return f"it covers {rows} rows, not whole blocks of the store's {m['rows']}"
+    if info.get("fingerprint") != _fingerprint(store, rows):
+        return "its fingerprint does not match the store's triples (an index of another store?)"
+    try:
+        st = npz.stat()
+    except FileNotFoundError:
+        return f"{npz.name} is missing"
+    if st.st_size != info.get("bytes"):
+        return f"{npz.name} has {st.st_size} bytes, {info.get('bytes')} were written (truncated?)"
+    key = (str(npz), st.st_ino, st.st_size, str(info.get("sha256")))
+    if key not in _CHECKED:
+        if _sha256(npz) != info.get("sha256"):
+            return f"{npz.name} does not match its checksum (damaged)"
+        _CHECKED.add(key)
+    return None
+
+
+def _load(store: KBStore) -> tuple[NameIndex | None, int]:
+    """The newest usable saved index and the rows it covers, or (None, 0)."""
+    for generation, record in _saved(store.path):
+        npz = _files(store.path, generation)[0]
+        try:
+            info = json.loads(record.read_text(encoding="utf-8"))
+            if not isinstance(info, dict) or _problem(store, info, npz) is not None:
+                continue
+            with np.load(npz, allow_pickle=False) as data:
+                names, firsts = data["names"], data["firsts"]
+            if names.dtype != np.uint64 or firsts.dtype != np.uint64 or len(names) != info.get("names"):
+                continue
+            return NameIndex(names, firsts), info["rows"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # replaced by a newer save meanwhile, or unreadable: the next one, or a rebuild
+    return None, 0
+
+
+def save(store: KBStore, index: NameIndex, rows: int) -> bool:
+    """Save ``index`` (the names of physical rows [0, rows), whole blocks, and maybe more) for this
+    generation; the writer then drops older files. Best effort: False if the folder cannot be written."""
+    generation = store.generation
+    npz, record = _files(store.path, generation)
+    names, firsts = index.arrays()
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{npz.name}.", suffix=".tmp", dir=store.path)
+        with os.fdopen(fd, "wb") as fh:
+            np.savez(fh, names=names, firsts=firsts)
+            fh.flush()
+            os.fsync(fh.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it 0600; the store's other files are the usual mode
+        os.replace(tmp, npz)
+        tmp = None
+        info = {"format": FORMAT, "version": 1, "generation": generation,
+                "triples_file": store._manifest["files"]["triples"]["name"], "rows": rows,
+                "fingerprint": _fingerprint(store, rows), "names": len(names),
+                "bytes": npz.stat().st_size, "sha256": _sha256(npz)}
+        _atomic_write(record, json.dumps(info, indent=1) + "\n")  # the record makes the file visible
+    except OSError:  # a read-only folder, a full disk: the index still serves this process
+        with contextlib.suppress(OSError):
+            if tmp is not None:
+                os.unlink(tmp)
+        return False
+    _CHECKED.add((str(npz), npz.stat().st_ino, info["bytes"], info["sha256"]))
+    if not store.readonly:
+        cleanup(store, keep=generation)
+    return True
+
+
+def cleanup(store: KBStore, keep: int | None = None) -> None:
+    """Writer only: delete name index files other than generation ``keep``, and temp files a crashed
+    save left."""
+    now = time.time()
+    for name in os.listdir(store.path):
+        path = store.path / name
+        with contextlib.suppress(OSError, ValueError):
+            if _TEMP.match(name) and now - path.stat().st_mtime > _TEMP_AGE_S:
+                path.unlink()
+            elif name.startswith("names-") and name.endswith((".npz", ".json")):
+                if int(name[len("names-"):].split(".")[0]) != keep:
+                    path.unlink()
+
+
+def build(store: KBStore) -> tuple[NameIndex, int]:
+    """The names of the committed rows in whole blocks, parsed a block at a time, saved."""
+    rows = _whole_blocks(store)
+    index = NameIndex.of(store._st().phys.names(0, rows))
+    save(store, index, rows)
+    return index, rows
+
+
+def current(store: KBStore) -> NameIndex:
+    """The store's name index, names of rows appended since its save included."""
+    st = store._st()
+    triples_file = store._manifest["files"]["triples"]["name"]
+    cached = store._names
+    if cached is None or cached[0] != triples_file:
+        index, covered = _load(store)
+        if index is None:
+            index, covered = build(store)
+        elif _whole_blocks(store) - covered > max(REFRESH_ROWS, covered // 20):
+            index.add(st.phys.names(covered, _whole_blocks(store)))
+            covered = _whole_blocks(store)
+            save(store, index, covered)
+        cached = store._names = [triples_file, index, covered]
+    index, covered = cached[1], cached[2]
+    if covered < len(st.phys):  # rows appended since the save, or since the last call
+        index.add(st.phys.names(covered))
+        cached[2] = len(st.phys)
+    return index
