@@ -10,8 +10,9 @@ encoded by the default encoder (MiniLM; --vectors real, built once under --real-
 about 75 s for 10,000 triples and 8 min for 100,000 on this machine): with random vectors the best
 source of a question is a random entity, and the answer path then does what no real question makes it
 do (the confidence encodes that entity's property names, its guess of the question without the name
-misses). The components, the memory and the million-triple store use random vectors (their cost does
-not depend on the answers; encoding a million triples takes hours here).
+misses). The million-triple store follows --vectors too (real: built once under --real-workdir, about
+90 min here; random: under --workdir, minutes). The components and the memory use random vectors
+(their cost does not depend on the answers).
 
 Parts (--parts):
 - machine: memory bandwidth (a 256 MB tensor copy: bytes read + written per second) and the matrix
@@ -30,8 +31,8 @@ Parts (--parts):
   second (exactly --decode-steps steps, one forward pass each: generate with the KB attached); an
   answer's tokens per second after its first (ask, which reads a quoted span in one pass); asking
   again after editing one triple of a 100K-triple KnowledgeBase (full attention).
-- million: time to first token with the pre-filter over a 1,000,000-triple KBStore of random vectors
-  (built once under --workdir), beside no KB, in a child process.
+- million: time to first token with the pre-filter over a 1,000,000-triple KBStore (--vectors), beside
+  no KB, in a child process.
 - memory: peak resident memory after loading, asking one question with full attention over KBs of
   --memory-sizes triples, each in a fresh child process; the slope is the memory per added triple
   (the method of benchmarks/cost.py, which measured 14.7 KB before the cache).
@@ -495,7 +496,7 @@ def child_million(task: dict) -> dict:
 
     from kblam.store import KBStore
 
-    built = child_build(1_000_000, task["workdir"], real=False)
+    built = child_build(1_000_000, task["workdir"], real=task["real"])
     model = _load(task["dtype"])
     store = KBStore.open(built["store"], readonly=True)
     t0 = time.perf_counter()
@@ -508,10 +509,11 @@ def child_million(task: dict) -> dict:
     model.ask(qs[-1], store, max_new_tokens=1, prefilter=True)
     kb_s, no_s = _alternate(_ttft(model, store, qs, prefilter=True), _ttft(model, None, nokb), n)
     out = {"ttft_1000000_prefilter": {"kb_s": kb_s, "nokb_s": no_s, "ratio": kb_s / no_s, "index_build_s": index_s,
-                                      "index": repr(model.prefilter_index(store))}}
+                                      "index": repr(model.prefilter_index(store))},
+           "million_vectors": "MiniLM" if task["real"] else "random"}
     store.close()
     # Edits, on a copy of the store (the cached one stays as built): the first edit a process makes reads
-    # every triple (the store's name index), later ones do not.
+    # every triple (the store's (name, property) -> slot map and its value rows), later ones do not.
     with tempfile.TemporaryDirectory() as tmp:
         shutil.copytree(built["store"], Path(tmp) / "kb", ignore=shutil.ignore_patterns("writer.lock"))
         with KBStore.open(Path(tmp) / "kb", _fixed_vectors()) as copy:
@@ -643,7 +645,7 @@ def markdown(results: dict) -> str:
                 f"Editing one triple of the 1,000,000-triple store and asking about it, pre-filtered: "
                 f"{v['edit_and_ask_s']:.3f} s against {v['ask_s']:.3f} s for a question without an edit "
                 f"({v['ratio']:.2f}x); the first edit of a process and its question, {v['first_edit_and_ask_s']:.1f} s "
-                f"(the store reads every triple for its name index)."),
+                f"(the store reads every triple for its (name, property) -> slot map and value rows)."),
             "batch16_answers_10000": lambda v: (
                 f"16 questions as one batch (ask, each answer as long as it is, 10,000 triples): "
                 f"{v['whole_answers_per_s']:.2f} answers/s with quoted spans read in one pass, "
@@ -652,9 +654,9 @@ def markdown(results: dict) -> str:
         for key, say in sentences.items():
             if g.get(key):
                 lines += ["", say(g[key])]
-        vectors = {"MiniLM": "encoded by MiniLM", "random": "random vectors"}.get(g.get("vectors"), "random vectors")
-        lines += ["", f"KBs of the goals at 10,000 and 100,000 triples: synthetic, {vectors}; the 1,000,000-triple "
-                      "store: random vectors.",
+        said = {"MiniLM": "encoded by MiniLM", "random": "random vectors"}
+        lines += ["", f"KBs of the goals at 10,000 and 100,000 triples: synthetic, {said.get(g.get('vectors'), 'random vectors')}; "
+                      f"the 1,000,000-triple store: {said.get(g.get('million_vectors'), 'random vectors')}.",
                   "", f"Load average during the goals: {g.get('load_average_start')} at the start, "
                       f"{g.get('load_average_end')} at the end."]
     return "\n".join(lines)
@@ -682,7 +684,8 @@ def main() -> None:
     parser.add_argument("--encode-sample", type=int, default=1500, help="triples for the encoding rate")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--dtype", default=None, help="KB state dtype (default: the model's)")
-    parser.add_argument("--workdir", type=Path, default=None, help="the 1M store (default: kblam cache/bench-speed)")
+    parser.add_argument("--workdir", type=Path, default=None,
+                        help="the 1M store of random vectors (default: kblam cache/bench-speed)")
     parser.add_argument("--vectors", choices=("real", "random"), default="real", help="the goals' KB vectors")
     parser.add_argument("--real-workdir", type=Path, default=None,
                         help="the MiniLM-encoded stores (default: kblam cache/bench-scale, as benchmarks/scale.py)")
@@ -723,10 +726,11 @@ def main() -> None:
     if "million" in parts:
         from kblam.defaults import cache_dir
 
-        workdir = args.workdir or cache_dir() / "bench-speed"
+        real = args.vectors == "real"
+        workdir = (args.real_workdir or cache_dir() / "bench-scale") if real else args.workdir or cache_dir() / "bench-speed"
         workdir.mkdir(parents=True, exist_ok=True)
-        goals_out.update(run_child({"kind": "million", "workdir": str(workdir), "ttft_repeats": args.ttft_repeats,
-                                    **common}))
+        goals_out.update(run_child({"kind": "million", "workdir": str(workdir), "real": real,
+                                    "ttft_repeats": args.ttft_repeats, **common}))
     if "memory" in parts:
         goals_out["memory_per_triple"] = {}
         for dtype in args.memory_dtypes.split(","):

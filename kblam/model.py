@@ -861,7 +861,8 @@ class KBLaM(nn.Module):
             values = torch.from_numpy(all_values[flat]).float().view(*take.shape, -1)
         else:
             keys, values = all_keys[take], all_values[take]
-        candidates = [[triples[j] for j in row] for row in take.tolist()]
+        pick = getattr(triples, "take", None)  # a store's view reads a row's candidates in one call
+        candidates = [pick(row) if pick else [triples[j] for j in row] for row in take.tolist()]
         value_ids = None
         if self.config.copy_values and copy:
             per_row = [self.value_ids(row)[0] for row in candidates]  # (k' [+ 1], L) each

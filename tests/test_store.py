@@ -578,3 +578,19 @@ def test_rebuild_moves_a_store_to_another_encoder(tmp_path):
         assert_matches_encoder(store)
     with pytest.raises(KBStoreError, match="'other/encoder'"):
         KBStore.open(path, encoder)
+
+
+def test_a_views_triples_are_taken_many_rows_at_once_as_one_by_one(tmp_path):
+    """StoreView.triples.take (a question's candidates in one call) reads what row-by-row indexing reads,
+    in the logical order that updates and removals leave."""
+    encoder, _ = counting_encoder()
+    with KBStore.create(tmp_path / "kb", encoder) as store:
+        store.add(facts(30))
+        store.update("entity 4", "property 1", "changed")
+        store.remove("entity 9")
+        view = store.view()
+        rows = [0, 4, 28, 3, 4, -1]
+        assert view.triples.take(rows) == [view.triples[r] for r in rows] == [store.triples()[r] for r in rows]
+        assert view.triples.take(rows)[1].value == "changed" and len(view.triples) == 29
+        with pytest.raises(IndexError):
+            view.triples.take([29])

@@ -1073,6 +1073,12 @@ class _Triples(_Stale):
             return [self[i] for i in range(*row.indices(len(self)))]
         return self._store._state.phys[int(self._phys(row))]
 
+    def take(self, rows: Iterable[int]) -> list[Triple]:
+        """The triples of these rows: one check of the view for all of them (a question's 256 candidates
+        row by row spent 1.4 ms on the checks, 0.1 ms on the triples)."""
+        phys = self._store._state.phys
+        return [phys[r] for r in self._phys(list(rows)).tolist()]
+
 
 def _refuse_orphaned_data(folder: Path) -> None:
     """A folder with store data files but no manifest is a store that lost its manifest, not an empty
