@@ -288,8 +288,10 @@ def _truncated_triples(snap: _Snapshot, size: int) -> KBStoreError:
 _VERIFIED: set[tuple[str, int, int, int, int, str]] = set()
 
 
-def _block_key(fh, start: int, end: int, sha: str) -> tuple[str, int, int, int, int, str]:
-    st = os.fstat(fh.fileno())
+def _block_key(fh, start: int, end: int, sha: str, st: os.stat_result | None = None
+               ) -> tuple[str, int, int, int, int, str]:
+    """`st`: the file's fstat, when the caller checks many blocks of it (one system call, not one a block)."""
+    st = st or os.fstat(fh.fileno())
     return (str(fh.name), st.st_dev, st.st_ino, start, end, sha)
 
 
@@ -308,10 +310,10 @@ def _check_blocks(folder: Path, kind: str, fh, table: _Blocks, rows: int, blocks
     (``table``: the manifest's block table, built once per generation by the caller), each block once per
     process; raise naming the damaged rows."""
     todo = range(len(table.blocks)) if blocks is None else blocks
-    bad = []
+    bad, st = [], os.fstat(fh.fileno())
     for b in todo:
         start, (end, sha) = table.start(b), table.blocks[b]
-        key = _block_key(fh, start, end, sha)
+        key = _block_key(fh, start, end, sha, st)
         if key in _VERIFIED:
             continue
         data = _pread_all(fh.fileno(), end - start, start)
