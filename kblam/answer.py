@@ -405,9 +405,16 @@ PROPERTIES_ENCODED_UP_TO = 1024
 def _encode_properties(model, states) -> None:
     """The KB's property names through the encoder, once per KB version (its first question), when it has
     at most PROPERTIES_ENCODED_UP_TO of them: the confidence's property match reads the best entity's
-    property names, and a name not yet encoded costs a question an encoder call. Not for a store (its
-    million triples are not read for this)."""
+    property names, and a name not yet encoded costs a question an encoder call. A store's come from its
+    name index (kblam.store.names), not from reading its million triples."""
     if states.from_store:
+        def encode(_) -> int:
+            names = states.store.entity_names().properties
+            if names is not None and len(names) <= PROPERTIES_ENCODED_UP_TO:
+                model.encoder.encode(sorted(names), keep=True)
+            return 0 if names is None else len(names)
+
+        states.derive("properties_encoded", encode)
         return
 
     def encode(triples) -> int:

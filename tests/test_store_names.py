@@ -51,6 +51,7 @@ def test_guesses_match_the_knowledge_base_names_and_the_file_is_saved(store_path
     assert saved(store_path) == ["names-00000001.json", "names-00000001.npz"]
     record = json.loads((store_path / "names-00000001.json").read_text())
     assert record["rows"] == 32 and record["triples_file"] == "triples-00000000.jsonl"  # 4 blocks of 8
+    assert record["properties"] == ["birthplace", "capital", "field"]
 
 
 def test_a_saved_index_is_loaded_without_reading_the_triples_and_follows_edits(store_path, hash_encoder, monkeypatch):
@@ -58,21 +59,22 @@ def test_a_saved_index_is_loaded_without_reading_the_triples_and_follows_edits(s
         store.entity_names()  # built and saved
 
     read = []
-    real = files._Lines.names
+    real = files._Lines.stream
 
     def counting(self, start=0, stop=None):
-        names = list(real(self, start, stop))
-        read.append(len(names))
-        return iter(names)
+        rows = list(real(self, start, stop))
+        read.append(len(rows))
+        return iter(rows)
 
-    monkeypatch.setattr(files._Lines, "names", counting)
+    monkeypatch.setattr(files._Lines, "stream", counting)
     with KBStore.open(store_path, hash_encoder) as writer:
         assert "marie curie" in writer.entity_names() and read == []  # loaded: no row parsed
-        writer.add([Triple("Ada Lovelace", "field", "mathematics")], progress=False)
+        writer.add([Triple("Ada Lovelace", "occupation", "mathematician")], progress=False)
         writer.update("Person 3 Smith", "birthplace", "town 9")
         writer.remove("Marie Curie")
         index = writer.entity_names()
         assert "ada lovelace" in index and read == [2]  # the two rows appended since, no more
+        assert index.properties == {"birthplace", "capital", "field", "occupation"}
         # A removed entity's name stays (a guess that names it only misses).
         assert "marie curie" in index
 
@@ -121,14 +123,18 @@ def test_an_index_that_cannot_be_used_is_rebuilt(store_path, hash_encoder, tmp_p
 
 
 def test_name_index_reads_like_the_names_dict():
-    index = NameIndex.of(["Jean-Paul Sartre", "the Hague", "Ünal Ak"])
+    index = NameIndex.of([Triple("Jean-Paul Sartre", "born", "1905"), Triple("the Hague", "country", "NL"),
+                          Triple("Ünal Ak", "born", "1970")])
     assert index.get("the") is index and index.get("hague") is None
-    assert "jean paul sartre" in index and index["the hague"] == "the hague"
+    assert "jean paul sartre" in index and index["the hague"] == "the hague" and "ünal ak" in index
     with pytest.raises(KeyError):
         index["the"]
-    index.add(["New Name"])
+    index.add([Triple("New Name", "field", "x")])
     names, firsts = index.arrays()
     assert "new name" in NameIndex(names, firsts) and len(names) == 4
+    assert index.properties == {"born", "country", "field"}
+    index.add(Triple(f"thing {j}", f"property {j}", "x") for j in range(names_module.PROPERTIES_KEPT))
+    assert index.properties is None  # too many to encode with a KB's first question
 
 
 def test_a_question_over_a_store_is_encoded_once(store_path, hash_encoder):
@@ -142,7 +148,8 @@ def test_a_question_over_a_store_is_encoded_once(store_path, hash_encoder):
     question = "Where was Person 7 Smith born?"
     with KBStore.open(store_path, readonly=True) as store:
         with pytest.warns(UserWarning, match="building the pre-filter index"):  # and the name index
-            model.ask("What is the birthplace of Person 3 Smith?", store, max_new_tokens=2)  # property cached
+            model.ask("What is the birthplace of Person 3 Smith?", store, max_new_tokens=2)
+        assert all(p in hash_encoder for p in ("birthplace", "capital", "field"))  # with the first question
         calls.clear()
         guessed = model.ask(question, store, max_new_tokens=2)
         assert len(calls) == 1 and "Where was  born?" in calls[0], calls
@@ -151,7 +158,7 @@ def test_a_question_over_a_store_is_encoded_once(store_path, hash_encoder):
         store.entity_names = dict  # no names: as before the index
         calls.clear()
         unguessed = model.ask(question, store, max_new_tokens=2)
-        assert len(calls) == 2 and calls[1][0] == "Where was  born?", calls
+        assert len(calls) == 2 and calls[1] == ["Where was  born?"], calls  # the properties were kept
     assert (guessed.text, guessed.confidence, guessed.sources) == (unguessed.text, unguessed.confidence,
                                                                    unguessed.sources)
     assert guessed.sources

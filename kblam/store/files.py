@@ -402,21 +402,21 @@ class _Lines:
             self._parsed.clear()
         return self._all + self.extra
 
-    def names(self, start: int = 0, stop: int | None = None) -> Iterator[str]:
-        """The name of each row in [start, stop) (default: to the end, appended rows included), parsed a
-        block at a time and not kept: what the store's name index reads (kblam.store.names) without
-        holding a million Triples."""
+    def stream(self, start: int = 0, stop: int | None = None) -> Iterator[Triple]:
+        """The triples of rows [start, stop) (default: to the end, appended rows included), parsed a block
+        at a time and not kept: what the store's name index reads (kblam.store.names) without holding a
+        million Triples."""
         stop = len(self) if stop is None else stop
         if self._all is not None:
-            yield from (t.name for t in self.all()[start:stop])
+            yield from self.all()[start:stop]
             return
         committed = min(stop, self.rows)
         for b in range(start // self.block_rows, -(-committed // self.block_rows) if committed > start else 0):
             first = b * self.block_rows
             lines = self._read_block(b)[:-1].split(b"\n")
             lo, hi = max(start - first, 0), min(committed - first, len(lines))
-            yield from (t.name for t in self._parse(lines[lo:hi], first + lo))
-        yield from (t.name for t in self.extra[max(start - self.rows, 0):max(stop - self.rows, 0)])
+            yield from self._parse(lines[lo:hi], first + lo)
+        yield from self.extra[max(start - self.rows, 0):max(stop - self.rows, 0)]
 
     def max_line_bytes(self) -> int:
         """The longest line's bytes (newline excluded), committed rows and appended ones: one pass of

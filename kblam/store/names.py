@@ -8,7 +8,9 @@ forward pass, the question without the entity it names (``kblam.confidence.maske
 the encoder runs once a question. A KnowledgeBase's names come from its triples; a store's million
 triples are not read for a question, so without this index each question over a store paid a second
 encoder call (about 15 ms here). The index holds a 64-bit hash of every entity name (its words in lower
-case, joined by one space) and of each name's first word, sorted: 16 bytes a name, read by binary search.
+case, joined by one space) and of each name's first word, sorted: 16 bytes a name, read by binary search;
+and the store's property names, up to PROPERTIES_KEPT of them, which the confidence compares with the
+question (encoded with a KB's first question, as a KnowledgeBase's are: kblam.answer).
 
 Nothing in an answer depends on it: a hash two texts share, or the name of an entity removed since, only
 makes a guess that misses, and the confidence then encodes what it reads itself (a second call).
@@ -17,7 +19,8 @@ Files (derived data: never part of a manifest commit, rebuilt whenever in doubt)
 
     names-<G>.npz    the two sorted uint64 arrays, numpy's own format
     names-<G>.json   what it covers: the triples file, its first R rows (whole blocks of lines), the
-                     manifest's sha256 of those blocks, and the .npz file's size and sha256
+                     manifest's sha256 of those blocks, and the .npz file's size and sha256; the
+                     property names (null when more than PROPERTIES_KEPT)
 
 Like the pre-filter index (kblam.store.index) it covers *physical* rows, which only grow until
 ``compact()``/``rebuild()`` writes a new triples file, so a saved file stays right for every later
@@ -53,6 +56,7 @@ _RECORD = re.compile(r"^names-(\d+)\.json$")
 _TEMP = re.compile(r"^\.names-\d+\.npz\..+\.tmp$")
 _TEMP_AGE_S = 600  # a temp file older than this is a crash's leftover, not a save in progress
 REFRESH_ROWS = 20_000
+PROPERTIES_KEPT = 1024  # kblam.answer encodes up to as many of a KB's property names with its first question
 _CHECKED: set[tuple[str, int, int, str]] = set()  # .npz files whose sha256 matched in this process
 
 
@@ -77,23 +81,33 @@ class NameIndex:
     and ``run in index`` tests a run of words (lower case, joined by one space); ``index[run]`` gives
     the run itself, which ``name_match`` reads as it reads the name it stands for."""
 
-    def __init__(self, names: np.ndarray, firsts: np.ndarray):
+    def __init__(self, names: np.ndarray, firsts: np.ndarray, properties: Iterable[str] | None = ()):
         self._names, self._firsts = names, firsts  # sorted uint64 hashes
         self._added: set[str] = set()  # names of rows parsed since the saved arrays, as runs of words
         self._added_firsts: set[str] = set()
+        # The property names, None once there are more than PROPERTIES_KEPT.
+        self.properties: set[str] | None = None if properties is None else set(properties)
 
     @classmethod
-    def of(cls, names: Iterable[str]) -> NameIndex:
+    def of(cls, triples: Iterable) -> NameIndex:
+        index = cls(np.zeros(0, np.uint64), np.zeros(0, np.uint64))
+        index.add(triples)
+        names, firsts = index.arrays()
+        return cls(names, firsts, index.properties)
+
+    def add(self, triples: Iterable) -> None:
         from kblam.confidence import words
 
-        runs = [w for name in set(names) if (w := words(name))]
-        return cls(_sorted(_key(" ".join(w)) for w in runs), _sorted(_key(w[0]) for w in runs))
-
-    def add(self, names: Iterable[str]) -> None:
-        from kblam.confidence import words
-
-        for name in names:
-            if w := words(name):
+        seen = set()
+        for t in triples:
+            if self.properties is not None:
+                self.properties.add(t.property)
+                if len(self.properties) > PROPERTIES_KEPT:
+                    self.properties = None
+            if t.name in seen:
+                continue
+            seen.add(t.name)
+            if w := words(t.name):
                 self._added.add(" ".join(w))
                 self._added_firsts.add(w[0])
 
@@ -101,9 +115,10 @@ class NameIndex:
         """The sorted hashes, names added since included (what a save writes)."""
         if not self._added:
             return self._names, self._firsts
-        more = NameIndex.of(self._added)
-        return (np.union1d(self._names, more._names).astype(np.uint64),
-                np.union1d(self._firsts, more._firsts).astype(np.uint64))
+        added = _sorted(_key(run) for run in self._added)
+        firsts = _sorted(_key(first) for first in self._added_firsts)
+        return (np.union1d(self._names, added).astype(np.uint64),
+                np.union1d(self._firsts, firsts).astype(np.uint64))
 
     def __len__(self) -> int:
         return len(self._names) + len(self._added)  # an upper bound: an added name may be saved too
@@ -200,7 +215,10 @@ def _load(store: KBStore) -> tuple[NameIndex | None, int]:
                 names, firsts = data["names"], data["firsts"]
             if names.dtype != np.uint64 or firsts.dtype != np.uint64 or len(names) != info.get("names"):
                 continue
-            return NameIndex(names, firsts), info["rows"]
+            properties = info.get("properties", False)
+            if properties is not None and not (isinstance(properties, list) and all(isinstance(p, str) for p in properties)):
+                continue
+            return NameIndex(names, firsts, properties), info["rows"]
         except (OSError, ValueError, KeyError, TypeError):
             continue  # replaced by a newer save meanwhile, or unreadable: the next one, or a rebuild
     return None, 0
@@ -227,6 +245,7 @@ def save(store: KBStore, index: NameIndex, rows: int) -> bool:
         info = {"format": FORMAT, "version": 1, "generation": generation,
                 "triples_file": store._manifest["files"]["triples"]["name"], "rows": rows,
                 "fingerprint": _fingerprint(store, rows), "names": len(names),
+                "properties": None if index.properties is None else sorted(index.properties),
                 "bytes": npz.stat().st_size, "sha256": _sha256(npz)}
         _atomic_write(record, json.dumps(info, indent=1) + "\n")  # the record makes the file visible
     except OSError:  # a read-only folder, a full disk: the index still serves this process
@@ -257,7 +276,7 @@ def cleanup(store: KBStore, keep: int | None = None) -> None:
 def build(store: KBStore) -> tuple[NameIndex, int]:
     """The names of the committed rows in whole blocks, parsed a block at a time, saved."""
     rows = _whole_blocks(store)
-    index = NameIndex.of(store._st().phys.names(0, rows))
+    index = NameIndex.of(store._st().phys.stream(0, rows))
     save(store, index, rows)
     return index, rows
 
@@ -272,12 +291,12 @@ def current(store: KBStore) -> NameIndex:
         if index is None:
             index, covered = build(store)
         elif _whole_blocks(store) - covered > max(REFRESH_ROWS, covered // 20):
-            index.add(st.phys.names(covered, _whole_blocks(store)))
+            index.add(st.phys.stream(covered, _whole_blocks(store)))
             covered = _whole_blocks(store)
             save(store, index, covered)
         cached = store._names = [triples_file, index, covered]
     index, covered = cached[1], cached[2]
     if covered < len(st.phys):  # rows appended since the save, or since the last call
-        index.add(st.phys.names(covered))
+        index.add(st.phys.stream(covered))
         cached[2] = len(st.phys)
     return index
