@@ -123,6 +123,7 @@ def _inspect(args) -> int:
         return 0
     from kblam.store import KBStore
     from kblam.store import index as store_index
+    from kblam.store import names as store_names
     from kblam.store.files import _pid_alive, _read_lock_pid
 
     folder = Path(args.path)
@@ -137,8 +138,10 @@ def _inspect(args) -> int:
             f"  encoder:          {store.encoder_name} ({store.dim}-d)",
             f"  templates:        key {store.key_template!r}, value {store.value_template!r}",
             f"  on disk:          triples {_mb(_size(folder, 'triples-'))}, keys {_mb(_size(folder, 'keys-'))}, "
-            f"values {_mb(_size(folder, 'values-'))}, index {_mb(_size(folder, 'prefilter-'))}",
+            f"values {_mb(_size(folder, 'values-'))}, index {_mb(_size(folder, 'prefilter-'))}, "
+            f"names {_mb(_size(folder, 'names-'))}",
             f"  pre-filter index: {store_index.status(store)}",
+            f"  name index:       {store_names.status(store)}",
             f"  writer:           {f'process {writer}' if writer and _pid_alive(writer) else 'none'}",
         ]))
     return 0

@@ -81,6 +81,7 @@ def test_round_trip_on_a_small_store(tmp_path, capsys, encoders):
     assert code == 0 and "ok: 39 triples" in out and "match their checksums" in out
     code, out, _ = run(capsys, "kb", "inspect", store)
     assert code == 0 and "(KB store, format 1" in out and "triples:          39 (6 replaced or removed" in out
+    assert "name index:       none saved (built with the first question)" in out
     code, out, _ = run(capsys, "kb", "compact", store)
     assert code == 0 and "45 rows -> 39" in out
     code, out, _ = run(capsys, "kb", "index", store)
@@ -93,8 +94,11 @@ def test_round_trip_on_a_small_store(tmp_path, capsys, encoders):
         code, out, _ = run(capsys, "kb", "export", store, tmp_path / f"out{suffix}")
         assert code == 0 and "39 triples" in out
         assert list(KnowledgeBase.from_file(tmp_path / f"out{suffix}")) == expected
+    with KBStore.open(store, readonly=True) as reader:
+        reader.entity_names()  # what the first question over it does
     code, out, _ = run(capsys, "kb", "inspect", store)
     assert "triples:          39\n" in out and "exact, 39 key rows" in out
+    assert "name index:       names-00000015.npz: 0 names of 0 rows, 39 rows added since (read on load)" in out
 
     code, _, err = run(capsys, "kb", "verify", first)
     assert code == 1 and "a KB file, not a store" in err and "kblam kb import" in err

@@ -300,3 +300,21 @@ def current(store: KBStore) -> NameIndex:
         index.add(st.phys.stream(covered))
         cached[2] = len(st.phys)
     return index
+
+
+def status(store: KBStore) -> str:
+    """One line for `kblam kb inspect`: which saved name index a question would load, or why none."""
+    saved = _saved(store.path)
+    if not saved:
+        return "none saved (built with the first question)"
+    generation, record = saved[0]
+    try:
+        info = json.loads(record.read_text(encoding="utf-8"))
+        problem = _problem(store, info, _files(store.path, generation)[0]) if isinstance(info, dict) else "not JSON"
+    except (OSError, ValueError) as err:
+        problem = str(err)
+    if problem is not None:
+        return f"unusable, rebuilt with the next question: {record.name}: {problem}"
+    added = int(store._manifest["rows"]) - info["rows"]
+    return (f"{record.stem}.npz: {info['names']:,} names of {info['rows']:,} rows"
+            + (f", {added:,} rows added since (read on load)" if added else ""))
