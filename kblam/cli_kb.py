@@ -55,7 +55,7 @@ def add_parser(commands) -> None:
     p = sub.add_parser("export", help="write a store's triples to a .jsonl, .json, .csv or .tsv file")
     p.add_argument("store", metavar="STORE")
     p.add_argument("file", metavar="FILE")
-    p = sub.add_parser("index", help="build and save a store's pre-filter index (or say which one is saved)")
+    p = sub.add_parser("index", help="build and save a store's pre-filter and name indexes (or say which are saved)")
     p.add_argument("store", metavar="STORE")
     p.add_argument("--kind", choices=["auto", "exact", "ivf", "hnsw"], default=None,
                    help="build this kind now, replacing the saved one (default: build only if none is usable)")
@@ -244,10 +244,13 @@ def _export(args) -> int:
 
 def _index(args) -> int:
     from kblam.store import index as store_index
+    from kblam.store import names as store_names
 
     with _writer(args.store) as store:
         if args.kind is not None:
             store_index.build(store, kind=args.kind)
         pre = store.prefilter()
-        _say(f"{args.store}: {pre!r}\npre-filter index: {store_index.status(store)}")
+        store.entity_names()  # saved too, so that no question waits for it
+        _say(f"{args.store}: {pre!r}\npre-filter index: {store_index.status(store)}\n"
+             f"name index: {store_names.status(store)}")
     return 0
