@@ -325,6 +325,32 @@ def _check_blocks(folder: Path, kind: str, fh, table: _Blocks, rows: int, blocks
         raise _damage(folder, kind, table.name, sorted(bad), rows, table.block_rows)
 
 
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 24), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _derived_file_problem(path: Path, info: dict, checked: set) -> str | None:
+    """Why a derived file (a saved pre-filter or name index) does not match the size and sha256 its record
+    holds, or None. The file is hashed once per process: ``checked`` keeps the (path, inode, size, sha256)
+    that matched."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return f"{path.name} is missing"
+    if st.st_size != info.get("bytes"):
+        return f"{path.name} has {st.st_size} bytes, {info.get('bytes')} were written (truncated?)"
+    key = (str(path), st.st_ino, st.st_size, str(info.get("sha256")))
+    if key not in checked:
+        if _sha256_file(path) != info.get("sha256"):
+            return f"{path.name} does not match its checksum (damaged)"
+        checked.add(key)
+    return None
+
+
 def _stored_triple(record: Any) -> Triple:
     """A Triple from a stored record. The store wrote it from a Triple (normalised) and its block's
     checksum matched, so plain strings are taken as they are: a million Triple() validations are most

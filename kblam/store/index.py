@@ -41,7 +41,7 @@ import numpy as np
 
 from kblam.kb import _atomic_write
 from kblam.prefilter import KBPrefilter
-from kblam.store.files import _I64, _Blocks, _pread_all
+from kblam.store.files import _I64, _Blocks, _derived_file_problem, _pread_all, _sha256_file
 
 if TYPE_CHECKING:
     from kblam.store.core import KBStore
@@ -105,22 +105,7 @@ def _problem(store: KBStore, info: dict, faiss_file: Path) -> str | None:
         return f"it covers {info.get('rows')} rows, the store has {rows}"
     if info.get("fingerprint") != _fingerprint(store, info["rows"]):
         return "its fingerprint does not match the store's keys (an index of another store?)"
-    try:
-        st = faiss_file.stat()
-    except FileNotFoundError:
-        return f"{faiss_file.name} is missing"
-    if st.st_size != info.get("bytes"):
-        return f"{faiss_file.name} has {st.st_size} bytes, {info.get('bytes')} were written (truncated?)"
-    key = (str(faiss_file), st.st_ino, st.st_size, str(info.get("sha256")))
-    if key not in _CHECKED:
-        h = hashlib.sha256()
-        with open(faiss_file, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 24), b""):
-                h.update(chunk)
-        if h.hexdigest() != info.get("sha256"):
-            return f"{faiss_file.name} does not match its checksum (damaged)"
-        _CHECKED.add(key)
-    return None
+    return _derived_file_problem(faiss_file, info, _CHECKED)
 
 
 def _load(store: KBStore) -> tuple[KBPrefilter | None, int, list[str]]:
@@ -166,14 +151,10 @@ def save(store: KBStore, pre: KBPrefilter, rows: int, built_s: float | None = No
     faiss_file, record = _files(store.path, generation)
     try:
         settings = pre.save(faiss_file)
-        h = hashlib.sha256()
-        with open(faiss_file, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 24), b""):
-                h.update(chunk)
         info = {"format": FORMAT, "version": 1, "generation": generation,
                 "keys_file": store._manifest["files"]["keys"]["name"], "rows": rows,
                 "fingerprint": _fingerprint(store, rows), "bytes": faiss_file.stat().st_size,
-                "sha256": h.hexdigest(), "settings": settings,
+                "sha256": _sha256_file(faiss_file), "settings": settings,
                 "built_s": None if built_s is None else round(built_s, 2)}
         _atomic_write(record, json.dumps(info, indent=1) + "\n")  # the record makes the index visible
     except OSError as err:  # a read-only folder, a full disk: the index still serves this process

@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from kblam.kb import _atomic_write
-from kblam.store.files import _Blocks
+from kblam.store.files import _Blocks, _derived_file_problem, _sha256_file
 
 if TYPE_CHECKING:
     from kblam.store.core import KBStore
@@ -168,14 +168,6 @@ def _fingerprint(store: KBStore, rows: int) -> str:
     return h.hexdigest()
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 24), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _problem(store: KBStore, info: dict, npz: Path) -> str | None:
     """Why this saved index cannot serve the store, or None."""
     m = store._manifest
@@ -189,18 +181,7 @@ def _problem(store: KBStore, info: dict, npz: Path) -> str | None:
         return f"it covers {rows} rows, not whole blocks of the store's {m['rows']}"
     if info.get("fingerprint") != _fingerprint(store, rows):
         return "its fingerprint does not match the store's triples (an index of another store?)"
-    try:
-        st = npz.stat()
-    except FileNotFoundError:
-        return f"{npz.name} is missing"
-    if st.st_size != info.get("bytes"):
-        return f"{npz.name} has {st.st_size} bytes, {info.get('bytes')} were written (truncated?)"
-    key = (str(npz), st.st_ino, st.st_size, str(info.get("sha256")))
-    if key not in _CHECKED:
-        if _sha256(npz) != info.get("sha256"):
-            return f"{npz.name} does not match its checksum (damaged)"
-        _CHECKED.add(key)
-    return None
+    return _derived_file_problem(npz, info, _CHECKED)
 
 
 def _load(store: KBStore) -> tuple[NameIndex | None, int]:
@@ -246,7 +227,7 @@ def save(store: KBStore, index: NameIndex, rows: int) -> bool:
                 "triples_file": store._manifest["files"]["triples"]["name"], "rows": rows,
                 "fingerprint": _fingerprint(store, rows), "names": len(names),
                 "properties": None if index.properties is None else sorted(index.properties),
-                "bytes": npz.stat().st_size, "sha256": _sha256(npz)}
+                "bytes": npz.stat().st_size, "sha256": _sha256_file(npz)}
         _atomic_write(record, json.dumps(info, indent=1) + "\n")  # the record makes the file visible
     except OSError:  # a read-only folder, a full disk: the index still serves this process
         with contextlib.suppress(OSError):
