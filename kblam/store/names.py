@@ -276,7 +276,7 @@ def current(store: KBStore) -> NameIndex:
             covered = _whole_blocks(store)
             save(store, index, covered)
         cached = store._names = [triples_file, index, covered]
-    index, covered = cached[1], cached[2]
+    index, covered = cached[1], min(cached[2], len(st.phys))  # fewer rows: a failed change was rolled back
     if covered < len(st.phys):  # rows appended since the save, or since the last call
         index.add(st.phys.stream(covered))
         cached[2] = len(st.phys)
