@@ -250,7 +250,7 @@ def _index(args) -> int:
         if args.kind is not None:
             store_index.build(store, kind=args.kind)
         pre = store.prefilter()
-        store.entity_names()  # saved too, so that no question waits for it
+        store_names.build(store)  # saved too, every row of it, so that no question or edit waits for it
         _say(f"{args.store}: {pre!r}\npre-filter index: {store_index.status(store)}\n"
              f"name index: {store_names.status(store)}")
     return 0

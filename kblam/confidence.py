@@ -28,24 +28,17 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-from kblam.kb import Triple
+from kblam.kb import _WORD, Triple, words
 
 CALIBRATION_NAME = "calibration.json"
 SIGNALS = ("top_share", "margin", "entity_share", "null_share", "cosine_top", "cosine_margin",
            "name_match", "name_close", "name_repaired", "property_match", "log_size")
-_WORD = re.compile(r"\w+", re.UNICODE)
-
-
-def words(text: str) -> list[str]:
-    """The text's words in lower case: what every name and property match in kblam compares."""
-    return _WORD.findall(text.lower())
 
 
 def run_at(seq: Sequence[str], run: Sequence[str]) -> int:

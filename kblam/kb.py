@@ -23,6 +23,7 @@ import json
 import math
 import numbers
 import os
+import re
 import reprlib
 import sys
 import tempfile
@@ -92,6 +93,15 @@ _REPR.maxlevel, _REPR.maxstring, _REPR.maxother, _REPR.maxlist, _REPR.maxdict = 
 def _short_repr(value: Any, limit: int = 60) -> str:
     text = _REPR.repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+_WORD = re.compile(r"\w+", re.UNICODE)
+
+
+def words(text: str) -> list[str]:
+    """The text's words in lower case: what every name and property match in kblam compares (here, not in
+    kblam.confidence, so that the store's name index reads names without importing torch)."""
+    return _WORD.findall(text.lower())
 
 
 def normalize_field(value: Any, field_name: str) -> str:

@@ -29,6 +29,7 @@ def store_path(tmp_path, hash_encoder, monkeypatch):
     with KBStore.create(path, hash_encoder) as store:
         store.add(people(30) + [Triple("Marie Curie", "field", "physics"), Triple("the Isle of Man", "capital", "Douglas")],
                   progress=False)
+        names_module.build(store)  # as `kblam kb index` does
     return path
 
 
@@ -129,11 +130,13 @@ def test_name_index_reads_like_the_names_dict():
     assert "jean paul sartre" in index and index["the hague"] == "the hague" and "ünal ak" in index
     with pytest.raises(KeyError):
         index["the"]
-    index.add([Triple("New Name", "field", "x")])
-    names, firsts = index.arrays()
+    index.add([Triple("New Name", "field", "x")], 3)
+    names, firsts, row_keys, rows = index.arrays()
     assert "new name" in NameIndex(names, firsts) and len(names) == 4
+    assert index.rows_of("New Name") == [3] and index.rows_of("the Hague") == [1] and index.rows_of("Hague") == []
+    assert NameIndex(names, firsts, (), row_keys, rows).rows_of("Ünal Ak") == [2]
     assert index.properties == {"born", "country", "field"}
-    index.add(Triple(f"thing {j}", f"property {j}", "x") for j in range(names_module.PROPERTIES_KEPT))
+    index.add((Triple(f"thing {j}", f"property {j}", "x") for j in range(names_module.PROPERTIES_KEPT)), 4)
     assert index.properties is None  # too many to encode with a KB's first question
 
 
@@ -162,3 +165,41 @@ def test_a_question_over_a_store_is_encoded_once(store_path, hash_encoder):
     assert (guessed.text, guessed.confidence, guessed.sources) == (unguessed.text, unguessed.confidence,
                                                                    unguessed.sources)
     assert guessed.sources
+
+
+def test_edits_of_a_large_store_read_the_rows_of_the_names_they_touch(tmp_path, hash_encoder, monkeypatch):
+    """Above SLOT_MAP_ROWS an update, a removal, a small add, get() and index_of() find their triples through
+    the name index, never reading every triple, and leave the store as the slot map's path does."""
+    edits = [("update", "Person 3 Smith", "birthplace", "town 9"), ("remove", "Person 4 Smith", None),
+             ("add", [Triple("Person 5 Smith", "birthplace", "elsewhere"), Triple("Ada", "field", "maths")]),
+             ("update", "Person 5 Smith", "birthplace", "back home"), ("remove", "Person 6 Smith", "birthplace"),
+             ("add", [Triple("Person 4 Smith", "birthplace", "returned")])]
+    full_reads, counting = [], [False]
+    real_all, real_map = files._Lines.all, store_core._State.read_slot_map
+    monkeypatch.setattr(files._Lines, "all", lambda self: (counting[0] and full_reads.append("all")) or real_all(self))
+    monkeypatch.setattr(store_core._State, "read_slot_map",
+                        lambda self: (counting[0] and full_reads.append("map")) or real_map(self))
+
+    def edited(path, lazy: bool) -> list[Triple]:
+        monkeypatch.setattr(store_core, "SLOT_MAP_ROWS", 0 if lazy else 10**9)
+        with KBStore.create(path, hash_encoder) as store:
+            store.add(people(30), progress=False)
+        with KBStore.open(path, hash_encoder) as store:
+            counting[0] = True
+            for op, *args in edits:
+                getattr(store, op)(*args, **({"progress": False} if op == "add" else {}))
+            with pytest.raises(KeyError):
+                store.update("Person 4 Smith", "height", "tall")
+            with pytest.raises(KeyError):
+                store.remove("Nobody")
+            assert store.get("Person 5 Smith", "birthplace").value == "back home"
+            assert store.index_of("Ada", "field") == len(store) - 2 and store.get("Person 6 Smith", "birthplace") is None
+            counting[0] = False
+            return store.triples()
+
+    expected = edited(tmp_path / "map", lazy=False)
+    assert "map" in full_reads  # the slot map's path reads every triple
+    full_reads.clear()
+    assert edited(tmp_path / "lazy", lazy=True) == expected and full_reads == []
+    with KBStore.open(tmp_path / "lazy", readonly=True) as reader:  # as the next process reads it
+        assert reader.triples() == expected

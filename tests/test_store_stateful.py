@@ -85,6 +85,9 @@ class StoreMachine(RuleBasedStateMachine):
         # Tiny checksum blocks and batches, so a few triples span several of each.
         self.patches.enter_context(mock.patch.object(core, "BLOCK_ROWS", 4))
         self.patches.enter_context(mock.patch.object(core, "BATCH_SIZE", 5))
+        # Every small change finds its triples through the name index (KBStore._slots), as a large store's do;
+        # adds of more than BATCH_SIZE read the slot map.
+        self.patches.enter_context(mock.patch.object(core, "SLOT_MAP_ROWS", 0))
         self.patches.enter_context(warnings.catch_warnings())
         warnings.simplefilter("ignore")  # uncommitted tails after a crash, index rebuilds: reported, expected
         self.folder = Path(tempfile.mkdtemp(prefix="kblam-stateful-")) / "kb"
