@@ -210,6 +210,7 @@ class _State:
             raise KBStoreError(f"{snap.folder / MANIFEST} says {m['count']} triples but its rows and overlay "
                                f"give {len(self.base)}; the manifest is inconsistent")
         self._slot_of: dict[str, dict[str, int]] | None = None
+        self._moved_to: dict[int, int] | None = None
         self.value_rows: dict[str, int] | None = None  # value text -> a row holding its embedding
 
     def read_slot_map(self) -> dict[str, dict[str, int]]:
@@ -228,6 +229,24 @@ class _State:
 
     def current(self, slot: int) -> int:
         return self.moves.get(slot, slot)
+
+    def moved_to(self) -> dict[int, int]:
+        """row -> the slot it now holds, for the rows that replaced a slot's (built once, then kept)."""
+        if self._moved_to is None:
+            self._moved_to = {row: slot for slot, row in self.moves.items()}
+        return self._moved_to
+
+    def move(self, slot: int, row: int) -> None:
+        """The slot's triple is now in `row`."""
+        if self._moved_to is not None:
+            self._moved_to.pop(self.moves.get(slot), None)
+            self._moved_to[row] = slot
+        self.moves[slot] = row
+
+    def unmove(self, slot: int) -> None:
+        if self._moved_to is not None:
+            self._moved_to.pop(self.moves.get(slot), None)
+        self.moves.pop(slot, None)
 
     def order(self) -> np.ndarray:
         order = self.base.copy()
@@ -744,7 +763,7 @@ class KBStore:
                     del st._slot_of[t.name][t.property]
                     if not st._slot_of[t.name]:
                         del st._slot_of[t.name]
-                st.moves.pop(slot, None)  # the row that replaced it is hidden already
+                st.unmove(slot)  # the row that replaced it is hidden already
                 st.hidden.add(slot)
             st.base = st.base[~np.isin(st.base, np.asarray(slots, dtype=_I64))]
             self._logical = None
@@ -859,7 +878,7 @@ class KBStore:
                 if st._slot_of is not None:
                     st._slot_of.setdefault(t.name, {})[t.property] = row
             else:
-                st.moves[slot] = row
+                st.move(slot, row)
                 st.hidden.add(row)
                 tx["overlay"] = True
         st.rows += n
@@ -880,7 +899,7 @@ class KBStore:
             return st.read_slot_map().get(name, {})
         from kblam.store import names
 
-        moved_to = {row: slot for slot, row in st.moves.items()}  # a slot's replacement row -> the slot
+        moved_to = st.moved_to()  # a slot's replacement row -> the slot
         found: dict[str, int] = {}
         for row in names.current(self).rows_of(name):
             slot = moved_to.get(row, row)
