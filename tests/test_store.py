@@ -594,3 +594,32 @@ def test_a_views_triples_are_taken_many_rows_at_once_as_one_by_one(tmp_path):
         assert view.triples.take(rows)[1].value == "changed" and len(view.triples) == 29
         with pytest.raises(IndexError):
             view.triples.take([29])
+
+
+def test_check_hashes_every_embedding_block_once_so_that_reads_hash_none(tmp_path, small_blocks, monkeypatch):
+    from kblam.store import files as files_module
+
+    encoder, _ = counting_encoder()
+    path = tmp_path / "kb"
+    with KBStore.create(path, encoder) as store:
+        store.add(facts(40))
+    hashed = []
+    real_sha256 = files_module.hashlib.sha256
+    def sha256(data=b""):
+        if sys._getframe(1).f_code.co_name == "_check_blocks":  # data blocks, not the manifest
+            hashed.append(len(data))
+        return real_sha256(data)
+
+    monkeypatch.setattr(files_module.hashlib, "sha256", sha256)
+    with KBStore.open(path, readonly=True) as reader:
+        reader.check()
+        assert len(hashed) == 10  # 5 blocks of 8 rows in each embedding file
+        keys, values, _ = reader.view()
+        keys[[0, 17, 39]], values[[5, 33]]
+        assert len(hashed) == 10  # checked already: nothing hashed again
+    data = bytearray((path / "values-00000000.f16").read_bytes())
+    data[30 * 24 * 2] ^= 0x04
+    (path / "values.new").write_bytes(bytes(data))
+    os.replace(path / "values.new", path / "values-00000000.f16")  # a new inode, as another process would write
+    with KBStore.open(path, readonly=True) as reader, pytest.raises(KBStoreError, match="rows 24-31 do not match"):
+        reader.check()

