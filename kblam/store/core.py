@@ -118,8 +118,9 @@ if TYPE_CHECKING:
     from kblam.store.names import NameIndex
 
 # A store of more rows than this looks up the triples a small change touches through its name index
-# (KBStore._slots) instead of reading every triple first: 3.8 s for 1,000,000 here (parsing 2.1, the slot
-# map 0.5, the value texts' map 1.2), so about 0.2 s for 50,000.
+# (KBStore._slots) instead of reading every triple first: a process's first edit of a million-triple
+# store and a question took 5.7 to 10.3 s reading them all, 0.8 to 1.0 s through the index
+# (benchmarks/speed.py); reading is linear in the rows, a twentieth of that at 50,000.
 SLOT_MAP_ROWS = 50_000
 
 # Rows per checksum block. A block is checked whole the first time any of its rows is read, and a
@@ -660,8 +661,9 @@ class KBStore:
     def check(self) -> None:
         """Check every block of the embeddings against its checksum now, once per process, rather than
         each the first time one of its rows is read: the first questions over a large store otherwise pay
-        for their candidates' blocks (58 ms a question over the first 25 at a million triples here; checking
-        all 1.5 GB took 1.0 s). Raises KBStoreError for a damaged block, as reading it would."""
+        for their candidates' blocks (benchmarks/speed.py, a million triples: 0.203 s to the first token
+        over a new process's first 25 questions, 0.154 s over the next 25 after this). Raises KBStoreError
+        for a damaged block, as reading it would."""
         self._check("keys")
         self._check("values")
 
@@ -900,7 +902,7 @@ class KBStore:
         """property -> slot of an entity's stored triples. From the full map once a large add has read
         every triple; otherwise from the rows the name index holds for that name (kblam.store.names),
         checked against the overlay and the triples themselves: an edit of a million-triple store then
-        reads a handful of rows, not a million (3.8 s here). A store of up to SLOT_MAP_ROWS rows reads them
+        reads a handful of rows, not a million. A store of up to SLOT_MAP_ROWS rows reads them
         all: a fraction of a second, and its value texts are then copied, not encoded again (_append)."""
         st = self._st()
         if st._slot_of is not None or st.rows <= SLOT_MAP_ROWS:

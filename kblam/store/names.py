@@ -13,7 +13,7 @@ case, joined by one space) and of each name's first word, sorted: 16 bytes a nam
 and the store's property names, up to PROPERTIES_KEPT of them, which the confidence compares with the
 question (encoded with a KB's first question, as a KnowledgeBase's are: kblam.answer). And a row table,
 each row's exact name hashed, sorted, beside the row (16 bytes a row): where ``KBStore._slots`` finds the
-rows of the entity an edit touches (reading every triple instead took 3.8 s at a million triples).
+rows of the entity an edit touches instead of reading every triple (docs/scale.md).
 
 Nothing in an answer depends on it: a hash two texts share, or the name of an entity removed since, only
 makes a guess that misses, and the confidence then encodes what it reads itself (a second call). Nor
