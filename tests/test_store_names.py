@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 import pytest
 from conftest import ask_model
@@ -203,3 +204,26 @@ def test_edits_of_a_large_store_read_the_rows_of_the_names_they_touch(tmp_path, 
     assert edited(tmp_path / "lazy", lazy=True) == expected and full_reads == []
     with KBStore.open(tmp_path / "lazy", readonly=True) as reader:  # as the next process reads it
         assert reader.triples() == expected
+
+
+def test_the_server_checks_the_store_and_loads_its_names_when_it_starts(store_path, hash_encoder, monkeypatch):
+    from kblam.serve.kbservice import KBService
+
+    service = KBService(store_path, hash_encoder)
+    try:
+        hashed = []
+        real = files.hashlib.sha256
+
+        def sha256(data=b""):
+            if sys._getframe(1).f_code.co_name == "_check_blocks":
+                hashed.append(len(data))
+            return real(data)
+
+        monkeypatch.setattr(files.hashlib, "sha256", sha256)
+        reader = service.reader()
+        keys, values, _ = reader.view()
+        keys[[0, 9, 31]], values[[3, 30]]
+        assert hashed == []  # every block was checked when the service started
+        assert service._writer._names is not None and "marie curie" in service._writer.entity_names()
+    finally:
+        service.close()
