@@ -4,10 +4,12 @@ its docstring describes the layout and the durability rules."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import re
+import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -323,6 +325,26 @@ def _check_blocks(folder: Path, kind: str, fh, table: _Blocks, rows: int, blocks
             bad.append(b)
     if bad:
         raise _damage(folder, kind, table.name, sorted(bad), rows, table.block_rows)
+
+
+_DERIVED_TEMP_AGE_S = 600  # a derived file's temp file older than this is a crash's leftover, not a save
+
+
+def _cleanup_derived(folder: Path, prefix: str, suffixes: tuple[str, ...], keep: int | None) -> None:
+    """Writer only: delete a derived file kind's files (``<prefix>-<G><suffix>``: a saved pre-filter or
+    name index) of generations other than ``keep``, and the temp files of its saves that a crash left."""
+    ends = "|".join(re.escape(s) for s in suffixes)
+    temp = re.compile(rf"^\.{re.escape(prefix)}-\d+(?:{ends})\..+\.tmp$")  # _atomic_write's temp names
+    now = time.time()
+    for name in os.listdir(folder):
+        path = folder / name
+        with contextlib.suppress(OSError, ValueError):
+            if temp.match(name):
+                if now - path.stat().st_mtime > _DERIVED_TEMP_AGE_S:
+                    path.unlink()
+            elif name.startswith(f"{prefix}-") and name.endswith(suffixes):
+                if int(name[len(prefix) + 1:].split(".")[0]) != keep:
+                    path.unlink()
 
 
 def _sha256_file(path: Path) -> str:

@@ -41,15 +41,13 @@ import numpy as np
 
 from kblam.kb import _atomic_write
 from kblam.prefilter import KBPrefilter
-from kblam.store.files import _I64, _Blocks, _derived_file_problem, _pread_all, _sha256_file
+from kblam.store.files import _I64, _Blocks, _cleanup_derived, _derived_file_problem, _pread_all, _sha256_file
 
 if TYPE_CHECKING:
     from kblam.store.core import KBStore
 
 FORMAT = "kblam-prefilter"
 _NAME = re.compile(r"^prefilter-(\d+)\.json$")
-_TEMP = re.compile(r"^\.prefilter-\d+\.(?:faiss|json)\..+\.tmp$")
-_TEMP_AGE_S = 600  # a temp file older than this is a crash's leftover, not a save in progress
 REFRESH_ROWS = 20_000  # rows added since the save after which the writer saves them into the index
 _CHECKED: set[tuple[str, int, int, str]] = set()  # .faiss files whose sha256 matched in this process
 _WARNED: set[tuple[str, str]] = set()
@@ -174,16 +172,7 @@ def save(store: KBStore, pre: KBPrefilter, rows: int, built_s: float | None = No
 def cleanup(store: KBStore, keep: int | None = None) -> None:
     """Writer only: delete index files other than generation ``keep`` (default: none kept), and
     temp files a crashed save left."""
-    now = time.time()
-    for name in os.listdir(store.path):
-        path = store.path / name
-        with contextlib.suppress(OSError):
-            if _TEMP.match(name) and now - path.stat().st_mtime > _TEMP_AGE_S:
-                path.unlink()
-            elif name.startswith("prefilter-") and name.endswith((".faiss", ".json")):
-                generation = int(name[len("prefilter-"):].split(".")[0])
-                if generation != keep:
-                    path.unlink()
+    _cleanup_derived(store.path, "prefilter", (".faiss", ".json"), keep)
 
 
 def current(store: KBStore, *, progress: bool | None = None) -> KBPrefilter:

@@ -37,13 +37,11 @@ reason about).
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
+import io
 import json
 import os
 import re
-import tempfile
-import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -51,15 +49,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from kblam.kb import _atomic_write, words
-from kblam.store.files import _Blocks, _derived_file_problem, _sha256_file
+from kblam.store.files import _Blocks, _cleanup_derived, _derived_file_problem
 
 if TYPE_CHECKING:
     from kblam.store.core import KBStore
 
 FORMAT = "kblam-names"
 _RECORD = re.compile(r"^names-(\d+)\.json$")
-_TEMP = re.compile(r"^\.names-\d+\.npz\..+\.tmp$")
-_TEMP_AGE_S = 600  # a temp file older than this is a crash's leftover, not a save in progress
 REFRESH_ROWS = 20_000
 PROPERTIES_KEPT = 1024  # kblam.answer encodes up to as many of a KB's property names with its first question
 _CHECKED: set[tuple[str, int, int, str]] = set()  # .npz files whose sha256 matched in this process
@@ -238,28 +234,18 @@ def save(store: KBStore, index: NameIndex, rows: int) -> bool:
     generation = store.generation
     npz, record = _files(store.path, generation)
     names, firsts, row_keys, rows_table = index.arrays()
-    tmp = None
+    data = io.BytesIO()
+    np.savez(data, names=names, firsts=firsts, row_keys=row_keys, rows=rows_table)
+    payload = data.getvalue()  # 17 MB at a million triples: hashed here, not read back
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{npz.name}.", suffix=".tmp", dir=store.path)
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, names=names, firsts=firsts, row_keys=row_keys, rows=rows_table)
-            fh.flush()
-            os.fsync(fh.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it 0600; the store's other files are the usual mode
-        os.replace(tmp, npz)
-        tmp = None
+        _atomic_write(npz, payload)
         info = {"format": FORMAT, "version": 1, "generation": generation,
                 "triples_file": store._manifest["files"]["triples"]["name"], "rows": rows,
                 "fingerprint": _fingerprint(store, rows), "names": len(names),
                 "properties": None if index.properties is None else sorted(index.properties),
-                "bytes": npz.stat().st_size, "sha256": _sha256_file(npz)}
+                "bytes": len(payload), "sha256": hashlib.sha256(payload).hexdigest()}
         _atomic_write(record, json.dumps(info, indent=1) + "\n")  # the record makes the file visible
     except OSError:  # a read-only folder, a full disk: the index still serves this process
-        with contextlib.suppress(OSError):
-            if tmp is not None:
-                os.unlink(tmp)
         return False
     _CHECKED.add((str(npz), npz.stat().st_ino, info["bytes"], info["sha256"]))
     if not store.readonly:
@@ -270,15 +256,7 @@ def save(store: KBStore, index: NameIndex, rows: int) -> bool:
 def cleanup(store: KBStore, keep: int | None = None) -> None:
     """Writer only: delete name index files other than generation ``keep``, and temp files a crashed
     save left."""
-    now = time.time()
-    for name in os.listdir(store.path):
-        path = store.path / name
-        with contextlib.suppress(OSError, ValueError):
-            if _TEMP.match(name) and now - path.stat().st_mtime > _TEMP_AGE_S:
-                path.unlink()
-            elif name.startswith("names-") and name.endswith((".npz", ".json")):
-                if int(name[len("names-"):].split(".")[0]) != keep:
-                    path.unlink()
+    _cleanup_derived(store.path, "names", (".npz", ".json"), keep)
 
 
 def build(store: KBStore) -> tuple[NameIndex, int]:
