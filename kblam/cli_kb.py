@@ -35,7 +35,7 @@ def add_parser(commands) -> None:
     p.add_argument("--commit-every", type=int, default=65_536, help="triples per commit (default 65536)")
     p.add_argument("--strict", action="store_true", help="refuse a file with conflicting values")
     p.add_argument("--index", choices=["auto", "yes", "no"], default="auto",
-                   help=f"build the pre-filter index at the end (auto: above {PREFILTER_ABOVE:,} triples)")
+                   help=f"build the pre-filter index and row checksums at the end (auto: above {PREFILTER_ABOVE:,} triples)")
 
     for name, what in (("add", "add one triple"), ("update", "change the value of a stored (name, property)")):
         p = sub.add_parser(name, help=what)
@@ -55,7 +55,7 @@ def add_parser(commands) -> None:
     p = sub.add_parser("export", help="write a store's triples to a .jsonl, .json, .csv or .tsv file")
     p.add_argument("store", metavar="STORE")
     p.add_argument("file", metavar="FILE")
-    p = sub.add_parser("index", help="build and save a store's pre-filter and name indexes (or say which are saved)")
+    p = sub.add_parser("index", help="build and save a store's pre-filter index, name index and row checksums")
     p.add_argument("store", metavar="STORE")
     p.add_argument("--kind", choices=["auto", "exact", "ivf", "hnsw"], default=None,
                    help="build this kind now, replacing the saved one (default: build only if none is usable)")
@@ -121,7 +121,7 @@ def _inspect(args) -> int:
 
         _say(format_inspect(inspect_file(args.path)))
         return 0
-    from kblam.store import KBStore
+    from kblam.store import KBStore, rowsums
     from kblam.store import index as store_index
     from kblam.store import names as store_names
     from kblam.store.files import _pid_alive, _read_lock_pid
@@ -139,9 +139,10 @@ def _inspect(args) -> int:
             f"  templates:        key {store.key_template!r}, value {store.value_template!r}",
             f"  on disk:          triples {_mb(_size(folder, 'triples-'))}, keys {_mb(_size(folder, 'keys-'))}, "
             f"values {_mb(_size(folder, 'values-'))}, index {_mb(_size(folder, 'prefilter-'))}, "
-            f"names {_mb(_size(folder, 'names-'))}",
+            f"names {_mb(_size(folder, 'names-'))}, row checksums {_mb(_size(folder, 'rowsums-'))}",
             f"  pre-filter index: {store_index.status(store)}",
             f"  name index:       {store_names.status(store)}",
+            f"  row checksums:    {rowsums.status(store)}",
             f"  writer:           {f'process {writer}' if writer and _pid_alive(writer) else 'none'}",
         ]))
     return 0
@@ -188,6 +189,7 @@ def _import(args) -> int:
               f"(generation {store.generation})")
         if args.index == "yes" or (args.index == "auto" and len(store) > PREFILTER_ABOVE):
             _say(f"pre-filter index: {repr(store.prefilter())}")
+            store.check()  # and the rows' checksums (kblam.store.rowsums), as `kblam kb index` does
     return 0
 
 
@@ -245,12 +247,14 @@ def _export(args) -> int:
 def _index(args) -> int:
     from kblam.store import index as store_index
     from kblam.store import names as store_names
+    from kblam.store import rowsums
 
     with _writer(args.store) as store:
         if args.kind is not None:
             store_index.build(store, kind=args.kind)
         pre = store.prefilter()
         store_names.build(store)  # saved too, every row of it, so that no question or edit waits for it
+        store.check()  # and each row's checksum: a question then checks its candidates' rows, not their blocks
         _say(f"{args.store}: {pre!r}\npre-filter index: {store_index.status(store)}\n"
-             f"name index: {store_names.status(store)}")
+             f"name index: {store_names.status(store)}\nrow checksums: {rowsums.status(store)}")
     return 0

@@ -82,11 +82,13 @@ def test_round_trip_on_a_small_store(tmp_path, capsys, encoders):
     code, out, _ = run(capsys, "kb", "inspect", store)
     assert code == 0 and "(KB store, format 1" in out and "triples:          39 (6 replaced or removed" in out
     assert "name index:       none saved (built with the first question)" in out
+    assert "row checksums:    none saved (KBStore.check() or kblam kb index saves them" in out
     code, out, _ = run(capsys, "kb", "compact", store)
     assert code == 0 and "45 rows -> 39" in out
     code, out, _ = run(capsys, "kb", "index", store)
     assert code == 0 and "KBPrefilter(exact, 39 keys" in out and "prefilter-" in out
     assert "name index: names-00000015.npz: 0 names of 0 rows, 39 rows added since" in out
+    assert "row checksums: rowsums-00000015.npz: 0 rows, 39 rows added since (checked by block)" in out
 
     expected = [Triple("thing 0", "colour", "shade 0"), Triple("thing 1", "colour", "shade 1"),
                 Triple("thing 2", "colour", "teal"), *things(4, start=3), *things(31, start=9),

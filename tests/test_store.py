@@ -596,7 +596,7 @@ def test_a_views_triples_are_taken_many_rows_at_once_as_one_by_one(tmp_path):
             view.triples.take([29])
 
 
-def test_check_hashes_every_embedding_block_once_so_that_reads_hash_none(tmp_path, small_blocks, monkeypatch):
+def test_check_hashes_every_block_once_so_that_reads_hash_none(tmp_path, small_blocks, monkeypatch):
     from kblam.store import files as files_module
 
     encoder, _ = counting_encoder()
@@ -606,17 +606,17 @@ def test_check_hashes_every_embedding_block_once_so_that_reads_hash_none(tmp_pat
     hashed = []
     real_sha256 = files_module.hashlib.sha256
     def sha256(data=b""):
-        if sys._getframe(1).f_code.co_name == "_check_blocks":  # data blocks, not the manifest
+        if sys._getframe(1).f_code.co_name in ("_check_blocks", "build"):  # data blocks, not the manifest
             hashed.append(len(data))
         return real_sha256(data)
 
     monkeypatch.setattr(files_module.hashlib, "sha256", sha256)
     with KBStore.open(path, readonly=True) as reader:
         reader.check()
-        assert len(hashed) == 10  # 5 blocks of 8 rows in each embedding file
+        assert len(hashed) == 15  # 5 blocks of 8 rows in each data file
         keys, values, _ = reader.view()
         keys[[0, 17, 39]], values[[5, 33]]
-        assert len(hashed) == 10  # checked already: nothing hashed again
+        assert len(hashed) == 15  # checked already: nothing hashed again
     data = bytearray((path / "values-00000000.f16").read_bytes())
     data[30 * 24 * 2] ^= 0x04
     (path / "values.new").write_bytes(bytes(data))

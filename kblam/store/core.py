@@ -286,6 +286,7 @@ class KBStore:
         self._logical: list[Triple] | None = None
         self._index: list | None = None  # [keys file, KBPrefilter, rows in it, generation mapped] (store.index)
         self._names: list | None = None  # [triples file, NameIndex, rows in it] (store.names)
+        self._row_sums: list | None = None  # [keys file, RowSums or None] (store.rowsums)
         self._seen: tuple[int, int, int] | None = None  # manifest stat at the last reload() that read it
 
     # ------------------------------------------------------------------------------ opening
@@ -482,8 +483,10 @@ class KBStore:
             self._lock_fd = None
 
     def __del__(self) -> None:
-        with contextlib.suppress(Exception):
+        try:  # not contextlib.suppress: at interpreter exit the module's globals may be gone already
             self.close()
+        except Exception:  # noqa: BLE001, S110
+            pass
 
     def __enter__(self) -> KBStore:
         return self
@@ -585,9 +588,23 @@ class KBStore:
         _check_blocks(self.path, kind, self._snap.handles[kind], table, int(m["rows"]), blocks)
 
     def _read_phys(self, kind: str, rows: np.ndarray) -> np.ndarray:
-        """float16 rows of keys or values by physical row (any shape of index), checked."""
-        self._check(kind, rows)
-        return self._map(kind)[rows]
+        """float16 rows of keys or values by physical row (any shape of index), checked: each row against
+        its own saved checksum where check() saved one (kblam.store.rowsums), else its block's sha256;
+        a row that does not match its checksum is judged by its block's sha256."""
+        from kblam.store import rowsums
+
+        rows = np.asarray(rows, dtype=_I64)
+        data = self._map(kind)[rows]
+        sums = rowsums.current(self) if rows.size <= rowsums.MOST_ROWS else None
+        if sums is None:
+            self._check(kind, rows)
+            return data
+        flat = rows.ravel()
+        summed = flat < sums.rows
+        doubt = sums.mismatched(kind, flat[summed], data.reshape(flat.size, self.dim)[summed])
+        if doubt.size or not summed.all():
+            self._check(kind, np.concatenate([doubt, flat[~summed]]))
+        return data
 
     def _logical_rows(self, kind: str) -> np.ndarray:
         st = self._st()
@@ -658,14 +675,21 @@ class KBStore:
     def to_kb(self) -> KnowledgeBase:
         return KnowledgeBase(self.triples(), source=str(self.path))
 
-    def check(self) -> None:
-        """Check every block of the embeddings against its checksum now, once per process, rather than
-        each the first time one of its rows is read: the first questions over a large store otherwise pay
-        for their candidates' blocks (benchmarks/speed.py, a million triples: 0.203 s to the first token
-        over a new process's first 25 questions, 0.154 s over the next 25 after this). Raises KBStoreError
-        for a damaged block, as reading it would."""
-        self._check("keys")
-        self._check("values")
+    def check(self, *, progress: bool | None = None) -> None:
+        """Check every block of the data files against its checksum now, and save a checksum of each row
+        (``kblam.store.rowsums``), so that neither this process nor a later one hashes a whole block for
+        the few rows a question reads: without them a new process's first questions over a million-triple
+        store hashed their candidates' blocks (benchmarks/speed.py, docs/performance.md). Raises
+        KBStoreError for a damaged block, as reading it would. About 3 s at a million triples."""
+        from kblam.store import rowsums
+
+        with _progress(len(self._st().phys), progress, "checking") as bar:
+            rowsums.build(self, progress=lambda rows: bar.update(rows / 2))  # keys, then values
+            self._check("keys")  # the last, partial block (rowsums covers whole ones)
+            self._check("values")
+            st = self._st()
+            if len(st.phys) > 0:
+                st.phys[len(st.phys) - 1]  # the triples' last block, read and checked
 
     def verify(self) -> None:
         """Re-read every committed byte of this generation and compare with the manifest's checksums.
@@ -1028,11 +1052,12 @@ class KBStore:
     def _after_commit(self, what: str) -> None:
         """Keep a saved pre-filter index current (kblam.store.index). The change is committed already,
         so a failure here is a warning: the index is rebuilt when it is next used."""
-        from kblam.store import index, names
+        from kblam.store import index, names, rowsums
 
         try:
             if what != "refresh":
-                names.cleanup(self)  # they cover the old triples file: built anew when next used
+                names.cleanup(self)  # they cover the old data files: built anew when next used
+                rowsums.cleanup(self)
             index.refresh(self) if what == "refresh" else index.rebuild(self)
         except Exception as err:  # noqa: BLE001 - derived data; the commit stands
             warnings.warn(f"{self.path}: the change is committed, but updating the saved pre-filter index "
@@ -1140,8 +1165,11 @@ class _Triples(_Stale):
     def take(self, rows: Iterable[int]) -> list[Triple]:
         """The triples of these rows: one check of the view for all of them (a question's 256 candidates
         row by row spent 1.4 ms on the checks, 0.1 ms on the triples)."""
-        phys = self._store._state.phys
-        return [phys[r] for r in self._phys(list(rows)).tolist()]
+        from kblam.store import rowsums
+
+        store = self._store
+        sums = rowsums.current(store)
+        return store._state.phys.take(self._phys(list(rows)), None if sums is None else sums.lines())
 
 
 def _refuse_orphaned_data(folder: Path) -> None:

@@ -10,6 +10,7 @@ import json
 import os
 import re
 import time
+import zlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -434,11 +435,26 @@ class _Lines:
             t = self._parsed[row] = self._parse([line], b * self.block_rows + j)[0]
         return t
 
-    def take(self, rows: Iterable[int]) -> list[Triple]:
+    def take(self, rows: Iterable[int], lines: tuple[np.ndarray, np.ndarray] | None = None) -> list[Triple]:
+        """The triples of these rows. ``lines``: the offsets of the first rows' lines (and of the end of the
+        last) and each line's crc32 (kblam.store.rowsums): such a row whose block was not read yet is read
+        as its own line and checked against its crc32; one that does not match is read through its
+        block, whose sha256 decides."""
         rows = np.asarray(rows, dtype=np.int64)
         if self._all is None and len(rows) > self.rows // 8:
             self.all()  # most of the file: one pass is faster than line by line
-        return [self[r] for r in rows.tolist()]
+        if lines is None or self._all is not None:
+            return [self[r] for r in rows.tolist()]
+        offsets, sums = lines
+        fd, out = self.fh.fileno(), []
+        for r in rows.tolist():
+            t = self._parsed.get(r)
+            if t is None and r < len(sums) and r // self.block_rows not in self._starts:
+                line = _pread_all(fd, int(offsets[r + 1] - offsets[r]), int(offsets[r]))
+                if zlib.crc32(line) == sums[r]:
+                    t = self._parsed[r] = self._parse([line], r)[0]
+            out.append(self[r] if t is None else t)
+        return out
 
     def all(self) -> list[Triple]:
         if self._all is None:
