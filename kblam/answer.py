@@ -450,8 +450,10 @@ def _repaired(model, states, questions: list[str], narrow: bool, index, k: int
         found = model.kb_cosine(states, queries)  # the keys' norms are kept with the KB version
         rows = torch.topk(found, min(64, found.shape[-1]), dim=-1).indices.tolist()
     out, repaired = [], []
+    pick = getattr(states.triples, "take", None)  # a store's view reads a question's rows in one call
     for q, row in zip(questions, rows, strict=True):
-        fixed = repair_name(q, {states.triples[j].name for j in row if j >= 0})
+        row = [j for j in row if j >= 0]
+        fixed = repair_name(q, {t.name for t in (pick(row) if pick else [states.triples[j] for j in row])})
         out.append(fixed or q)
         repaired.append(fixed is not None)
     return out, repaired, None if any(repaired) else found

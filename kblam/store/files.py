@@ -446,15 +446,20 @@ class _Lines:
         if lines is None or self._all is not None:
             return [self[r] for r in rows.tolist()]
         offsets, sums = lines
-        fd, out = self.fh.fileno(), []
+        fd, read, good = self.fh.fileno(), set(), []
         for r in rows.tolist():
-            t = self._parsed.get(r)
-            if t is None and r < len(sums) and r // self.block_rows not in self._starts:
+            if r not in self._parsed and r not in read and r < len(sums) and r // self.block_rows not in self._starts:
+                read.add(r)
                 line = _pread_all(fd, int(offsets[r + 1] - offsets[r]), int(offsets[r]))
                 if zlib.crc32(line) == sums[r]:
-                    t = self._parsed[r] = self._parse([line], r)[0]
-            out.append(self[r] if t is None else t)
-        return out
+                    good.append((r, line))
+        if good:
+            try:  # one JSON document for all the lines read
+                parsed = self._parse([line for _, line in good], 0)
+            except KBStoreError:
+                parsed = [self._parse([line], r)[0] for r, line in good]  # names the row that is not a triple
+            self._parsed.update(zip((r for r, _ in good), parsed, strict=True))
+        return [self[r] for r in rows.tolist()]  # parsed ones from _parsed; any other through its block
 
     def all(self) -> list[Triple]:
         if self._all is None:

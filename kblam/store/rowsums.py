@@ -11,7 +11,8 @@ keys and of values, spread over about as many blocks: each of a new process's fi
 about 100 MB (benchmarks/speed.py: 0.203 s to the first token, 0.154 s once every block was checked).
 With a crc32 per row it reads and checks its 512 rows of 768 bytes. The candidates' triples too: each
 line's offset and crc32 are kept, so a triple is read as its own line, not by reading, hashing and
-splitting its block of 256 lines first (about 10 ms a question at a million triples).
+splitting its block of 256 lines first (about 10 ms a question at a million triples, measured while
+developing).
 
 What it still guarantees: the checksums are taken from blocks whose sha256 matched the manifest in the
 same pass (``build``), so a row that changed on disk since then is an error when it is read (a crc32
@@ -121,7 +122,7 @@ def _fingerprint(store: KBStore, rows: int) -> str:
     m = store._manifest
     br = int(m["block_rows"])
     h = hashlib.sha256((":".join(m["files"][kind]["name"] for kind in _FILES) + f":{rows}:").encode())
-    for kind in _FILES:  # one update a file: 12,000 small ones took 13 ms at a million rows
+    for kind in _FILES:  # one update a file: 12,000 small ones took 13 ms at a million rows (measured while developing)
         h.update("".join(str(sha) for _, sha in m["files"][kind]["blocks"][:rows // br]).encode())
     return h.hexdigest()
 
