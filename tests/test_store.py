@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -623,3 +624,17 @@ def test_check_hashes_every_block_once_so_that_reads_hash_none(tmp_path, small_b
     os.replace(path / "values.new", path / "values-00000000.f16")  # a new inode, as another process would write
     with KBStore.open(path, readonly=True) as reader, pytest.raises(KBStoreError, match="rows 24-31 do not match"):
         reader.check()
+
+
+def test_the_manifest_keeps_one_line_per_checksum_block(tmp_path, small_blocks):
+    """kblam.store.files._manifest_text renders the block lists itself (json's indented encoder was slow):
+    the text is the manifest, every block on a line of its own."""
+    encoder, _ = counting_encoder()
+    with KBStore.create(tmp_path / "kb", encoder) as store:
+        store.add(facts(20))
+        text = (tmp_path / "kb" / "manifest.json").read_text()
+        body = json.loads(text)
+        assert body == {**store._manifest, "checksum": body["checksum"]}
+    block_lines = [line for line in text.splitlines() if line.lstrip().startswith("[")]
+    assert len(block_lines) == 9  # 3 blocks (8, 8 and 4 rows) in each of the 3 files
+    assert all(re.fullmatch(r' {4}\[\d+, "[0-9a-f]{64}"\],?', line) for line in block_lines)
