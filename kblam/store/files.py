@@ -350,6 +350,50 @@ def _check_blocks(folder: Path, kind: str, fh, table: _Blocks, rows: int, blocks
 _DERIVED_TEMP_AGE_S = 600  # a derived file's temp file older than this is a crash's leftover, not a save
 
 
+class _DerivedFiles:
+    """Where one kind of derived file (kblam.store.index, names, rowsums) lives in a store's folder: per
+    generation G that saved one, a data file ``<prefix>-<G><suffix>`` and its record ``<prefix>-<G>.json``."""
+
+    def __init__(self, prefix: str, suffix: str):
+        self.prefix, self.suffix = prefix, suffix
+        self._record = re.compile(rf"^{re.escape(prefix)}-(\d+)\.json$")
+
+    def paths(self, folder: Path, generation: int) -> tuple[Path, Path]:
+        """(data file, record) of a generation."""
+        stem = f"{self.prefix}-{generation:08d}"
+        return folder / f"{stem}{self.suffix}", folder / f"{stem}.json"
+
+    def saved(self, folder: Path) -> list[tuple[int, Path]]:
+        """(generation, record path) of every saved one in the folder, newest first."""
+        found = [(int(m.group(1)), folder / name) for name in os.listdir(folder) if (m := self._record.match(name))]
+        return sorted(found, reverse=True)
+
+    def newest(self, folder: Path, problem) -> tuple[Path, dict | None, str | None] | None:
+        """The newest record, what it holds and why it cannot be used (``problem(info, data file)``, None:
+        it can); None when none is saved. What a `kblam kb inspect` line says."""
+        saved = self.saved(folder)
+        if not saved:
+            return None
+        generation, record = saved[0]
+        try:
+            info = json.loads(record.read_text(encoding="utf-8"))
+            why = problem(info, self.paths(folder, generation)[0]) if isinstance(info, dict) else "not JSON"
+        except (OSError, ValueError) as err:
+            info, why = None, str(err)
+        return record, info, why
+
+    def cleanup(self, folder: Path, keep: int | None) -> None:
+        """Writer only: see _cleanup_derived."""
+        _cleanup_derived(folder, self.prefix, (self.suffix, ".json"), keep)
+
+
+def _whole_block_rows(manifest: dict) -> int:
+    """The committed rows in whole checksum blocks: what a derived file covers, so that the manifest's
+    sha256s of those blocks fingerprint it (a partial block's changes as rows are appended)."""
+    br = int(manifest["block_rows"])
+    return int(manifest["rows"]) // br * br
+
+
 def _cleanup_derived(folder: Path, prefix: str, suffixes: tuple[str, ...], keep: int | None) -> None:
     """Writer only: delete a derived file kind's files (``<prefix>-<G><suffix>``: a saved pre-filter or
     name index) of generations other than ``keep``, and the temp files of its saves that a crash left."""

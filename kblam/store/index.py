@@ -30,8 +30,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
-import re
 import time
 import warnings
 from pathlib import Path
@@ -41,13 +39,13 @@ import numpy as np
 
 from kblam.kb import _atomic_write
 from kblam.prefilter import KBPrefilter
-from kblam.store.files import _I64, _Blocks, _cleanup_derived, _derived_file_problem, _pread_all, _sha256_file
+from kblam.store.files import _I64, _derived_file_problem, _DerivedFiles, _pread_all, _sha256_file
 
 if TYPE_CHECKING:
     from kblam.store.core import KBStore
 
 FORMAT = "kblam-prefilter"
-_NAME = re.compile(r"^prefilter-(\d+)\.json$")
+_ON_DISK = _DerivedFiles("prefilter", ".faiss")
 REFRESH_ROWS = 20_000  # rows added since the save after which the writer saves them into the index
 _CHECKED: set[tuple[str, int, int, str]] = set()  # .faiss files whose sha256 matched in this process
 _WARNED: set[tuple[str, str]] = set()
@@ -63,26 +61,14 @@ def _warn_once(store: KBStore, key: str, message: str) -> None:
         warnings.warn(message, IndexRebuildWarning, stacklevel=4)
 
 
-def _files(folder: Path, generation: int) -> tuple[Path, Path]:
-    return folder / f"prefilter-{generation:08d}.faiss", folder / f"prefilter-{generation:08d}.json"
-
-
-def _saved(folder: Path) -> list[tuple[int, Path]]:
-    """(generation, json path) of every saved index in the folder, newest first."""
-    found = [(int(m.group(1)), folder / name) for name in os.listdir(folder) if (m := _NAME.match(name))]
-    return sorted(found, reverse=True)
-
-
 def _fingerprint(store: KBStore, rows: int) -> str:
     """Identifies key rows [0, rows) of the store's keys file: the manifest's sha256 of every complete
     block of them, then a hash of the rows of the partial block (at most one block read)."""
     m = store._manifest
     meta, br = m["files"]["keys"], int(m["block_rows"])
-    table = _Blocks.from_meta(meta, br)
     full = rows // br
     h = hashlib.sha256(f"{meta['name']}:{rows}:{m['dim']}:".encode())
-    for _, sha in table.blocks[:full]:
-        h.update(sha.encode())
+    h.update("".join(str(sha) for _, sha in meta["blocks"][:full]).encode())  # one update, not one a block
     if rows % br:
         store._check("keys", np.asarray([rows - 1]))  # a damaged block is that error, not "another store"
         start, size = full * br * int(m["dim"]) * 2, (rows % br) * int(m["dim"]) * 2
@@ -110,8 +96,8 @@ def _load(store: KBStore) -> tuple[KBPrefilter | None, int, list[str]]:
     """The newest usable saved index (memory-mapped), the rows it covers, and what was wrong with the
     saved indexes tried before it."""
     problems = []
-    for generation, record in _saved(store.path):
-        faiss_file = _files(store.path, generation)[0]
+    for generation, record in _ON_DISK.saved(store.path):
+        faiss_file = _ON_DISK.paths(store.path, generation)[0]
         try:
             info = json.loads(record.read_text(encoding="utf-8"))
             problem = _problem(store, info, faiss_file) if isinstance(info, dict) else "not a JSON object"
@@ -146,7 +132,7 @@ def save(store: KBStore, pre: KBPrefilter, rows: int, built_s: float | None = No
     """Save ``pre`` (an index of physical rows [0, rows)) for this generation; the writer then drops
     older index files. Best effort for readers: False if the folder cannot be written."""
     generation = store.generation
-    faiss_file, record = _files(store.path, generation)
+    faiss_file, record = _ON_DISK.paths(store.path, generation)
     try:
         settings = pre.save(faiss_file)
         info = {"format": FORMAT, "version": 1, "generation": generation,
@@ -172,7 +158,7 @@ def save(store: KBStore, pre: KBPrefilter, rows: int, built_s: float | None = No
 def cleanup(store: KBStore, keep: int | None = None) -> None:
     """Writer only: delete index files other than generation ``keep`` (default: none kept), and
     temp files a crashed save left."""
-    _cleanup_derived(store.path, "prefilter", (".faiss", ".json"), keep)
+    _ON_DISK.cleanup(store.path, keep)
 
 
 def current(store: KBStore, *, progress: bool | None = None) -> KBPrefilter:
@@ -211,7 +197,7 @@ def current(store: KBStore, *, progress: bool | None = None) -> KBPrefilter:
 def refresh(store: KBStore) -> None:
     """Writer, after a commit: fold the rows added since the save into a new saved index once they
     are many (IVF: assigned to the trained lists, no retraining). Cheap when there is nothing to do."""
-    saved = _saved(store.path)
+    saved = _ON_DISK.saved(store.path)
     if not saved:
         return
     try:
@@ -222,7 +208,7 @@ def refresh(store: KBStore) -> None:
     rows = int(store._manifest["rows"])
     if keys_file != store._manifest["files"]["keys"]["name"] or rows - covered <= max(REFRESH_ROWS, covered // 20):
         return
-    faiss_file = _files(store.path, saved[0][0])[0]
+    faiss_file = _ON_DISK.paths(store.path, saved[0][0])[0]
     if _problem(store, info, faiss_file) is not None:
         return
     pre = KBPrefilter.load(faiss_file, info["settings"], mmap=False)
@@ -234,7 +220,7 @@ def refresh(store: KBStore) -> None:
 def rebuild(store: KBStore, *, progress: bool | None = None) -> KBPrefilter | None:
     """Writer, after compact()/rebuild(): if an index was saved, build one for the new keys file with
     the same settings (the old one indexes rows that no longer exist)."""
-    saved = _saved(store.path)
+    saved = _ON_DISK.saved(store.path)
     if not saved:
         return None
     options: dict[str, Any] = {}
@@ -251,14 +237,14 @@ def rebuild(store: KBStore, *, progress: bool | None = None) -> KBPrefilter | No
 
 def status(store: KBStore) -> str:
     """One line for `kblam kb inspect/verify`: which saved index would be used, or why none."""
-    saved = _saved(store.path)
+    saved = _ON_DISK.saved(store.path)
     if not saved:
         return "none saved (built on first use above the pre-filter threshold)"
     problems = []
     for generation, record in saved:
         try:
             info = json.loads(record.read_text(encoding="utf-8"))
-            problem = _problem(store, info, _files(store.path, generation)[0])
+            problem = _problem(store, info, _ON_DISK.paths(store.path, generation)[0])
         except (OSError, ValueError, KeyError, TypeError) as err:
             problem = str(err)
         if problem is None:

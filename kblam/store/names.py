@@ -40,8 +40,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
-import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -49,13 +47,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from kblam.kb import _atomic_write, words
-from kblam.store.files import _cleanup_derived, _derived_file_problem
+from kblam.store.files import _derived_file_problem, _DerivedFiles, _whole_block_rows
 
 if TYPE_CHECKING:
     from kblam.store.core import KBStore
 
 FORMAT = "kblam-names"
-_RECORD = re.compile(r"^names-(\d+)\.json$")
+_ON_DISK = _DerivedFiles("names", ".npz")
 REFRESH_ROWS = 20_000
 PROPERTIES_KEPT = 1024  # kblam.answer encodes up to as many of a KB's property names with its first question
 _CHECKED: set[tuple[str, int, int, str]] = set()  # .npz files whose sha256 matched in this process
@@ -162,24 +160,6 @@ class NameIndex:
 # ------------------------------------------------------------------------------------------ files
 
 
-def _files(folder: Path, generation: int) -> tuple[Path, Path]:
-    return folder / f"names-{generation:08d}.npz", folder / f"names-{generation:08d}.json"
-
-
-def _saved(folder: Path) -> list[tuple[int, Path]]:
-    """(generation, record path) of every saved name index in the folder, newest first."""
-    found = [(int(m.group(1)), folder / name) for name in os.listdir(folder) if (m := _RECORD.match(name))]
-    return sorted(found, reverse=True)
-
-
-def _whole_blocks(store: KBStore) -> int:
-    """The committed rows in whole blocks of lines: what a save covers, so that the manifest's sha256
-    of each block fingerprints them without reading a line."""
-    m = store._manifest
-    br = int(m["block_rows"])
-    return int(m["rows"]) // br * br
-
-
 def _fingerprint(store: KBStore, rows: int) -> str:
     m = store._manifest
     meta, br = m["files"]["triples"], int(m["block_rows"])
@@ -206,8 +186,8 @@ def _problem(store: KBStore, info: dict, npz: Path) -> str | None:
 
 def _load(store: KBStore) -> tuple[NameIndex | None, int]:
     """The newest usable saved index and the rows it covers, or (None, 0)."""
-    for generation, record in _saved(store.path):
-        npz = _files(store.path, generation)[0]
+    for generation, record in _ON_DISK.saved(store.path):
+        npz = _ON_DISK.paths(store.path, generation)[0]
         try:
             info = json.loads(record.read_text(encoding="utf-8"))
             if not isinstance(info, dict) or _problem(store, info, npz) is not None:
@@ -231,7 +211,7 @@ def save(store: KBStore, index: NameIndex, rows: int) -> bool:
     """Save ``index`` (the names of physical rows [0, rows), whole blocks, and maybe more) for this
     generation; the writer then drops older files. Best effort: False if the folder cannot be written."""
     generation = store.generation
-    npz, record = _files(store.path, generation)
+    npz, record = _ON_DISK.paths(store.path, generation)
     names, firsts, row_keys, rows_table = index.arrays()
     data = io.BytesIO()
     np.savez(data, names=names, firsts=firsts, row_keys=row_keys, rows=rows_table)
@@ -255,12 +235,12 @@ def save(store: KBStore, index: NameIndex, rows: int) -> bool:
 def cleanup(store: KBStore, keep: int | None = None) -> None:
     """Writer only: delete name index files other than generation ``keep``, and temp files a crashed
     save left."""
-    _cleanup_derived(store.path, "names", (".npz", ".json"), keep)
+    _ON_DISK.cleanup(store.path, keep)
 
 
 def build(store: KBStore) -> tuple[NameIndex, int]:
     """The names of the committed rows in whole blocks, parsed a block at a time, saved."""
-    rows = _whole_blocks(store)
+    rows = _whole_block_rows(store._manifest)
     index = NameIndex.of(store._st().phys.stream(0, rows))  # rows 0, 1, ...
     save(store, index, rows)
     return index, rows
@@ -275,9 +255,9 @@ def current(store: KBStore) -> NameIndex:
         index, covered = _load(store)
         if index is None:
             index, covered = build(store)
-        elif _whole_blocks(store) - covered > max(REFRESH_ROWS, covered // 20):
-            index.add(st.phys.stream(covered, _whole_blocks(store)), covered)
-            covered = _whole_blocks(store)
+        elif _whole_block_rows(store._manifest) - covered > max(REFRESH_ROWS, covered // 20):
+            index.add(st.phys.stream(covered, _whole_block_rows(store._manifest)), covered)
+            covered = _whole_block_rows(store._manifest)
             save(store, index, covered)
         cached = store._names = [triples_file, index, covered]
     index, covered = cached[1], min(cached[2], len(st.phys))  # fewer rows: a failed change was rolled back
@@ -289,15 +269,10 @@ def current(store: KBStore) -> NameIndex:
 
 def status(store: KBStore) -> str:
     """One line for `kblam kb inspect`: which saved name index a question would load, or why none."""
-    saved = _saved(store.path)
-    if not saved:
+    newest = _ON_DISK.newest(store.path, lambda info, npz: _problem(store, info, npz))
+    if newest is None:
         return "none saved (built with the first question)"
-    generation, record = saved[0]
-    try:
-        info = json.loads(record.read_text(encoding="utf-8"))
-        problem = _problem(store, info, _files(store.path, generation)[0]) if isinstance(info, dict) else "not JSON"
-    except (OSError, ValueError) as err:
-        problem = str(err)
+    record, info, problem = newest
     if problem is not None:
         return f"unusable, rebuilt with the next question: {record.name}: {problem}"
     added = int(store._manifest["rows"]) - info["rows"]

@@ -44,7 +44,6 @@ import hashlib
 import io
 import json
 import os
-import re
 import zipfile
 import zlib
 from pathlib import Path
@@ -57,9 +56,10 @@ from kblam.store.files import (
     _VERIFIED,
     _block_key,
     _Blocks,
-    _cleanup_derived,
     _damage,
+    _DerivedFiles,
     _pread_all,
+    _whole_block_rows,
 )
 
 if TYPE_CHECKING:
@@ -67,8 +67,8 @@ if TYPE_CHECKING:
 
 FORMAT = "kblam-row-sums"
 KINDS = ("keys", "values")  # embedding rows; the triples' lines are kept apart
-_FILES = (*KINDS, "triples")
-_RECORD = re.compile(r"^rowsums-(\d+)\.json$")
+_DATA = (*KINDS, "triples")
+_ON_DISK = _DerivedFiles("rowsums", ".npz")
 # Reads of more rows than this are checked by block: a read that large touches most blocks anyway, and a
 # crc32 a row is a Python call a row (about 0.5 us) where a block's sha256 is one call.
 MOST_ROWS = 65_536
@@ -102,27 +102,12 @@ class RowSums:
 # ------------------------------------------------------------------------------------------ files
 
 
-def _files(folder: Path, generation: int) -> tuple[Path, Path]:
-    return folder / f"rowsums-{generation:08d}.npz", folder / f"rowsums-{generation:08d}.json"
-
-
-def _saved(folder: Path) -> list[tuple[int, Path]]:
-    """(generation, record path) of every saved checksum file in the folder, newest first."""
-    found = [(int(m.group(1)), folder / name) for name in os.listdir(folder) if (m := _RECORD.match(name))]
-    return sorted(found, reverse=True)
-
-
-def _whole_blocks(store: KBStore) -> int:
-    br = int(store._manifest["block_rows"])
-    return int(store._manifest["rows"]) // br * br
-
-
 def _fingerprint(store: KBStore, rows: int) -> str:
     """The manifest's sha256s of the blocks of the three data files that rows [0, rows) fill."""
     m = store._manifest
     br = int(m["block_rows"])
-    h = hashlib.sha256((":".join(m["files"][kind]["name"] for kind in _FILES) + f":{rows}:").encode())
-    for kind in _FILES:  # one update a file: 12,000 small ones took 13 ms at a million rows (measured while developing)
+    h = hashlib.sha256((":".join(m["files"][kind]["name"] for kind in _DATA) + f":{rows}:").encode())
+    for kind in _DATA:  # one update a file: 12,000 small ones took 13 ms at a million rows (measured while developing)
         h.update("".join(str(sha) for _, sha in m["files"][kind]["blocks"][:rows // br]).encode())
     return h.hexdigest()
 
@@ -132,7 +117,7 @@ def _problem(store: KBStore, info: dict, npz: Path) -> str | None:
     m = store._manifest
     if info.get("format") != FORMAT:
         return "not a kblam row checksum record"
-    files = [m["files"][kind]["name"] for kind in _FILES]
+    files = [m["files"][kind]["name"] for kind in _DATA]
     if info.get("files") != files:
         return f"it covers {info.get('files')}, the store's rows are in {files} now"
     rows = info.get("rows")
@@ -149,14 +134,14 @@ def _problem(store: KBStore, info: dict, npz: Path) -> str | None:
 
 def _load(store: KBStore) -> RowSums | None:
     """The newest usable saved checksums, or None."""
-    for generation, record in _saved(store.path):
-        npz = _files(store.path, generation)[0]
+    for generation, record in _ON_DISK.saved(store.path):
+        npz = _ON_DISK.paths(store.path, generation)[0]
         try:
             info = json.loads(record.read_text(encoding="utf-8"))
             if not isinstance(info, dict) or _problem(store, info, npz) is not None:
                 continue
             with np.load(npz, allow_pickle=False) as data:
-                sums, offsets = {kind: data[kind] for kind in _FILES}, data["offsets"]
+                sums, offsets = {kind: data[kind] for kind in _DATA}, data["offsets"]
             if (all(s.dtype == np.uint32 and s.shape == (info["rows"],) for s in sums.values())
                     and offsets.dtype == np.int64 and offsets.shape == (info["rows"] + 1,)):
                 return RowSums(sums, offsets, info["rows"])
@@ -169,14 +154,14 @@ def save(store: KBStore, sums: RowSums) -> bool:
     """Save the checksums for this generation; the writer then drops older files. Best effort: False if
     the folder cannot be written."""
     generation = store.generation
-    npz, record = _files(store.path, generation)
+    npz, record = _ON_DISK.paths(store.path, generation)
     data = io.BytesIO()
     np.savez(data, offsets=sums.offsets, **sums.sums)
     payload = data.getvalue()
     try:
         _atomic_write(npz, payload)
         info = {"format": FORMAT, "version": 1, "generation": generation,
-                "files": [store._manifest["files"][kind]["name"] for kind in _FILES], "rows": sums.rows,
+                "files": [store._manifest["files"][kind]["name"] for kind in _DATA], "rows": sums.rows,
                 "fingerprint": _fingerprint(store, sums.rows),
                 "bytes": len(payload), "sha256": hashlib.sha256(payload).hexdigest()}
         _atomic_write(record, json.dumps(info, indent=1) + "\n")  # the record makes the file visible
@@ -189,7 +174,7 @@ def save(store: KBStore, sums: RowSums) -> bool:
 
 def cleanup(store: KBStore, keep: int | None = None) -> None:
     """Writer only: delete checksum files other than generation ``keep``, and temp files a crashed save left."""
-    _cleanup_derived(store.path, "rowsums", (".npz", ".json"), keep)
+    _ON_DISK.cleanup(store.path, keep)
 
 
 def build(store: KBStore, progress=None) -> RowSums:
@@ -198,9 +183,9 @@ def build(store: KBStore, progress=None) -> RowSums:
     Raises KBStoreError naming the damaged rows, as reading them would. ``progress``: called with the rows
     of each embedding block done."""
     m = store._manifest
-    rows, br, row_bytes = _whole_blocks(store), int(m["block_rows"]), int(m["dim"]) * 2
+    rows, br, row_bytes = _whole_block_rows(store._manifest), int(m["block_rows"]), int(m["dim"]) * 2
     sums, offsets = {}, np.zeros(rows + 1, np.int64)
-    for kind in _FILES:
+    for kind in _DATA:
         table = _Blocks.from_meta(m["files"][kind], br)
         fh = store._snap.handles[kind]
         st, out, bad = os.fstat(fh.fileno()), np.empty(rows, np.uint32), []
@@ -247,15 +232,10 @@ def current(store: KBStore) -> RowSums | None:
 
 def status(store: KBStore) -> str:
     """One line for `kblam kb inspect`: which saved checksums a read would use, or why none."""
-    saved = _saved(store.path)
-    if not saved:
+    newest = _ON_DISK.newest(store.path, lambda info, npz: _problem(store, info, npz))
+    if newest is None:
         return "none saved (KBStore.check() or kblam kb index saves them; reads check whole blocks)"
-    generation, record = saved[0]
-    try:
-        info = json.loads(record.read_text(encoding="utf-8"))
-        problem = _problem(store, info, _files(store.path, generation)[0]) if isinstance(info, dict) else "not JSON"
-    except (OSError, ValueError) as err:
-        problem = str(err)
+    record, info, problem = newest
     if problem is not None:
         return f"unusable, reads check whole blocks until the next check(): {record.name}: {problem}"
     added = int(store._manifest["rows"]) - info["rows"]
