@@ -63,9 +63,9 @@ class KBService:
         # The writer encodes with its own encoder object: a fast tokenizer must not be shared with the
         # answering thread (concurrent calls fail with "Already borrowed").
         self._writer = KBStore.open(self.path, encoder)
-        # Paid here, once, not by the first questions and edits: every embedding block's checksum (else
-        # each question checks its candidates' blocks on their first read: 0.203 s to the first token
-        # against 0.154 s at a million triples, benchmarks/speed.py) and the name index (built if missing).
+        # Paid here, once, not by the first questions and edits: every block's checksum, and each row's
+        # saved for later processes (kblam.store.rowsums; without them each question hashes its
+        # candidates' blocks on their first read: docs/performance.md), and the name index (built if missing).
         self._writer.check()
         self._writer.entity_names()
         self._lock = threading.Lock()

@@ -119,14 +119,15 @@ if TYPE_CHECKING:
 
 # A store of more rows than this looks up the triples a small change touches through its name index
 # (KBStore._slots) instead of reading every triple first: a process's first edit of a million-triple
-# store and a question took 5.7 to 10.3 s reading them all, 0.8 to 1.0 s through the index
+# store and a question took 5.7 to 10.3 s reading them all, 0.8 to 1.3 s through the index
 # (benchmarks/speed.py); reading is linear in the rows, a twentieth of that at 50,000.
 SLOT_MAP_ROWS = 50_000
 
 # Rows per checksum block. A block is checked whole the first time any of its rows is read, and a
 # question's 256 candidates are spread over as many blocks: 256 rows (192 KB of 384-d keys) keep the
 # first questions over a million-row store from hashing most of its 1.5 GB of embeddings (4096 rows
-# did), for a manifest of ~12,000 block entries (~1 MB) at that size.
+# did), for a manifest of ~12,000 block entries (~1 MB) at that size. Once check() has saved each row's
+# own checksum (kblam.store.rowsums), reads check rows instead.
 BLOCK_ROWS = 256
 BATCH_SIZE = 4096  # triples encoded and appended per step of add()/rebuild()
 # The bytes of a stored line around its three strings: {"name":"","property":"","value":""}

@@ -8,7 +8,8 @@ reads rather than the whole blocks that the manifest's checksums cover.
 Why: the manifest keeps a sha256 per block of 256 rows (the commit's own record), which can only be
 checked by reading the whole block. A question over a million-triple store reads 256 candidate rows of
 keys and of values, spread over about as many blocks: each of a new process's first questions hashed
-about 100 MB (benchmarks/speed.py: 0.203 s to the first token, 0.154 s once every block was checked).
+about 100 MB (benchmarks/speed.py, a new process: 0.209 s to the first token without these checksums,
+0.165 s with them; docs/performance.md).
 With a crc32 per row it reads and checks its 512 rows of 768 bytes. The candidates' triples too: each
 line's offset and crc32 are kept, so a triple is read as its own line, not by reading, hashing and
 splitting its block of 256 lines first (about 10 ms a question at a million triples, measured while
