@@ -688,9 +688,9 @@ class KBStore:
             rowsums.build(self, progress=lambda rows: bar.update(rows / 2))  # keys, then values
             self._check("keys")  # the last, partial block (rowsums covers whole ones)
             self._check("values")
-            st = self._st()
-            if len(st.phys) > 0:
-                st.phys[len(st.phys) - 1]  # the triples' last block, read and checked
+            committed = self._st().phys.rows
+            if committed:
+                self._st().phys[committed - 1]  # the triples' last (maybe partial) block, read and checked
 
     def verify(self) -> None:
         """Re-read every committed byte of this generation and compare with the manifest's checksums.
