@@ -79,6 +79,7 @@ def test_round_trip_on_a_small_store(tmp_path, capsys, encoders):
 
     code, out, _ = run(capsys, "kb", "verify", store)
     assert code == 0 and "ok: 39 triples" in out and "match their checksums" in out
+    assert "row checksums: none saved" in out
     code, out, _ = run(capsys, "kb", "inspect", store)
     assert code == 0 and "(KB store, format 1" in out and "triples:          39 (6 replaced or removed" in out
     assert "name index:       none saved (built with the first question)" in out
