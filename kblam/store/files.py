@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import os
 import re
@@ -17,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from kblam.kb import KBFormatError, Triple
+from kblam.kb import KBFormatError, Triple, _atomic_write
 
 try:
     import fcntl
@@ -385,6 +386,33 @@ class _DerivedFiles:
     def cleanup(self, folder: Path, keep: int | None) -> None:
         """Writer only: see _cleanup_derived."""
         _cleanup_derived(folder, self.prefix, (self.suffix, ".json"), keep)
+
+    def save_npz(self, store, arrays: dict[str, np.ndarray], info: dict) -> tuple[Path, dict] | None:
+        """Save ``arrays`` (numpy's .npz) and their record (``info`` with the generation and the file's size
+        and sha256) for the store's generation; the writer then drops older files. (data file, record) as
+        written; None when the folder cannot be written (read-only, a full disk: what was built still
+        serves this process)."""
+        generation = store.generation
+        data_file, record = self.paths(store.path, generation)
+        buffer = io.BytesIO()
+        np.savez(buffer, **arrays)
+        payload = buffer.getvalue()  # 17 to 20 MB at a million triples: hashed here, not read back
+        info = {**info, "generation": generation, "bytes": len(payload), "sha256": hashlib.sha256(payload).hexdigest()}
+        try:
+            _atomic_write(data_file, payload)
+            _atomic_write(record, json.dumps(info, indent=1) + "\n")  # the record makes the file visible
+        except OSError:
+            return None
+        if not store.readonly:
+            self.cleanup(store.path, keep=generation)
+        return data_file, info
+
+
+def _block_shas(meta: dict, blocks: int) -> bytes:
+    """The manifest's sha256s of a data file's first ``blocks`` blocks, joined: what a derived file's
+    fingerprint hashes (in one update: 12,000 small ones took 13 ms at a million rows, measured while
+    developing)."""
+    return "".join(str(sha) for _, sha in meta["blocks"][:blocks]).encode()
 
 
 def _whole_block_rows(manifest: dict) -> int:

@@ -39,7 +39,14 @@ import numpy as np
 
 from kblam.kb import _atomic_write
 from kblam.prefilter import KBPrefilter
-from kblam.store.files import _I64, _derived_file_problem, _DerivedFiles, _pread_all, _sha256_file
+from kblam.store.files import (
+    _I64,
+    _block_shas,
+    _derived_file_problem,
+    _DerivedFiles,
+    _pread_all,
+    _sha256_file,
+)
 
 if TYPE_CHECKING:
     from kblam.store.core import KBStore
@@ -68,7 +75,7 @@ def _fingerprint(store: KBStore, rows: int) -> str:
     meta, br = m["files"]["keys"], int(m["block_rows"])
     full = rows // br
     h = hashlib.sha256(f"{meta['name']}:{rows}:{m['dim']}:".encode())
-    h.update("".join(str(sha) for _, sha in meta["blocks"][:full]).encode())  # one update, not one a block
+    h.update(_block_shas(meta, full))
     if rows % br:
         store._check("keys", np.asarray([rows - 1]))  # a damaged block is that error, not "another store"
         start, size = full * br * int(m["dim"]) * 2, (rows % br) * int(m["dim"]) * 2

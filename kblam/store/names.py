@@ -38,7 +38,6 @@ reason about).
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 from collections.abc import Iterable
 from pathlib import Path
@@ -46,8 +45,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from kblam.kb import _atomic_write, words
-from kblam.store.files import _derived_file_problem, _DerivedFiles, _whole_block_rows
+from kblam.kb import words
+from kblam.store.files import _block_shas, _derived_file_problem, _DerivedFiles, _whole_block_rows
 
 if TYPE_CHECKING:
     from kblam.store.core import KBStore
@@ -164,7 +163,7 @@ def _fingerprint(store: KBStore, rows: int) -> str:
     m = store._manifest
     meta, br = m["files"]["triples"], int(m["block_rows"])
     h = hashlib.sha256(f"{meta['name']}:{rows}:".encode())
-    h.update("".join(str(sha) for _, sha in meta["blocks"][:rows // br]).encode())  # one update, not 4,000
+    h.update(_block_shas(meta, rows // br))
     return h.hexdigest()
 
 
@@ -210,25 +209,16 @@ def _load(store: KBStore) -> tuple[NameIndex | None, int]:
 def save(store: KBStore, index: NameIndex, rows: int) -> bool:
     """Save ``index`` (the names of physical rows [0, rows), whole blocks, and maybe more) for this
     generation; the writer then drops older files. Best effort: False if the folder cannot be written."""
-    generation = store.generation
-    npz, record = _ON_DISK.paths(store.path, generation)
     names, firsts, row_keys, rows_table = index.arrays()
-    data = io.BytesIO()
-    np.savez(data, names=names, firsts=firsts, row_keys=row_keys, rows=rows_table)
-    payload = data.getvalue()  # 17 MB at a million triples: hashed here, not read back
-    try:
-        _atomic_write(npz, payload)
-        info = {"format": FORMAT, "version": 1, "generation": generation,
-                "triples_file": store._manifest["files"]["triples"]["name"], "rows": rows,
-                "fingerprint": _fingerprint(store, rows), "names": len(names),
-                "properties": None if index.properties is None else sorted(index.properties),
-                "bytes": len(payload), "sha256": hashlib.sha256(payload).hexdigest()}
-        _atomic_write(record, json.dumps(info, indent=1) + "\n")  # the record makes the file visible
-    except OSError:  # a read-only folder, a full disk: the index still serves this process
+    info = {"format": FORMAT, "version": 1, "triples_file": store._manifest["files"]["triples"]["name"],
+            "rows": rows, "fingerprint": _fingerprint(store, rows), "names": len(names),
+            "properties": None if index.properties is None else sorted(index.properties)}
+    saved = _ON_DISK.save_npz(store, {"names": names, "firsts": firsts, "row_keys": row_keys, "rows": rows_table},
+                              info)
+    if saved is None:
         return False
+    npz, info = saved
     _CHECKED.add((str(npz), npz.stat().st_ino, info["bytes"], info["sha256"]))
-    if not store.readonly:
-        cleanup(store, keep=generation)
     return True
 
 
@@ -255,9 +245,9 @@ def current(store: KBStore) -> NameIndex:
         index, covered = _load(store)
         if index is None:
             index, covered = build(store)
-        elif _whole_block_rows(store._manifest) - covered > max(REFRESH_ROWS, covered // 20):
-            index.add(st.phys.stream(covered, _whole_block_rows(store._manifest)), covered)
-            covered = _whole_block_rows(store._manifest)
+        elif (whole := _whole_block_rows(store._manifest)) - covered > max(REFRESH_ROWS, covered // 20):
+            index.add(st.phys.stream(covered, whole), covered)
+            covered = whole
             save(store, index, covered)
         cached = store._names = [triples_file, index, covered]
     index, covered = cached[1], min(cached[2], len(st.phys))  # fewer rows: a failed change was rolled back
