@@ -10,6 +10,7 @@ differences measured. Taking turns pass by pass (each round starting one variant
 second weighs on every variant alike. The cache grows by one token a pass, for all of them.
 
 - kb: kblam as it is;
+- kb_torch_products: the KB's products by torch.bmm instead of kblam.few_rows' kernel (one thread);
 - kb_q_proj_again: the low-rank KB query heads multiply by q_proj again instead of taking the base's
   q_proj output (kblam.model's q_proj catch off);
 - kb_values_by_dim: the KB values in the usual (token, dim) layout instead of kblam.kb_cache's
@@ -44,6 +45,7 @@ def main() -> None:
     import torch
     from speed import _load, _questions, _real_kb
 
+    from kblam import few_rows
     from kblam.adapter import LowRankQuery
     from kblam.defaults import cache_dir
     from kblam.encoder import KBEmbeddings
@@ -71,6 +73,7 @@ def main() -> None:
     # name: (KB states or None, their layers' layout, the query heads' forward)
     variants = {
         "kb": (states, "kept", catching),
+        "kb_torch_products": (states, "kept", catching),
         "kb_q_proj_again": (states, "kept", again),
         "kb_values_by_dim": (states, "values_by_dim", catching),
         "kb_keys_by_token": (states, "keys_by_token", catching),
@@ -93,6 +96,7 @@ def main() -> None:
                 if kb_states is states:
                     states.layers = layouts[layout]
                 LowRankQuery.forward = forward
+                few_rows.ENABLED = name != "kb_torch_products"
                 mask = torch.cat([mask, mask.new_ones(1, 1)], dim=1)
                 attached = model.attach(kb_states, questions=[question]) if kb_states is not None \
                     else contextlib.nullcontext()
@@ -102,7 +106,7 @@ def main() -> None:
                         out = model.base(input_ids=token, attention_mask=mask, past_key_values=cache, use_cache=True)
                         times[name].append(time.perf_counter() - start)
                 finally:
-                    states.layers, LowRankQuery.forward = kept, catching
+                    states.layers, LowRankQuery.forward, few_rows.ENABLED = kept, catching, True
                 cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
     out = {"triples": args.triples, "rounds": args.rounds, "state_dtype": str(model.kb_cache.dtype).removeprefix("torch."),
            "pass_ms": {name: round(statistics.median(t) * 1e3, 2) for name, t in times.items()}}

@@ -37,6 +37,8 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
 
+from kblam import few_rows
+
 SUPPORTED_BASES = ("sdpa", "eager")
 # Batch x heads x recorded rows x knowledge tokens kept from the first chunked pass (134 MB of float32 at most,
 # for one layer): 16 questions over 10,000 triples fit, and keeping is cheaper than a second pass's products.
@@ -119,6 +121,8 @@ def _per_head(rows: torch.Tensor, kb: torch.Tensor) -> torch.Tensor:
     """
     if torch.is_grad_enabled():
         return torch.matmul(rows, kb)
+    if rows.dtype == torch.float32 and kb.dtype == torch.bfloat16:  # _with_kb chose the few-rows kernel
+        return few_rows.product(rows, kb)
     if kb.is_contiguous() or kb.transpose(-1, -2).is_contiguous():
         # The whole KB (no chunk): a batched product reads it without a copy, and streams it from memory
         # faster than three 2-D products (a decoding step over 10,000 triples: 3.3 against 4.0 ms for the
@@ -143,9 +147,12 @@ def _with_kb(product: Callable, x: torch.Tensor, kb_part: torch.Tensor) -> torch
     bfloat16 for the caller's next operation (bias, accumulation) to widen: this CPU's AVX512-BF16
     products run up to 5x faster than float32 ones, and nothing of the KB's size is converted
     (docs/performance.md measures what it costs in answers). float16 states are widened to x's dtype
-    (CPUs lack fast float16 products).
+    (CPUs lack fast float16 products). A few query rows on one thread (a decoding step) keep float32 and go
+    through kblam.few_rows, which reads the bfloat16 states at the memory's rate; its result is float32.
     """
     if kb_part.dtype == torch.bfloat16 and x.dtype != torch.bfloat16:
+        if few_rows.fits(x.shape[0] * x.shape[1] * x.shape[2] // kb_part.shape[1], kb_part):
+            return product(x.float(), kb_part)
         return product(x.to(torch.bfloat16), kb_part)
     return product(x, kb_part.to(x.dtype))
 

@@ -1,0 +1,86 @@
+"""A product of a few float32 query rows with bfloat16 KB states, at the memory's rate, on one CPU thread.
+
+A decoding step asks the KB with a handful of rows per KV head (3 for SmolLM2: 9 query heads over 3 KV
+heads, one token), and a product that small is bound by reading the KB, not by arithmetic. oneDNN's
+bfloat16 products (torch.bmm) reach half that rate for so few rows, whatever the layout (issue 10 tried
+keys x queries, oneDNN's prepacked layout, the keys transposed, chunks, a product per row, float32
+states and torch's fused attention; `benchmarks/kb_products.py`). The loop below reads each bfloat16
+element once, widens it (the top half of a float32) and multiplies it with 3 rows at a time in
+float32: one layer of 10,000 triples, 3 rows, 0.18 ms for the scores against 0.35 for torch.bmm.
+
+numba compiles it (a well-kept JIT: no C compiler needed at the user's, and the machine code is cached
+on disk after the first process). It is optional (the `fast` extra): without numba, or with
+`KBLAM_FEW_ROWS=0` in the environment, or `kblam.few_rows.ENABLED = False`, the attention multiplies
+with torch as before. It runs on one thread: with more torch threads oneDNN splits its products
+between them and is as fast (measured on two), so it is used only with one.
+
+The products are computed in float32 from float32 rows; torch's path rounds the rows to bfloat16 and
+its result to bfloat16. The answers are compared in docs/performance.md.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+# Rows per KV head up to which this beats torch.bmm on one thread (3 and 4: 1.5 to 2x for the scores, 1.1 to
+# 1.3x for the mix; at 7 they are even, at 12 torch is faster: measured over 10,000 triples for issue 10).
+MOST_ROWS = 6
+ENABLED = os.environ.get("KBLAM_FEW_ROWS", "1") != "0"
+
+_kernel = None  # the compiled function, once imported; False when numba is missing or fails
+
+
+def _load():
+    global _kernel
+    if _kernel is None:
+        try:
+            from kblam._few_rows_kernel import rows_dot
+        except Exception:  # numba missing, or not importable with this numpy: torch's products serve
+            _kernel = False
+        else:
+            _kernel = rows_dot
+    return _kernel
+
+
+def fits(rows: int, kb_part: torch.Tensor) -> bool:
+    """Whether a product of `rows` query rows per KV head with this KB part (keys or values, bfloat16,
+    shared by the batch) goes through the kernel."""
+    return (
+        ENABLED
+        and rows <= MOST_ROWS
+        and kb_part.dtype == torch.bfloat16
+        and kb_part.device.type == "cpu"
+        and kb_part.shape[0] == 1
+        and not torch.is_grad_enabled()
+        and torch.get_num_threads() == 1
+        and bool(_load())
+    )
+
+
+def product(rows: torch.Tensor, kb: torch.Tensor) -> torch.Tensor:
+    """(Hkv, R, X) float32 x (Hkv, X, Y) bfloat16 -> (Hkv, R, Y) float32, as torch.bmm would.
+
+    The kernel reads kb as Y rows of X (kb.transpose(-1, -2) contiguous: the keys, or the values laid out
+    (dim, token) as kblam.kb_cache keeps them); another layout is multiplied by torch."""
+    a = kb.transpose(-1, -2)
+    kernel = _load()
+    if not a.is_contiguous() or not kernel:
+        return torch.bmm(rows.to(kb.dtype), kb).float()
+    heads, count, width = rows.shape
+    out = torch.empty(heads, count, a.shape[1])
+    kernel(a.view(torch.int16).numpy().view("uint16"), _row_array(rows.float()), out.numpy())
+    return out
+
+
+def _row_array(x: torch.Tensor):
+    """x (H, R, K) as a C-contiguous numpy array (H, R, S), S >= K, of which the kernel reads the first K
+    columns: a slice of the softmax's columns (the KB's probabilities beside the text's) is read where it
+    lies when its rows are evenly spaced, anything else is copied."""
+    h, r, k = x.shape
+    s = x.stride(1)
+    if x.stride(2) == 1 and s >= k and x.stride(0) == r * s \
+            and x.storage_offset() + h * r * s <= x.untyped_storage().nbytes() // x.element_size():
+        return torch.as_strided(x, (h, r, s), (r * s, s, 1)).numpy()
+    return x.contiguous().numpy()

@@ -1,0 +1,112 @@
+"""Issue 10: kblam.few_rows, the numba product of a decoding step's few query rows with bfloat16 KB states."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_kb_cache import QUESTIONS, _kb, _model
+
+from kblam import few_rows
+from kblam.kb_cache import KBStateCache
+
+pytest.importorskip("numba")
+
+
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _bf16_kb(heads, n, width, layout_rows=True):
+    """(heads, width, n) bfloat16 as the attention hands it over: a transposed view of rows (the keys, the
+    values laid out (dim, token)), or a plain tensor (another layout: torch multiplies it)."""
+    rows = torch.randn(heads, n, width).to(torch.bfloat16)
+    return rows.transpose(-1, -2) if layout_rows else rows.transpose(-1, -2).contiguous()
+
+
+@pytest.mark.parametrize("heads,rows,width,n", [(3, 3, 64, 10_001), (3, 3, 10_001, 64), (2, 4, 64, 37),
+                                                 (1, 1, 5, 3), (3, 5, 130, 9), (4, 6, 8, 4), (2, 2, 16, 1)])
+def test_the_kernel_multiplies_as_torch_does(heads, rows, width, n):
+    x = torch.randn(heads, rows, width)
+    kb = _bf16_kb(heads, n, width)
+    expected = torch.bmm(x, kb.float())  # the same bfloat16 values, in float32
+    got = few_rows.product(x, kb)
+    assert got.dtype == torch.float32 and got.shape == expected.shape
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * width ** 0.5)
+
+
+def test_rows_read_where_they_lie_or_copied():
+    """A slice of a softmax's columns (the KB's beside the text's) is read in place; rows with other strides
+    are copied; both give the product."""
+    kb = _bf16_kb(3, 16, 50)
+    joint = torch.rand(1, 9, 1, 50 + 7)
+    evenly = joint[..., :50].reshape(3, 3, 50)  # the layout _shared_rows gives for one question
+    assert not evenly.is_contiguous()
+    assert few_rows._row_array(evenly).shape == (3, 3, 57)  # the whole rows, in place
+    assert few_rows._row_array(evenly).ctypes.data == joint.data_ptr()
+    spaced = torch.rand(3, 8, 50)[:, ::2]  # rows 100 apart: read in place too
+    assert few_rows._row_array(spaced).shape == (3, 4, 100)
+    uneven = torch.rand(3, 50, 4).transpose(1, 2)  # columns apart: copied
+    assert few_rows._row_array(uneven).shape == (3, 4, 50)
+    for x in (evenly, spaced, uneven):
+        torch.testing.assert_close(few_rows.product(x, kb), torch.bmm(x, kb.float()), rtol=1e-5, atol=1e-4)
+
+
+def test_another_layout_is_multiplied_by_torch():
+    x, kb = torch.randn(2, 3, 16), _bf16_kb(2, 10, 16, layout_rows=False)
+    calls = []
+    kernel = few_rows._load()
+    few_rows._kernel = lambda *a: calls.append(1) or kernel(*a)
+    try:
+        got = few_rows.product(x, kb)
+    finally:
+        few_rows._kernel = kernel
+    assert not calls
+    torch.testing.assert_close(got, torch.bmm(x.to(torch.bfloat16), kb).float())
+
+
+def test_it_serves_a_few_rows_on_one_thread_without_autograd(one_thread, monkeypatch):
+    keys = torch.zeros(1, 3, 100, 8, dtype=torch.bfloat16)
+    assert not few_rows.fits(3, keys)  # autograd: training keeps torch's products
+    with torch.no_grad():
+        assert few_rows.fits(3, keys)
+        assert not few_rows.fits(few_rows.MOST_ROWS + 1, keys)  # a prompt, a batch: oneDNN's products are faster
+        assert not few_rows.fits(3, keys.float())
+        assert not few_rows.fits(3, keys.expand(2, -1, -1, -1))  # one KB per question
+        torch.set_num_threads(2)
+        assert not few_rows.fits(3, keys)  # oneDNN splits its products between threads
+        torch.set_num_threads(1)
+        monkeypatch.setattr(few_rows, "ENABLED", False)
+        assert not few_rows.fits(3, keys)
+
+
+def test_decoding_through_the_kernel_answers_as_torch_products(hash_encoder, one_thread, monkeypatch):
+    """A tiny model with bfloat16 KB states: each decoding step goes through the kernel (2 rows per KV
+    head), and generation picks the tokens of torch's products, with close scores; ask's answers (a prompt
+    and a quoted span read in one pass: more rows, torch's products) stay the same."""
+    model = _model(hash_encoder)
+    model.kb_cache = KBStateCache(dtype=torch.bfloat16)
+    kb = _kb(40)
+    calls = []
+    kernel = few_rows._load()
+    monkeypatch.setattr(few_rows, "_kernel", lambda *a: calls.append(1) or kernel(*a))
+    prompt = model.tokenizer([model.format_prompt(QUESTIONS[0])], return_tensors="pt", add_special_tokens=False)
+    out = {}
+    for enabled in (True, False):
+        monkeypatch.setattr(few_rows, "ENABLED", enabled)
+        calls.clear()
+        out[enabled] = model.generate(**prompt, kb=kb, questions=QUESTIONS[:1], max_new_tokens=6, min_new_tokens=6,
+                                      do_sample=False, output_scores=True, return_dict_in_generate=True)
+        # 5 one-token steps after the prompt, each with the scores and the mix of every KB layer
+        assert len(calls) == (5 * 2 * len(model.config.kb_layers) if enabled else 0)
+    assert torch.equal(out[True].sequences, out[False].sequences)
+    for a, b in zip(out[True].scores, out[False].scores, strict=True):
+        torch.testing.assert_close(a, b, atol=0.05, rtol=0.02)
+
+    answers = model.ask(list(QUESTIONS), kb, max_new_tokens=8, min_confidence=0.0)
+    monkeypatch.setattr(few_rows, "ENABLED", True)
+    again = model.ask(list(QUESTIONS), kb, max_new_tokens=8, min_confidence=0.0)
+    assert [(a.text, a.quoted, a.refused) for a in answers] == [(a.text, a.quoted, a.refused) for a in again]
