@@ -13,7 +13,9 @@ keys first (warming the cache on purpose) and the scores and mix with the states
 (the layout torch's inductor uses for frozen weights; kblam keeps the plain one, which chunks and edits
 slice). Then other ways to the same scores, from memory: keys x queries, float32 states, a product
 per chunk of 2,048 knowledge tokens, the KV heads as one block-diagonal product, a product per query
-row, and torch's fused attention over the KB part. Prints one JSON object of milliseconds.
+row, and torch's fused attention over the KB part. Last, kblam.few_rows' kernel (numba, the `fast`
+extra), which kblam uses for such products on one thread: the scores and the mix from float32 rows, cold.
+Prints one JSON object of milliseconds.
 """
 
 from __future__ import annotations
@@ -89,6 +91,15 @@ def main() -> None:
                                                for h in range(heads)], True)
     except (AttributeError, RuntimeError) as error:  # a torch build without oneDNN's linear ops
         out["prepacked_scores_cold"] = out["prepacked_mix_cold"] = f"unavailable: {error}"
+
+    from kblam import few_rows
+
+    if few_rows._load():
+        rows_f32, probs_f32 = queries.float(), probs.float()
+        runs["few_rows_scores_cold"] = (lambda: few_rows.product(rows_f32, keys_t), True)
+        runs["few_rows_mix_cold"] = (lambda: few_rows.product(probs_f32, values), True)
+    else:
+        out["few_rows_scores_cold"] = out["few_rows_mix_cold"] = "unavailable: numba is not installed"
 
     # Every product once per round, in turn, so that the machine's drifts weigh on all of them alike.
     times: dict[str, list[float]] = {name: [] for name in runs}
