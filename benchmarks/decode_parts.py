@@ -10,7 +10,11 @@ differences measured. Taking turns pass by pass (each round starting one variant
 second weighs on every variant alike. The cache grows by one token a pass, for all of them.
 
 - kb: kblam as it is;
-- kb_torch_products: the KB's products by torch.bmm instead of kblam.few_rows' kernel (one thread);
+- kb_torch_products: the KB's products by torch.bmm instead of kblam.few_rows' kernel (one thread), and
+  the general path below;
+- kb_general_step: the kernel's products, but rectangular_attention's general path instead of its
+  one-question step (kblam.attention._one_question_step: the logits side by side in one buffer, the bias
+  added by the kernel);
 - kb_q_proj_again: the low-rank KB query heads multiply by q_proj again instead of taking the base's
   q_proj output (kblam.model's q_proj catch off);
 - kb_values_by_dim: the KB values in the usual (token, dim) layout instead of kblam.kb_cache's
@@ -45,7 +49,7 @@ def main() -> None:
     import torch
     from speed import _load, _questions, _real_kb
 
-    from kblam import few_rows
+    from kblam import attention, few_rows
     from kblam.adapter import LowRankQuery
     from kblam.defaults import cache_dir
     from kblam.encoder import KBEmbeddings
@@ -66,6 +70,10 @@ def main() -> None:
                           for layer, (k, v) in kept.items()},
     }
     catching = LowRankQuery.forward
+    one_step = attention._is_one_question_step
+
+    def never(*args):
+        return False
 
     def again(self, hidden, base=None):  # the q_proj catch ignored: q_proj multiplied again
         return catching(self, hidden)
@@ -74,6 +82,7 @@ def main() -> None:
     variants = {
         "kb": (states, "kept", catching),
         "kb_torch_products": (states, "kept", catching),
+        "kb_general_step": (states, "kept", catching),
         "kb_q_proj_again": (states, "kept", again),
         "kb_values_by_dim": (states, "values_by_dim", catching),
         "kb_keys_by_token": (states, "keys_by_token", catching),
@@ -97,6 +106,7 @@ def main() -> None:
                     states.layers = layouts[layout]
                 LowRankQuery.forward = forward
                 few_rows.ENABLED = name != "kb_torch_products"
+                attention._is_one_question_step = never if name in ("kb_torch_products", "kb_general_step") else one_step
                 mask = torch.cat([mask, mask.new_ones(1, 1)], dim=1)
                 attached = model.attach(kb_states, questions=[question]) if kb_states is not None \
                     else contextlib.nullcontext()
@@ -107,6 +117,7 @@ def main() -> None:
                         times[name].append(time.perf_counter() - start)
                 finally:
                     states.layers, LowRankQuery.forward, few_rows.ENABLED = kept, catching, True
+                    attention._is_one_question_step = one_step
                 cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
     out = {"triples": args.triples, "rounds": args.rounds, "state_dtype": str(model.kb_cache.dtype).removeprefix("torch."),
            "pass_ms": {name: round(statistics.median(t) * 1e3, 2) for name, t in times.items()}}

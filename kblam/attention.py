@@ -213,6 +213,8 @@ def rectangular_attention(
     q_kb = kb_query(module, kb, head_dim).to(query.dtype) * scaling
     if kb.chunk_size is not None:
         return _chunked_attention(module, q_kb, query, key, value, attention_mask, scaling, dropout, kb)
+    if _is_one_question_step(module, query, key, attention_mask, kb):
+        return _one_question_step(q_kb, query, key, value, scaling, kb), None
 
     kb_logits = _kb_logits(module, q_kb, kb, 0, kb.keys.shape[2]).to(query.dtype)
     text_logits = _softcap(_grouped_scores(query, key) * scaling, module)
@@ -226,6 +228,33 @@ def rectangular_attention(
         kb.record([(0, kb_probs if kb.record_rows is None else kb_probs[:, :, kb.record_rows])])
     out = _grouped_mix(text_probs, value) + _with_kb(_grouped_mix, kb_probs, kb.values)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _is_one_question_step(module, query, key, attention_mask, kb: KBLayerInputs) -> bool:
+    """A decoding step of one question (one token, no padding mask, no autograd, no soft-capping) over a KB
+    that kblam.few_rows multiplies."""
+    b, h, n, _ = query.shape
+    return (b == 1 and n == 1 and attention_mask is None and key.shape[0] == 1 and query.dtype == torch.float32
+            and getattr(module, "attn_logit_softcapping", None) is None and not module.training
+            and few_rows.fits(h // key.shape[1], kb.keys))
+
+
+def _one_question_step(q_kb, query, key, value, scaling, kb: KBLayerInputs) -> torch.Tensor:
+    """rectangular_attention's joint softmax for _is_one_question_step, in fewer passes: the kernel writes the
+    KB logits with their bias and the text logits follow in the same buffer (no bias pass, no
+    concatenation), one softmax, the two mixes. A decoding step's operations each cost several
+    microseconds whatever their size, with the caches cold after the base's weights went through them."""
+    _, h, _, d = query.shape
+    hkv, m = key.shape[1], kb.keys.shape[2]
+    g = h // hkv
+    logits = query.new_empty(hkv, g, m + key.shape[2])  # (KV head, group, KB | text): (1, H, 1, M + L) for one token
+    few_rows.product(q_kb.reshape(hkv, g, d), kb.keys[0].transpose(-1, -2), bias=kb.bias, out=logits)
+    torch.bmm(query.reshape(hkv, g, d) * scaling, key[0].transpose(-1, -2), out=logits[..., m:])
+    probs = torch.softmax(logits, dim=-1)
+    if kb.record is not None:
+        kb.record([(0, probs[..., :m].reshape(1, h, 1, m))])
+    out = few_rows.product(probs[..., :m], kb.values[0]) + torch.bmm(probs[..., m:], value[0])
+    return out.view(1, 1, h, d)
 
 
 def _kb_logits(module: nn.Module, q_kb: torch.Tensor, kb: KBLayerInputs, start: int, stop: int):

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import torch
 
 # Rows per KV head up to which this beats torch.bmm on one thread (3 and 4: 1.5 to 2x for the scores, 1.1 to
@@ -29,6 +30,7 @@ import torch
 MOST_ROWS = 6
 ENABLED = os.environ.get("KBLAM_FEW_ROWS", "1") != "0"
 
+_NO_BIAS = np.zeros(0, np.float32)
 _kernel = None  # the compiled function, once imported; False when numba is missing or fails
 
 
@@ -59,19 +61,33 @@ def fits(rows: int, kb_part: torch.Tensor) -> bool:
     )
 
 
-def product(rows: torch.Tensor, kb: torch.Tensor) -> torch.Tensor:
-    """(Hkv, R, X) float32 x (Hkv, X, Y) bfloat16 -> (Hkv, R, Y) float32, as torch.bmm would.
+def product(rows: torch.Tensor, kb: torch.Tensor, *, bias: float | torch.Tensor | None = None,
+            out: torch.Tensor | None = None) -> torch.Tensor:
+    """(Hkv, R, X) float32 x (Hkv, X, Y) bfloat16 -> (Hkv, R, Y) float32, as torch.bmm would, plus `bias`
+    (a number, or Y numbers: the KB logits' bias) when given.
 
-    The kernel reads kb as Y rows of X (kb.transpose(-1, -2) contiguous: the keys, or the values laid out
-    (dim, token) as kblam.kb_cache keeps them); another layout is multiplied by torch."""
+    `out`: (Hkv, R, S) float32, contiguous, S >= Y: the result is written into its first Y columns (the KB's
+    part of a joint softmax's logits) and that slice returned. The kernel reads kb as Y rows of X
+    (kb.transpose(-1, -2) contiguous: the keys, or the values laid out (dim, token) as kblam.kb_cache keeps
+    them); another layout is multiplied by torch."""
     a = kb.transpose(-1, -2)
     kernel = _load()
+    heads, count, _ = rows.shape
+    width = a.shape[1]
     if not a.is_contiguous() or not kernel:
-        return torch.bmm(rows.to(kb.dtype), kb).float()
-    heads, count, width = rows.shape
-    out = torch.empty(heads, count, a.shape[1])
-    kernel(a.view(torch.int16).numpy().view("uint16"), _row_array(rows.float()), out.numpy())
-    return out
+        result = torch.bmm(rows.to(kb.dtype), kb).float()
+        result = result if bias is None else result + bias
+        return result if out is None else out[..., :width].copy_(result)
+    if out is None:
+        out = torch.empty(heads, count, width)
+    if bias is None:
+        add = _NO_BIAS
+    elif torch.is_tensor(bias):
+        add = bias.float().reshape(-1).numpy()
+    else:
+        add = np.full(1, bias, np.float32)
+    kernel(a.view(torch.int16).numpy().view("uint16"), _row_array(rows.float()), out.numpy(), add)
+    return out[..., :width]
 
 
 def _row_array(x: torch.Tensor):

@@ -90,18 +90,23 @@ def test_decoding_through_the_kernel_answers_as_torch_products(hash_encoder, one
     model = _model(hash_encoder)
     model.kb_cache = KBStateCache(dtype=torch.bfloat16)
     kb = _kb(40)
-    calls = []
-    kernel = few_rows._load()
+    from kblam import attention
+
+    calls, steps = [], []
+    kernel, inner = few_rows._load(), attention._one_question_step
     monkeypatch.setattr(few_rows, "_kernel", lambda *a: calls.append(1) or kernel(*a))
+    monkeypatch.setattr(attention, "_one_question_step", lambda *a: steps.append(1) or inner(*a))
     prompt = model.tokenizer([model.format_prompt(QUESTIONS[0])], return_tensors="pt", add_special_tokens=False)
     out = {}
     for enabled in (True, False):
         monkeypatch.setattr(few_rows, "ENABLED", enabled)
         calls.clear()
+        steps.clear()
         out[enabled] = model.generate(**prompt, kb=kb, questions=QUESTIONS[:1], max_new_tokens=6, min_new_tokens=6,
                                       do_sample=False, output_scores=True, return_dict_in_generate=True)
         # 5 one-token steps after the prompt, each with the scores and the mix of every KB layer
         assert len(calls) == (5 * 2 * len(model.config.kb_layers) if enabled else 0)
+        assert len(steps) == (5 * len(model.config.kb_layers) if enabled else 0)  # rectangular_attention's step
     assert torch.equal(out[True].sequences, out[False].sequences)
     for a, b in zip(out[True].scores, out[False].scores, strict=True):
         torch.testing.assert_close(a, b, atol=0.05, rtol=0.02)
@@ -110,3 +115,41 @@ def test_decoding_through_the_kernel_answers_as_torch_products(hash_encoder, one
     monkeypatch.setattr(few_rows, "ENABLED", True)
     again = model.ask(list(QUESTIONS), kb, max_new_tokens=8, min_confidence=0.0)
     assert [(a.text, a.quoted, a.refused) for a in answers] == [(a.text, a.quoted, a.refused) for a in again]
+
+
+def test_a_one_question_step_is_the_general_joint_softmax(one_thread, monkeypatch):
+    """rectangular_attention's one-question step (the logits side by side, the bias added by the kernel)
+    gives the general path's output and recorded KB attention, both through the kernel's products."""
+    from torch import nn
+
+    from kblam import attention
+
+    torch.manual_seed(0)
+    heads, kv_heads, dim, m, length = 6, 2, 8, 37, 5
+    module, head = nn.Module().eval(), nn.Linear(16, heads * dim)
+    hidden = torch.randn(1, 1, 16)
+    kb_keys = torch.randn(1, kv_heads, m, dim).to(torch.bfloat16)
+    kb_values = torch.randn(1, kv_heads, dim, m).to(torch.bfloat16).transpose(-1, -2)  # (dim, token), as kept
+    query, key, value = (torch.randn(1, h, n, dim) for h, n in ((heads, 1), (kv_heads, length), (kv_heads, length)))
+    steps, inner, general = [], attention._one_question_step, attention._is_one_question_step
+    monkeypatch.setattr(attention, "_one_question_step", lambda *a: steps.append(1) or inner(*a))
+
+    def attend(bias):
+        recorded = []
+        inputs = attention.KBLayerInputs(hidden_states=hidden, query_head=head, keys=kb_keys, values=kb_values,
+                                         bias=bias, record=recorded.extend)
+        with torch.no_grad():
+            out, _ = attention.rectangular_attention(module, query, key, value, None, 0.35, kb=inputs)
+        return out, recorded[0][1]
+
+    for bias in (torch.randn(1, 1, 1, m), -1.5):
+        steps.clear()
+        out, probs = attend(bias)
+        assert steps  # the one-question step
+        monkeypatch.setattr(attention, "_is_one_question_step", lambda *a: False)
+        ref_out, ref_probs = attend(bias)
+        monkeypatch.setattr(attention, "_is_one_question_step", general)
+        assert len(steps) == 1 and out.shape == ref_out.shape == (1, 1, heads, dim)
+        assert probs.shape == ref_probs.shape == (1, heads, 1, m)
+        torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(probs, ref_probs, rtol=1e-5, atol=1e-6)
