@@ -76,7 +76,7 @@ def product(rows: torch.Tensor, kb: torch.Tensor, *, bias: float | torch.Tensor 
     width = a.shape[1]
     if not a.is_contiguous() or not kernel:
         result = torch.bmm(rows.to(kb.dtype), kb).float()
-        result = result if bias is None else result + bias
+        result = result if bias is None else result + (bias.reshape(-1) if torch.is_tensor(bias) else bias)
         return result if out is None else out[..., :width].copy_(result)
     if out is None:
         out = torch.empty(heads, count, width)

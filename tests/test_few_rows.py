@@ -62,10 +62,16 @@ def test_another_layout_is_multiplied_by_torch():
     few_rows._kernel = lambda *a: calls.append(1) or kernel(*a)
     try:
         got = few_rows.product(x, kb)
+        bias = torch.randn(1, 1, 1, 10)  # the KB logits' bias, as attached
+        into = torch.zeros(2, 3, 14)
+        with_bias = few_rows.product(x, kb, bias=bias, out=into)
     finally:
         few_rows._kernel = kernel
     assert not calls
-    torch.testing.assert_close(got, torch.bmm(x.to(torch.bfloat16), kb).float())
+    expected = torch.bmm(x.to(torch.bfloat16), kb).float()
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(with_bias, expected + bias[0, 0])
+    assert with_bias.data_ptr() == into.data_ptr() and not into[..., 10:].any()
 
 
 def test_it_serves_a_few_rows_on_one_thread_without_autograd(one_thread, monkeypatch):
