@@ -14,7 +14,8 @@ keys first (warming the cache on purpose) and the scores and mix with the states
 slice). Then other ways to the same scores, from memory: keys x queries, float32 states, a product
 per chunk of 2,048 knowledge tokens, the KV heads as one block-diagonal product, a product per query
 row, and torch's fused attention over the KB part. Last, kblam.few_rows' kernel (numba, the `fast`
-extra), which kblam uses for such products on one thread: the scores and the mix from float32 rows, cold.
+extra), which kblam uses for such products on one thread: the scores and the mix from float32 rows, cold,
+and the scores for 4, 7 and 12 rows a KV head beside torch's.
 Prints one JSON object of milliseconds.
 """
 
@@ -98,6 +99,11 @@ def main() -> None:
         rows_f32, probs_f32 = queries.float(), probs.float()
         runs["few_rows_scores_cold"] = (lambda: few_rows.product(rows_f32, keys_t), True)
         runs["few_rows_mix_cold"] = (lambda: few_rows.product(probs_f32, values), True)
+        # More rows a KV head (another model's group, a batch's questions): where torch catches up.
+        for count in (4, 7, 12):
+            more = torch.randn(heads, count, dim)
+            runs[f"scores_{count}_rows_cold"] = (lambda more=more: torch.bmm(more.bfloat16(), keys_t), True)
+            runs[f"few_rows_scores_{count}_rows_cold"] = (lambda more=more: few_rows.product(more, keys_t), True)
     else:
         out["few_rows_scores_cold"] = out["few_rows_mix_cold"] = "unavailable: numba is not installed"
 

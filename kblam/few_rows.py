@@ -6,7 +6,8 @@ bfloat16 products (torch.bmm) reach half that rate for so few rows, whatever the
 keys x queries, oneDNN's prepacked layout, the keys transposed, chunks, a product per row, float32
 states and torch's fused attention; `benchmarks/kb_products.py`). The loop below reads each bfloat16
 element once, widens it (the top half of a float32) and multiplies it with 3 rows at a time in
-float32: one layer of 10,000 triples, 3 rows, 0.18 ms for the scores against 0.35 for torch.bmm.
+float32 (`benchmarks/kb_products.py` times it beside torch.bmm; `benchmarks/decode_parts.py`, what it
+saves a decoding pass; docs/performance.md).
 
 numba compiles it (a well-kept JIT: no C compiler needed at the user's, and the machine code is cached
 on disk after the first process). It is optional (the `fast` extra): without numba, or with
@@ -25,8 +26,8 @@ import os
 import numpy as np
 import torch
 
-# Rows per KV head up to which this beats torch.bmm on one thread (3 and 4: 1.5 to 2x for the scores, 1.1 to
-# 1.3x for the mix; at 7 they are even, at 12 torch is faster: measured over 10,000 triples for issue 10).
+# Rows per KV head up to which this beats torch.bmm on one thread: at 7 they were about even over 10,000
+# triples, at 12 torch was faster (benchmarks/kb_products.py's rows).
 MOST_ROWS = 6
 ENABLED = os.environ.get("KBLAM_FEW_ROWS", "1") != "0"
 
