@@ -12,7 +12,7 @@ saves a decoding pass; docs/performance.md).
 numba compiles it (a well-kept JIT: no C compiler needed at the user's, and the machine code is cached
 on disk after the first process). It is optional (the `fast` extra): without numba, or with
 `KBLAM_FEW_ROWS=0` in the environment, or `kblam.few_rows.ENABLED = False`, the attention multiplies
-with torch as before. It runs on one thread: with more torch threads oneDNN splits its products
+with torch as before; a kernel that fails to compile says so once (a RuntimeWarning) and torch serves. It runs on one thread: with more torch threads oneDNN splits its products
 between them and is as fast (measured on two), so it is used only with one.
 
 The products are computed in float32 from float32 rows; torch's path rounds the rows to bfloat16 and
@@ -22,6 +22,7 @@ its result to bfloat16. The answers are compared in docs/performance.md.
 from __future__ import annotations
 
 import os
+import warnings
 
 import numpy as np
 import torch
@@ -40,8 +41,16 @@ def _load():
     if _kernel is None:
         try:
             from kblam._few_rows_kernel import rows_dot
-        except Exception:  # numba missing, or not importable with this numpy: torch's products serve
+
+            # Compiled (or loaded from numba's cache) here, on a tiny product, so that a failure to compile
+            # leaves torch's products in place instead of failing a question.
+            rows_dot(np.zeros((1, 4, 2), np.uint16), np.zeros((1, 1, 2), np.float32), np.zeros((1, 1, 4), np.float32),
+                     _NO_BIAS)
+        except Exception as error:  # numba missing, not importable with this numpy, or failing to compile
             _kernel = False
+            if not isinstance(error, ImportError):
+                warnings.warn(f"kblam.few_rows: the numba kernel failed ({error!r}); torch's products serve",
+                              RuntimeWarning, stacklevel=2)
         else:
             _kernel = rows_dot
     return _kernel

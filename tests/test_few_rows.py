@@ -159,3 +159,35 @@ def test_a_one_question_step_is_the_general_joint_softmax(one_thread, monkeypatc
         assert probs.shape == ref_probs.shape == (1, heads, 1, m)
         torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(probs, ref_probs, rtol=1e-5, atol=1e-6)
+
+
+def test_without_a_working_kernel_torch_multiplies(one_thread, monkeypatch):
+    """numba missing, or the kernel failing to compile: fits() is False (torch's products serve), a
+    compile failure says so once, and product() still multiplies."""
+    import builtins
+
+    keys = torch.zeros(1, 3, 20, 8, dtype=torch.bfloat16)
+    real_import = builtins.__import__
+
+    def no_kernel(name, *args, **kwargs):
+        if name == "kblam._few_rows_kernel":
+            raise ImportError("no numba here")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(few_rows, "_kernel", None)
+    monkeypatch.setattr(builtins, "__import__", no_kernel)
+    with torch.no_grad():
+        assert not few_rows.fits(3, keys)
+    monkeypatch.setattr(builtins, "__import__", real_import)
+
+    import kblam._few_rows_kernel as compiled
+
+    def broken(*args):
+        raise RuntimeError("LLVM says no")
+
+    monkeypatch.setattr(few_rows, "_kernel", None)
+    monkeypatch.setattr(compiled, "rows_dot", broken)
+    with torch.no_grad(), pytest.warns(RuntimeWarning, match="LLVM says no"):
+        assert not few_rows.fits(3, keys)
+    x, kb = torch.randn(3, 3, 8), keys[0].transpose(-1, -2)
+    torch.testing.assert_close(few_rows.product(x, kb), torch.bmm(x.to(torch.bfloat16), kb).float())
