@@ -11,6 +11,7 @@ import json
 import os
 import re
 import time
+import zipfile
 import zlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -368,6 +369,21 @@ class _DerivedFiles:
         """(generation, record path) of every saved one in the folder, newest first."""
         found = [(int(m.group(1)), folder / name) for name in os.listdir(folder) if (m := self._record.match(name))]
         return sorted(found, reverse=True)
+
+    def usable_npz(self, folder: Path, problem, arrays: Iterable[str]) -> Iterator[tuple[dict, dict[str, np.ndarray]]]:
+        """Each saved record, newest first, that ``problem(info, data file)`` finds usable, with the named
+        arrays of its .npz; a record replaced by a newer save meanwhile, or unreadable, is skipped."""
+        for generation, record in self.saved(folder):
+            data_file = self.paths(folder, generation)[0]
+            try:
+                info = json.loads(record.read_text(encoding="utf-8"))
+                if not isinstance(info, dict) or problem(info, data_file) is not None:
+                    continue
+                with np.load(data_file, allow_pickle=False) as data:
+                    loaded = {name: data[name] for name in arrays}
+            except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile):
+                continue
+            yield info, loaded
 
     def newest(self, folder: Path, problem) -> tuple[Path, dict | None, str | None] | None:
         """The newest record, what it holds and why it cannot be used (``problem(info, data file)``, None:

@@ -38,7 +38,6 @@ reason about).
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -185,24 +184,17 @@ def _problem(store: KBStore, info: dict, npz: Path) -> str | None:
 
 def _load(store: KBStore) -> tuple[NameIndex | None, int]:
     """The newest usable saved index and the rows it covers, or (None, 0)."""
-    for generation, record in _ON_DISK.saved(store.path):
-        npz = _ON_DISK.paths(store.path, generation)[0]
-        try:
-            info = json.loads(record.read_text(encoding="utf-8"))
-            if not isinstance(info, dict) or _problem(store, info, npz) is not None:
-                continue
-            with np.load(npz, allow_pickle=False) as data:
-                names, firsts, row_keys, rows = data["names"], data["firsts"], data["row_keys"], data["rows"]
-            if (names.dtype != np.uint64 or firsts.dtype != np.uint64 or len(names) != info.get("names")
-                    or row_keys.dtype != np.uint64 or rows.dtype != np.int64 or len(rows) != len(row_keys)
-                    or len(rows) < info["rows"]):
-                continue
-            properties = info.get("properties", False)
-            if properties is not None and not (isinstance(properties, list) and all(isinstance(p, str) for p in properties)):
-                continue
-            return NameIndex(names, firsts, properties, row_keys, rows), info["rows"]
-        except (OSError, ValueError, KeyError, TypeError):
-            continue  # replaced by a newer save meanwhile, or unreadable: the next one, or a rebuild
+    for info, data in _ON_DISK.usable_npz(store.path, lambda info, npz: _problem(store, info, npz),
+                                          ("names", "firsts", "row_keys", "rows")):
+        names, firsts, row_keys, rows = data["names"], data["firsts"], data["row_keys"], data["rows"]
+        if (names.dtype != np.uint64 or firsts.dtype != np.uint64 or len(names) != info.get("names")
+                or row_keys.dtype != np.uint64 or rows.dtype != np.int64 or len(rows) != len(row_keys)
+                or len(rows) < info["rows"]):
+            continue
+        properties = info.get("properties", False)
+        if properties is not None and not (isinstance(properties, list) and all(isinstance(p, str) for p in properties)):
+            continue
+        return NameIndex(names, firsts, properties, row_keys, rows), info["rows"]
     return None, 0
 
 

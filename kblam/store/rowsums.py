@@ -42,9 +42,7 @@ generations of the same files; rows appended since are checked by block until th
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-import zipfile
 import zlib
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -134,19 +132,12 @@ def _problem(store: KBStore, info: dict, npz: Path) -> str | None:
 
 def _load(store: KBStore) -> RowSums | None:
     """The newest usable saved checksums, or None."""
-    for generation, record in _ON_DISK.saved(store.path):
-        npz = _ON_DISK.paths(store.path, generation)[0]
-        try:
-            info = json.loads(record.read_text(encoding="utf-8"))
-            if not isinstance(info, dict) or _problem(store, info, npz) is not None:
-                continue
-            with np.load(npz, allow_pickle=False) as data:
-                sums, offsets = {kind: data[kind] for kind in _DATA}, data["offsets"]
-            if (all(s.dtype == np.uint32 and s.shape == (info["rows"],) for s in sums.values())
-                    and offsets.dtype == np.int64 and offsets.shape == (info["rows"] + 1,)):
-                return RowSums(sums, offsets, info["rows"])
-        except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile):
-            continue  # replaced by a newer save meanwhile, or unreadable: the next one, or none
+    for info, data in _ON_DISK.usable_npz(store.path, lambda info, npz: _problem(store, info, npz),
+                                          ("offsets", *_DATA)):
+        sums, offsets = {kind: data[kind] for kind in _DATA}, data["offsets"]
+        if (all(s.dtype == np.uint32 and s.shape == (info["rows"],) for s in sums.values())
+                and offsets.dtype == np.int64 and offsets.shape == (info["rows"] + 1,)):
+            return RowSums(sums, offsets, info["rows"])
     return None
 
 
