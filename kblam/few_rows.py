@@ -12,8 +12,9 @@ saves a decoding pass; docs/performance.md).
 numba compiles it (a well-kept JIT: no C compiler needed at the user's, and the machine code is cached
 on disk after the first process). It is optional (the `fast` extra): without numba, or with
 `KBLAM_FEW_ROWS=0` in the environment, or `kblam.few_rows.ENABLED = False`, the attention multiplies
-with torch as before; a kernel that fails to compile says so once (a RuntimeWarning) and torch serves. It runs on one thread: with more torch threads oneDNN splits its products
-between them and is as fast (measured on two), so it is used only with one.
+with torch as before; a kernel that fails to compile says so once (a RuntimeWarning) and torch serves.
+It runs on one thread: with more torch threads oneDNN splits its products between them and is as fast
+(measured on two), so it is used only with one.
 
 The products are computed in float32 from float32 rows; torch's path rounds the rows to bfloat16 and
 its result to bfloat16. The answers are compared in docs/performance.md.
