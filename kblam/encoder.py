@@ -1,8 +1,9 @@
 """The frozen sentence encoder that turns triples into key/value embeddings, with a per-text cache.
 
 The cache is keyed by the text itself (one cache per encoder), so changing one triple's value
-re-encodes that one value and nothing else. A KB's texts (`keep=True`) stay as long as the encoder;
-every other text (questions, what the confidence compares) goes to a cache of the `recent` last ones,
+re-encodes that one value and nothing else. A KB's texts (`keep=True`) stay as long as the encoder,
+in float16 as a KBStore keeps them (half the memory; an encoder whose vectors float16 cannot hold keeps
+float32); every other text (questions, what the confidence compares) goes to a cache of the `recent` last ones,
 so that a server answering new questions for months does not grow by a vector per question.
 """
 
@@ -55,10 +56,14 @@ class KBEncoder:
         """Whether `text` is cached (encoding it would not call the model)."""
         return text in self._cache or text in self._recent
 
-    @torch.no_grad()
     def encode(self, texts: Sequence[str], *, keep: bool = False) -> torch.Tensor:
         """(n, dim) float32 embeddings; only texts not cached reach the model. `keep`: a KB's texts, cached
-        for good; others are cached among the `recent` last."""
+        for good (their vectors rounded to float16); others are cached among the `recent` last."""
+        return self._encode(texts, keep).float()
+
+    @torch.no_grad()
+    def _encode(self, texts: Sequence[str], keep: bool) -> torch.Tensor:
+        """encode(), in the dtype the vectors are cached in: float16 when every text is a kept one."""
         cache, recent = self._cache, self._recent
         missing = list(dict.fromkeys(t for t in texts if t not in cache and t not in recent))
         self.hits += len(texts) - len(missing)
@@ -67,7 +72,7 @@ class KBEncoder:
             if t not in recent:
                 continue
             if keep:
-                cache[t] = recent.pop(t)
+                cache[t] = _kept(recent.pop(t))
             else:
                 recent.move_to_end(t)
         if missing:
@@ -75,7 +80,8 @@ class KBEncoder:
             vectors = self.model.encode(
                 missing, batch_size=self.batch_size, convert_to_tensor=True, show_progress_bar=show
             )
-            (cache if keep else recent).update(zip(missing, vectors.float().cpu(), strict=True))
+            vectors = vectors.float().cpu()
+            (cache if keep else recent).update(zip(missing, _kept(vectors) if keep else vectors, strict=True))
         out = torch.stack([cache[t] if t in cache else recent[t] for t in texts]) if texts else torch.empty(0, self.dim)
         while len(recent) > self.recent:  # after reading them: one call may bring more than `recent` texts
             recent.popitem(last=False)
@@ -92,4 +98,12 @@ class KBEncoder:
             raise ValueError("the knowledge base is empty: add at least one triple before asking")
         keys = [t.key_text(key_template) for t in triples]
         values = [t.value_text(value_template) for t in triples]
-        return KBEmbeddings(triples, self.encode(keys, keep=True), self.encode(values, keep=True))
+        # float16, as the encoder keeps them: a KB's embeddings are read by the adapter's projection (in
+        # float32, a chunk at a time) and the key cosines, and float32 copies would double their memory.
+        return KBEmbeddings(triples, self._encode(keys, keep=True), self._encode(values, keep=True))
+
+
+def _kept(vectors: torch.Tensor) -> torch.Tensor:
+    """A KB's vectors as the encoder keeps them: float16, unless float16 cannot hold them."""
+    half = vectors.half()
+    return half if bool(torch.isfinite(half).all()) else vectors

@@ -99,7 +99,7 @@ def default_state_dtype(device: torch.device) -> torch.dtype:
 
 def key_norms(keys: torch.Tensor) -> torch.Tensor:
     """(M,) float32 norms of the key embeddings, floored as torch.nn.functional.normalize floors them."""
-    return torch.linalg.vector_norm(keys.float(), dim=-1).clamp_min(1e-12)
+    return torch.linalg.vector_norm(keys, dim=-1, dtype=torch.float32).clamp_min(1e-12)  # no float32 copy
 
 
 def _nbytes(*tensors) -> int:
@@ -114,7 +114,7 @@ class _Version:
         self.lock = threading.RLock()  # reentrant: a handle may be released while its version is locked
         self.handles = 0  # KBStates alive on this version: while > 0 nothing is written into it
         self.triples = triples
-        # None for a store until full attention needs its float32 rows. A caller's KBEmbeddings is
+        # None for a store until full attention needs its rows (float16). A caller's KBEmbeddings is
         # re-wrapped: its tensors are kept, not the object the cache holds weakly (nor, weakly too, the store).
         self._embeddings = None if embeddings is None else KBEmbeddings(triples, embeddings.keys, embeddings.values)
         self._owns_embeddings = owned  # encoded for this entry (a KnowledgeBase), not a caller's tensors
@@ -139,7 +139,7 @@ class _Version:
 
     @property
     def embeddings(self) -> KBEmbeddings:
-        if self._embeddings is None:  # a store read with full attention: its float32 rows, once
+        if self._embeddings is None:  # a store read with full attention: its float16 rows, once
             self._embeddings = self.store.embeddings()
             self._owns_embeddings = True
         return self._embeddings

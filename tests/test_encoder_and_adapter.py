@@ -55,6 +55,49 @@ def test_other_texts_are_cached_among_the_recent_ones_and_a_kbs_for_good():
     assert "question 0" in encoder._cache and "question 0" not in encoder._recent
 
 
+def test_a_kbs_vectors_are_kept_in_float16_and_questions_in_float32():
+    """A KB's embeddings are float16, as a KBStore keeps them (half the memory); encode() still returns
+    float32, and a question's vector is not rounded."""
+    raw = HashEncoder()
+    encoder = KBEncoder(raw, name="test/hash-encoder")
+    kb = KnowledgeBase([Triple("gold", "symbol", "Au"), Triple("iron", "symbol", "Fe")])
+    emb = encoder.encode_kb(kb)
+    assert emb.keys.dtype == emb.values.dtype == torch.float16
+    exact = raw.encode(["The symbol of gold"])
+    assert encoder.encode(["The symbol of gold"]).dtype == torch.float32
+    torch.testing.assert_close(emb.keys[0].float(), exact[0], rtol=1e-3, atol=1e-3)
+    assert torch.equal(emb.keys[0].float(), exact[0].half().float())
+    assert torch.equal(encoder.encode(["a question"])[0], raw.encode(["a question"])[0])
+    mixed = encoder.encode(["a question", "The symbol of gold"])  # a recent text and a kept one: float32
+    assert mixed.dtype == torch.float32 and torch.equal(mixed[1], emb.keys[0].float())
+
+
+def test_vectors_float16_cannot_hold_stay_float32():
+    class Huge(HashEncoder):
+        def encode(self, texts, **kw):
+            return super().encode(texts, **kw) * 1e6
+
+    encoder = KBEncoder(Huge(), name="test/huge")
+    emb = encoder.encode_kb(KnowledgeBase([Triple("gold", "symbol", "Au")]))
+    assert emb.keys.dtype == torch.float32 and bool(torch.isfinite(emb.keys).all())
+
+
+def test_cosines_of_float16_keys_are_the_float32_ones():
+    """The question-key cosines over a KB's float16 key embeddings are computed in float32 blocks: the same
+    as over the same keys widened to float32 (a float16 product would round them)."""
+    from kblam.kb_cache import key_norms
+    from kblam.model import question_key_cosine
+
+    g = torch.Generator().manual_seed(0)
+    keys = torch.randn(1100, 24, generator=g).half()  # more than one block of 512 rows
+    for questions in (torch.randn(1, 24, generator=g), torch.randn(3, 24, generator=g)):
+        wide = question_key_cosine(questions, keys.float())
+        got = question_key_cosine(questions, keys, key_norms(keys))
+        assert got.dtype == torch.float32 and got.shape == (len(questions), 1100)
+        torch.testing.assert_close(got, wide, rtol=1e-6, atol=1e-7)
+    assert torch.equal(key_norms(keys), key_norms(keys.float()))
+
+
 def test_empty_kb_is_refused(hash_encoder):
     with pytest.raises(ValueError, match="empty"):
         hash_encoder.encode_kb(KnowledgeBase())

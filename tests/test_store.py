@@ -49,6 +49,7 @@ def assert_matches_encoder(store: KBStore, rows: list[int] | None = None) -> Non
     fresh = KBEncoder(HashEncoder(store.dim), name=store.encoder_name)
     emb = store.embeddings()
     assert emb.triples == tuple(store.triples())
+    assert emb.keys.dtype == emb.values.dtype == torch.float16  # copies of the rows as kept, not widened
     rows = list(range(len(emb))) if rows is None else rows
     if not rows:
         return

@@ -663,14 +663,15 @@ class KBStore:
         return names.current(self)
 
     def embeddings(self) -> KBEmbeddings:
-        """The live triples with float32 key/value tensors (M, dim), row j for triple j."""
+        """The live triples with float16 key/value tensors (M, dim), row j for triple j: copies of the rows
+        as the store keeps them (and as KBEncoder.encode_kb returns them)."""
         import torch
 
         from kblam.encoder import KBEmbeddings
 
         triples = tuple(self.triples())
-        keys = torch.from_numpy(np.asarray(self._logical_rows("keys"), dtype=np.float32))
-        values = torch.from_numpy(np.asarray(self._logical_rows("values"), dtype=np.float32))
+        keys = torch.from_numpy(np.array(self._logical_rows("keys"), dtype=np.float16))
+        values = torch.from_numpy(np.array(self._logical_rows("values"), dtype=np.float16))
         return KBEmbeddings(triples, keys, values)
 
     def to_kb(self) -> KnowledgeBase:
