@@ -9,6 +9,7 @@ so that a server answering new questions for months does not grow by a vector pe
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -41,7 +42,7 @@ class KBEncoder:
         self.dim = int(get_dim())
         self.batch_size = batch_size
         self.progress = progress
-        self._cache: dict[str, torch.Tensor] = {}  # the KBs' texts (encode(..., keep=True))
+        self._cache = _KeptVectors(self.dim)  # the KBs' texts (encode(..., keep=True))
         # Other texts, least recently used first; a question and what its answer encodes after the forward
         # pass are read within one ask, so a few thousand are plenty (4,096 of MiniLM's: 6 MB).
         self._recent: OrderedDict[str, torch.Tensor] = OrderedDict()
@@ -68,21 +69,37 @@ class KBEncoder:
         missing = list(dict.fromkeys(t for t in texts if t not in cache and t not in recent))
         self.hits += len(texts) - len(missing)
         self.misses += len(missing)
+        promoted = []  # recent texts now kept for good
         for t in dict.fromkeys(texts) if recent else ():  # a recent text used now: kept, or the most recent
             if t not in recent:
                 continue
             if keep:
-                cache[t] = _kept(recent.pop(t))
+                promoted.append(t)
             else:
                 recent.move_to_end(t)
+        if promoted:
+            cache.add(promoted, torch.stack([recent.pop(t) for t in promoted]))
         if missing:
             show = self.progress if self.progress is not None else len(missing) >= 1000
             vectors = self.model.encode(
                 missing, batch_size=self.batch_size, convert_to_tensor=True, show_progress_bar=show
             )
             vectors = vectors.float().cpu()
-            (cache if keep else recent).update(zip(missing, _kept(vectors) if keep else vectors, strict=True))
-        out = torch.stack([cache[t] if t in cache else recent[t] for t in texts]) if texts else torch.empty(0, self.dim)
+            if keep:
+                cache.add(missing, vectors)
+            else:
+                recent.update(zip(missing, vectors, strict=True))
+        if not texts:
+            return torch.empty(0, self.dim)
+        if keep or all(t in cache for t in texts):
+            out = cache.take(texts)
+        else:
+            out = torch.empty(len(texts), self.dim)
+            kept = [i for i, t in enumerate(texts) if t in cache]
+            if kept:
+                out[kept] = cache.take([texts[i] for i in kept]).float()
+            others = [i for i, t in enumerate(texts) if t not in cache]
+            out[others] = torch.stack([recent[texts[i]] for i in others])
         while len(recent) > self.recent:  # after reading them: one call may bring more than `recent` texts
             recent.popitem(last=False)
         return out
@@ -103,7 +120,73 @@ class KBEncoder:
         return KBEmbeddings(triples, self._encode(keys, keep=True), self._encode(values, keep=True))
 
 
-def _kept(vectors: torch.Tensor) -> torch.Tensor:
-    """A KB's vectors as the encoder keeps them: float16, unless float16 cannot hold them."""
-    half = vectors.half()
-    return half if bool(torch.isfinite(half).all()) else vectors
+class _KeptVectors:
+    """A KB's texts' vectors, kept for good: text -> row of a few large float16 blocks (float32 for an
+    encoder whose vectors float16 cannot hold).
+
+    Not a dict of one tensor per text: each tensor object costs several hundred bytes beside a MiniLM
+    vector's 768 (a KnowledgeBase of 100,000 triples held 1.5 KB a triple more so; benchmarks/speed.py's
+    memory part), and a KB's rows are gathered by index in one call rather than stacked one by one.
+    """
+
+    BLOCK = 1 << 16  # rows a block holds once full; the last one grows by doubling up to it
+
+    def __init__(self, dim: int):
+        self.dim = dim
+        self.rows: dict[str, int] = {}
+        self._blocks: list[torch.Tensor] = []
+        self.dtype = torch.float16
+        # add() writes rows then names them: one writer at a time (an edit in one thread may encode while
+        # another thread's question does); readers only look up rows already named.
+        self._lock = threading.Lock()
+
+    def __contains__(self, text: object) -> bool:
+        return text in self.rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def clear(self) -> None:
+        self.rows.clear()
+        self._blocks.clear()
+        self.dtype = torch.float16
+
+    def add(self, texts: Sequence[str], vectors: torch.Tensor) -> None:
+        """Keep the vectors (n, dim) of n texts not kept yet."""
+        with self._lock:
+            self._add([t for t in texts if t not in self.rows], vectors[[i for i, t in enumerate(texts)
+                                                                          if t not in self.rows]])
+
+    def _add(self, texts: list[str], vectors: torch.Tensor) -> None:
+        if self.dtype == torch.float16 and not bool(torch.isfinite(vectors.half()).all()):
+            self.dtype = torch.float32  # beyond float16's range: every vector kept in float32 from now on
+            self._blocks = [block.float() for block in self._blocks]
+        done, at = 0, len(self.rows)
+        while done < len(texts):
+            block, offset = divmod(at, self.BLOCK)
+            if block == len(self._blocks):
+                self._blocks.append(torch.empty(min(self.BLOCK, max(256, len(texts) - done)), self.dim,
+                                                dtype=self.dtype))
+            rows = self._blocks[block]
+            if offset == rows.shape[0]:  # the last block is full below BLOCK rows: double it
+                grown = torch.empty(min(self.BLOCK, max(2 * offset, offset + len(texts) - done)), self.dim,
+                                    dtype=self.dtype)
+                grown[:offset] = rows
+                rows = self._blocks[block] = grown
+            n = min(len(texts) - done, rows.shape[0] - offset)
+            rows[offset:offset + n] = vectors[done:done + n]
+            done, at = done + n, at + n
+        self.rows.update(zip(texts, range(len(self.rows), at), strict=True))
+
+    def take(self, texts: Sequence[str]) -> torch.Tensor:
+        """(n, dim) vectors of kept texts, in self.dtype."""
+        index = torch.tensor([self.rows[t] for t in texts], dtype=torch.long)
+        if len(self._blocks) == 1:
+            return self._blocks[0][index]
+        out = torch.empty(len(index), self.dim, dtype=self.dtype)
+        block, offset = index // self.BLOCK, index % self.BLOCK
+        for b, rows in enumerate(self._blocks):
+            here = (block == b).nonzero()[:, 0]
+            if len(here):
+                out[here] = rows[offset[here]]
+        return out

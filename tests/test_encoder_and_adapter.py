@@ -82,6 +82,29 @@ def test_vectors_float16_cannot_hold_stay_float32():
     assert emb.keys.dtype == torch.float32 and bool(torch.isfinite(emb.keys).all())
 
 
+def test_kept_vectors_across_blocks_in_any_order(monkeypatch):
+    """The kept texts' rows live in blocks (the last one grown by doubling): rows come back by text, in the
+    order asked, across blocks, after growing, and once float16 proves too narrow, in float32 for all."""
+    from kblam.encoder import _KeptVectors
+
+    monkeypatch.setattr(_KeptVectors, "BLOCK", 300)
+    raw = HashEncoder()
+    encoder = KBEncoder(raw, name="test/hash-encoder")
+    texts = [f"text {i}" for i in range(1000)]
+    for start, stop in ((0, 10), (10, 200), (200, 1000)):  # the first block grows, then three more
+        encoder.encode(texts[start:stop], keep=True)
+    assert len(encoder._cache._blocks) == 4
+    order = [texts[i] for i in (999, 0, 301, 5, 600, 299, 300)]
+    exact = raw.encode(order)
+    assert torch.equal(encoder.encode(order), exact.half().float())
+    calls = len(raw.calls)
+    encoder._cache.add(["huge"], torch.full((1, raw.dim), 1e6))
+    assert encoder._cache.dtype == torch.float32
+    assert torch.equal(encoder.encode(order + ["huge"])[:-1], exact.half().float())
+    assert torch.equal(encoder.encode(["huge"])[0], torch.full((raw.dim,), 1e6))
+    assert len(raw.calls) == calls  # every text from the kept rows
+
+
 def test_cosines_of_float16_keys_are_the_float32_ones():
     """The question-key cosines over a KB's float16 key embeddings are computed in float32 blocks: the same
     as over the same keys widened to float32 (a float16 product would round them)."""
