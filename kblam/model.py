@@ -948,9 +948,9 @@ def question_key_cosine(queries: torch.Tensor, keys: torch.Tensor, norms: torch.
 def _times_half_rows(keys: torch.Tensor, q: torch.Tensor, rows: int = 512) -> torch.Tensor:
     """(B, M) float32 q (B, d) x keys (M, d) of float16 (a KB as the encoder and the store keep it), 512 rows
     at a time widened into one float32 block: the float32 path's cosines, bit for bit, without a float32 copy
-    of the whole KB. A float16 product would round them (3e-3 of a source's score, with the retrieval prior);
-    this costs about what float32 keys do (0.66 against 0.54 ms over 10,000 keys, 11.0 against 10.1 over
-    100,000; one thread)."""
+    of the whole KB. A float16 product would round them (with the retrieval prior, enough to move the sources'
+    scores past tests/test_scale.py's tolerance); this costs about what float32 keys do (measured while
+    developing, one thread: 0.66 against 0.54 ms over 10,000 keys, 11.0 against 10.1 over 100,000)."""
     out = torch.empty(q.shape[0], keys.shape[0], device=keys.device)
     block = torch.empty(min(rows, keys.shape[0]), keys.shape[1], device=keys.device)
     for start in range(0, keys.shape[0], rows):
