@@ -124,9 +124,9 @@ class _KeptVectors:
     """A KB's texts' vectors, kept for good: text -> row of a few large float16 blocks (float32 for an
     encoder whose vectors float16 cannot hold).
 
-    Not a dict of one tensor per text: each tensor object costs several hundred bytes beside a MiniLM
-    vector's 768 (a KnowledgeBase of 100,000 triples held 1.5 KB a triple more so; benchmarks/speed.py's
-    memory part), and a KB's rows are gathered by index in one call rather than stacked one by one.
+    Not a dict of one tensor per text: each tensor object costs some hundreds of bytes beside a MiniLM
+    vector's 768 (measured while developing: a KnowledgeBase of 100,000 triples held 0.66 KB a triple
+    more so), and a KB's rows are gathered by index in one call rather than stacked one by one.
     """
 
     BLOCK = 1 << 16  # rows a block holds once full; the last one grows by doubling up to it
