@@ -154,8 +154,8 @@ class _KeptVectors:
     def add(self, texts: Sequence[str], vectors: torch.Tensor) -> None:
         """Keep the vectors (n, dim) of n texts not kept yet."""
         with self._lock:
-            self._add([t for t in texts if t not in self.rows], vectors[[i for i, t in enumerate(texts)
-                                                                          if t not in self.rows]])
+            new = [i for i, t in enumerate(texts) if t not in self.rows]  # another thread may have kept some
+            self._add([texts[i] for i in new], vectors[new])
 
     def _add(self, texts: list[str], vectors: torch.Tensor) -> None:
         if self.dtype == torch.float16 and not bool(torch.isfinite(vectors.half()).all()):
@@ -164,12 +164,11 @@ class _KeptVectors:
         done, at = 0, len(self.rows)
         while done < len(texts):
             block, offset = divmod(at, self.BLOCK)
-            if block == len(self._blocks):
-                self._blocks.append(torch.empty(min(self.BLOCK, max(256, len(texts) - done)), self.dim,
-                                                dtype=self.dtype))
+            if block == len(self._blocks):  # a new block starts empty and grows below
+                self._blocks.append(torch.empty(0, self.dim, dtype=self.dtype))
             rows = self._blocks[block]
             if offset == rows.shape[0]:  # the last block is full below BLOCK rows: double it
-                grown = torch.empty(min(self.BLOCK, max(2 * offset, offset + len(texts) - done)), self.dim,
+                grown = torch.empty(min(self.BLOCK, max(256, 2 * offset, offset + len(texts) - done)), self.dim,
                                     dtype=self.dtype)
                 grown[:offset] = rows
                 rows = self._blocks[block] = grown
