@@ -17,8 +17,9 @@ second weighs on every variant alike. The cache grows by one token a pass, for a
   added by the kernel);
 - kb_q_proj_again: the low-rank KB query heads multiply by q_proj again instead of taking the base's
   q_proj output (kblam.model's q_proj catch off);
-- kb_values_by_dim: the KB values in the usual (token, dim) layout instead of kblam.kb_cache's
-  (dim, token);
+- kb_values_by_dim: the KB values laid out (dim, token), knowledge tokens innermost (the layout
+  kblam.kb_cache kept until torch's fused attention served prompts: that kernel misreads it), mixed by
+  the kernel's sums along each row, instead of the usual (token, dim) layout and its sums along the rows;
 - kb_keys_by_token: the keys stored transposed as well (a layout tried and not kept);
 - kb_10_triples: a KB of 10 triples (a KB's fixed cost, whatever its size);
 - no_kb: the base model alone.
@@ -65,7 +66,8 @@ def main() -> None:
         model.kb_layers(small_states)
     layouts = {
         "kept": kept,
-        "values_by_dim": {layer: (k, v.contiguous()) for layer, (k, v) in kept.items()},
+        "values_by_dim": {layer: (k, v.transpose(-1, -2).contiguous().transpose(-1, -2))
+                          for layer, (k, v) in kept.items()},
         "keys_by_token": {layer: (k.transpose(-1, -2).contiguous().transpose(-1, -2), v)
                           for layer, (k, v) in kept.items()},
     }

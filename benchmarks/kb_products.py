@@ -7,15 +7,17 @@ The shapes are the default model's: 3 KV heads of 64 dimensions, 3 query heads p
 question, one token). Each figure is the median of --repeats calls, each after a pass over a 256 MB
 tensor that pushes the KB out of the caches (cold), or right after the previous call (warm). Rows:
 the scores (queries x keys, as kblam.attention multiplies a whole KB), the mix (probabilities x
-values, the values stored knowledge token innermost, as kblam keeps them, and in the usual layout; also
-for a 24-token prompt's 72 rows), a plain read of the keys (the memory's rate for the same bytes), the scores after reading the
+values, the values in the usual (token, dim) layout, as kblam keeps them, and stored knowledge token
+innermost, as kblam kept them before torch's fused attention served prompts; also for a 24-token
+prompt's 72 rows), a plain read of the keys (the memory's rate for the same bytes), the scores after reading the
 keys first (warming the cache on purpose) and the scores and mix with the states prepacked for oneDNN
 (the layout torch's inductor uses for frozen weights; kblam keeps the plain one, which chunks and edits
 slice). Then other ways to the same scores, from memory: keys x queries, float32 states, a product
 per chunk of 2,048 knowledge tokens, the KV heads as one block-diagonal product, a product per query
 row, and torch's fused attention over the KB part. Last, kblam.few_rows' kernel (numba, the `fast`
-extra), which kblam uses for such products on one thread: the scores and the mix from float32 rows, cold,
-and the scores for 4, 7 and 12 rows a KV head beside torch's.
+extra), which kblam uses for such products on one thread: the scores and the mix from float32 rows, cold
+(the mix in both layouts: sums along the rows, or along each row), and the scores for 4, 7 and 12 rows a
+KV head beside torch's.
 Prints one JSON object of milliseconds.
 """
 
@@ -37,9 +39,10 @@ def main() -> None:
     torch.set_num_threads(1)
     heads, group, dim, m = 3, 3, 64, args.triples
     keys = torch.randn(heads, m, dim).bfloat16()
-    # The values as kblam keeps them (kblam.kb_cache._by_token_last): each head's block stored transposed.
-    values = torch.randn(heads, dim, m).bfloat16().transpose(-1, -2)
-    values_by_dim = values.contiguous()  # the usual layout, kept before (issue 10's fifth round)
+    values = torch.randn(heads, m, dim).bfloat16()  # as kblam keeps them: (token, dim)
+    # knowledge tokens innermost, each head's block stored transposed: kept from issue 10's fifth round to its
+    # tenth (faster for oneDNN's mix; torch's fused attention misreads it)
+    values_tokens_innermost = values.transpose(-1, -2).contiguous().transpose(-1, -2)
     queries = torch.randn(heads, group, dim).bfloat16()
     probs = torch.rand(heads, group, m).bfloat16()
     prompt_probs = torch.rand(heads, 72, m).bfloat16()  # a 24-token prompt's rows
@@ -65,9 +68,10 @@ def main() -> None:
         "scores_warm": (lambda: torch.bmm(queries, keys_t), False),
         "mix_cold": (lambda: torch.bmm(probs, values), True),
         "mix_warm": (lambda: torch.bmm(probs, values), False),
-        "mix_values_by_dim_cold": (lambda: torch.bmm(probs, values_by_dim), True),
+        "mix_values_tokens_innermost_cold": (lambda: torch.bmm(probs, values_tokens_innermost), True),
         "mix_72_rows_cold": (lambda: torch.bmm(prompt_probs, values), True),
-        "mix_72_rows_values_by_dim_cold": (lambda: torch.bmm(prompt_probs, values_by_dim), True),
+        "mix_72_rows_values_tokens_innermost_cold": (lambda: torch.bmm(prompt_probs, values_tokens_innermost),
+                                                     True),
         "read_keys_cold": (lambda: keys.sum(), True),
         "read_then_scores_cold": (lambda: (keys.sum(), torch.bmm(queries, keys_t)), True),
         "keys_left_scores_cold": (lambda: torch.bmm(keys, queries_t), True),  # keys x queries
@@ -78,7 +82,7 @@ def main() -> None:
                                          for g in range(group)], True),
         # torch's fused attention (its CPU flash kernel) over the KB part alone: scores, softmax and mix
         "sdpa_kb_part_cold": (lambda: torch.nn.functional.scaled_dot_product_attention(
-            queries.reshape(1, heads * group, 1, dim), keys[None], values_by_dim[None], attn_mask=bias, scale=1.0,
+            queries.reshape(1, heads * group, 1, dim), keys[None], values[None], attn_mask=bias, scale=1.0,
             enable_gqa=True), True),
     }
     out: dict = {"triples": m, "state_mb": round(2 * keys.numel() * keys.element_size() / 1e6, 2)}
@@ -99,6 +103,8 @@ def main() -> None:
         rows_f32, probs_f32 = queries.float(), probs.float()
         runs["few_rows_scores_cold"] = (lambda: few_rows.product(rows_f32, keys_t), True)
         runs["few_rows_mix_cold"] = (lambda: few_rows.product(probs_f32, values), True)
+        runs["few_rows_mix_tokens_innermost_cold"] = (lambda: few_rows.product(probs_f32, values_tokens_innermost),
+                                                      True)
         # More rows a KV head (another model's group, a batch's questions): where torch catches up.
         for count in (4, 7, 12):
             more = torch.randn(heads, count, dim)

@@ -43,6 +43,9 @@ SUPPORTED_BASES = ("sdpa", "eager")
 # Batch x heads x recorded rows x knowledge tokens kept from the first chunked pass (134 MB of float32 at most,
 # for one layer): 16 questions over 10,000 triples fit, and keeping is cheaper than a second pass's products.
 KEEP_PROBS = 1 << 25
+# Probabilities per chunk of the recorded rows' second pass (8 MB of float32): the question's tokens over
+# 10,000 triples in one product (_recorded_probs).
+RECORD_CHUNK = 1 << 21
 # exp(x) = exp2(x * log2(e)): torch's CPU exp2 kernel runs 4.5x faster than its exp (0.12 against 0.56 ms for
 # 884,736 float32 logits, one thread, measured for issue 10), and the KB's logits are the attention's widest pass.
 LOG2E = 1.0 / math.log(2.0)
@@ -211,6 +214,8 @@ def rectangular_attention(
     n, head_dim = query.shape[2], query.shape[3]
     # Scaled here, (B, H, N, D), rather than the logits, (B, H, N, M): one pass over the KB's logits less.
     q_kb = kb_query(module, kb, head_dim).to(query.dtype) * scaling
+    if kb.chunk_size is not None and _fused_fits(module, query, kb):
+        return _fused_attention(module, q_kb, query, key, value, attention_mask, scaling, kb)
     if kb.chunk_size is not None:
         return _chunked_attention(module, q_kb, query, key, value, attention_mask, scaling, dropout, kb)
     if _is_one_question_step(module, query, key, attention_mask, kb):
@@ -323,16 +328,106 @@ def _chunked_attention(module, q_kb, query, key, value, attention_mask, scaling,
     return out.to(query.dtype).transpose(1, 2).contiguous(), None
 
 
+# torch's CPU flash-attention kernel, which also returns each row's log-sum-exp (the public
+# scaled_dot_product_attention does not, and the KB part's must join the text part's softmax).
+_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+ENABLE_FUSED = True
+# A batch over a shared KB that each question biases goes through the fused kernel question by question
+# from this many tokens a call (a prompt), through the chunked loop below it (_fused_fits).
+FUSED_BIASED_BATCH_TOKENS = 8
+
+
+def _fused_fits(module: nn.Module, query: torch.Tensor, kb: KBLayerInputs) -> bool:
+    """Whether _fused_attention serves this call: inference on the CPU, states torch's kernel multiplies as
+    they are, no soft-capping (Gemma 2 caps the logits before the softmax), a KB of at least one token, and
+    not a few tokens of a batch whose questions each bias a KB they share (the retrieval prior).
+
+    The kernel's mask has one stride for all the rows, so such a batch is asked question by question, each
+    reading the KB, where the chunked loop folds the questions into the rows of one product: for 16
+    questions over 10,000 triples, a decoding step's layer took 12.3 ms question by question against 4.4 in
+    the loop, a 24-token prompt's 49 against 99 (measured for issue 10)."""
+    per_question_bias = torch.is_tensor(kb.bias) and kb.bias.shape[0] > 1
+    return (_FLASH is not None and ENABLE_FUSED and not torch.is_grad_enabled() and not module.training
+            and query.device.type == "cpu" and kb.keys.dtype in (torch.float32, torch.bfloat16)
+            and kb.keys.shape[2] > 0 and getattr(module, "attn_logit_softcapping", None) is None
+            and not (kb.keys.shape[0] == 1 and query.shape[0] > 1 and per_question_bias
+                     and query.shape[2] < FUSED_BIASED_BATCH_TOKENS))
+
+
+def _fused_attention(module, q_kb, query, key, value, attention_mask, scaling, kb: KBLayerInputs):
+    """The joint softmax of rectangular_attention with the KB part computed by torch's fused CPU kernel.
+
+    The kernel (oneDNN's products, the softmax block by block in its caches, the flash-attention way) gives
+    the KB part's normalised output and log-sum-exp per query row; the text part joins them here as in
+    _chunked_attention. It replaces the chunked loop at inference: on the Intel machine of issue 10 that
+    loop's passes over the KB logits (widen, bias, max, exp2, sum, round for the mix) cost 12 ms a layer for
+    a 24-token prompt over 10,000 triples, the kernel 3 (docs/performance.md). The probabilities `record`
+    reads are recomputed for its rows only (_recorded_probs).
+    """
+    b, h, n, d = query.shape
+    hkv = kb.keys.shape[1]
+    keys, values = kb.keys, kb.values
+    if values.stride(-1) != 1:  # the kernel misreads other layouts (torch 2.13); the cache's values are contiguous
+        values = values.contiguous()
+    mask = kb.bias if torch.is_tensor(kb.bias) else None  # (B|1, 1, 1, M), broadcast by the kernel
+    if keys.shape[0] == 1 and b > 1 and (mask is None or mask.shape[0] == 1):
+        rows = _shared_rows(q_kb, hkv)[None]  # a shared KB: the batch folded into the rows, as _grouped_scores
+
+        def unfold(t):
+            return _unshared(t[0], b, h, n)
+    else:  # query heads grouped by KV head: (B, Hkv, group * N, D), a view
+        rows = q_kb.reshape(b, hkv, (h // hkv) * n, d)
+
+        def unfold(t):
+            return t.reshape(b, h, n, t.shape[-1])
+
+    rows = rows.to(keys.dtype)
+    if keys.shape[0] == rows.shape[0]:
+        kb_out, kb_lse = _FLASH(rows, keys, values, 0.0, False, attn_mask=mask, scale=1.0)
+    else:  # a KB shared by questions that each bias it: question by question (the kernel, given the KB
+        # expanded to the batch, took 93 ms where this takes 49: 16 questions' 24-token prompts)
+        parts = [_FLASH(rows[i:i + 1], keys, values, 0.0, False, attn_mask=mask[i:i + 1], scale=1.0) for i in range(b)]
+        kb_out, kb_lse = (torch.cat(x) for x in zip(*parts, strict=True))
+    kb_lse = unfold(kb_lse[..., None]) + (0.0 if mask is not None else float(kb.bias))
+    if mask is not None:  # the kernel gives a row that sees no knowledge token (all padding) 0, not -inf
+        kb_lse = kb_lse.masked_fill(torch.isneginf(mask).all(-1, keepdim=True), float("-inf"))
+    text_logits = _masked(_grouped_scores(query, key) * scaling, attention_mask, n, key.shape[2]).float()
+    joint = torch.maximum(kb_lse, text_logits.amax(-1, keepdim=True))  # finite: each row sees a text token
+    kb_share, text_p = torch.exp(kb_lse - joint), torch.exp(text_logits - joint)
+    total = kb_share + text_p.sum(-1, keepdim=True)
+    out = (unfold(kb_out).float() * kb_share + _grouped_mix(text_p, value.float())) / total
+    if kb.record is not None:
+        kb.record(_recorded_probs(module, q_kb, kb, joint + torch.log(total), query.dtype))
+    return out.to(query.dtype).transpose(1, 2).contiguous(), None
+
+
 def _recorded_probs(module, q_kb: torch.Tensor, kb: KBLayerInputs, log_z: torch.Tensor, dtype: torch.dtype
                     ) -> Iterator[tuple[int, torch.Tensor]]:
     """A second pass over the KB, chunk by chunk, for the rows `record` reads: p = exp(logit - log_z),
-    log_z (B, H, N, 1) the log of the joint softmax's normaliser (KB and text)."""
+    log_z (B, H, N, 1) the log of the joint softmax's normaliser (KB and text).
+
+    Chunks hold RECORD_CHUNK probabilities or more (kb.chunk_size knowledge tokens at least): a few rows
+    read in one product each are cheaper than in many. Without autograd or soft-capping the logits are
+    computed in base 2 (the query, bias and log_z times log2(e), then exp2): three passes over a chunk
+    after its product."""
     rows = slice(None) if kb.record_rows is None else kb.record_rows
     q, log_z = q_kb[:, :, rows], log_z[:, :, rows]
-    for start in range(0, kb.keys.shape[2], kb.chunk_size):
-        logits = _kb_logits(module, q, kb, start, start + kb.chunk_size)
-        p = torch.exp(logits - log_z) if torch.is_grad_enabled() else logits.sub_(log_z).mul_(LOG2E).exp2_()
-        yield start, p.to(dtype)
+    step = max(kb.chunk_size, RECORD_CHUNK // max(q.shape[0] * q.shape[1] * q.shape[2], 1))
+    if torch.is_grad_enabled() or getattr(module, "attn_logit_softcapping", None) is not None:
+        for start in range(0, kb.keys.shape[2], step):
+            logits = _kb_logits(module, q, kb, start, start + step)
+            yield start, torch.exp(logits - log_z).to(dtype)
+        return
+    q, log_z = q * LOG2E, log_z * LOG2E
+    bias = kb.bias.float() * LOG2E if torch.is_tensor(kb.bias) else kb.bias * LOG2E
+    if not torch.is_tensor(bias):  # one number for every knowledge token: part of the row's shift
+        log_z, bias = log_z - bias, None
+    for start in range(0, kb.keys.shape[2], step):
+        scores = _with_kb(_grouped_scores, q, kb.keys[:, :, start:start + step])
+        logits = scores.float() if bias is None else scores.float().add_(bias[..., start:start + step])  # see _kb_logits
+        yield start, logits.sub_(log_z).exp2_().to(dtype)
 
 
 def _base_function(base: str, module: nn.Module) -> Callable:

@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Callable
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -41,20 +43,26 @@ def _load():
     global _kernel
     if _kernel is None:
         try:
-            from kblam._few_rows_kernel import rows_dot
+            from kblam._few_rows_kernel import rows_dot, rows_mix
 
-            # Compiled (or loaded from numba's cache) here, on a tiny product, so that a failure to compile
+            # Compiled (or loaded from numba's cache) here, on tiny products, so that a failure to compile
             # leaves torch's products in place instead of failing a question.
             rows_dot(np.zeros((1, 4, 2), np.uint16), np.zeros((1, 1, 2), np.float32), np.zeros((1, 1, 4), np.float32),
                      _NO_BIAS)
+            rows_mix(np.zeros((1, 4, 2), np.uint16), np.zeros((1, 1, 4), np.float32), np.zeros((1, 1, 2), np.float32))
         except Exception as error:  # numba missing, not importable with this numpy, or failing to compile
             _kernel = False
             if not isinstance(error, ImportError):
                 warnings.warn(f"kblam.few_rows: the numba kernel failed ({error!r}); torch's products serve",
                               RuntimeWarning, stacklevel=2)
         else:
-            _kernel = rows_dot
+            _kernel = _Kernels(rows_dot, rows_mix)
     return _kernel
+
+
+class _Kernels(NamedTuple):
+    dot: Callable  # rows x (keys: token by token), plus a bias
+    mix: Callable  # rows x (values: token by token)
 
 
 def fits(rows: int, kb_part: torch.Tensor) -> bool:
@@ -78,27 +86,37 @@ def product(rows: torch.Tensor, kb: torch.Tensor, *, bias: float | torch.Tensor 
     (a number, or Y numbers: the KB logits' bias) when given.
 
     `out`: (Hkv, R, S) float32, contiguous, S >= Y: the result is written into its first Y columns (the KB's
-    part of a joint softmax's logits) and that slice returned. The kernel reads kb as Y rows of X
-    (kb.transpose(-1, -2) contiguous: the keys, or the values laid out (dim, token) as kblam.kb_cache keeps
-    them); another layout is multiplied by torch."""
-    a = kb.transpose(-1, -2)
+    part of a joint softmax's logits) and that slice returned. The kernels read kb as the cache keeps a KB
+    layer, token by token: the keys transposed (kb.transpose(-1, -2) contiguous: the scores, sums along
+    each key) or the values as they are (kb contiguous: the mix, without a bias); another layout is
+    multiplied by torch."""
     kernel = _load()
     heads, count, _ = rows.shape
-    width = a.shape[1]
-    if not a.is_contiguous() or not kernel:
+    width = kb.shape[2]
+    by_key = kb.transpose(-1, -2).is_contiguous()
+    if not kernel or not (by_key or (kb.is_contiguous() and bias is None)):
         result = torch.bmm(rows.to(kb.dtype), kb).float()
         result = result if bias is None else result + (bias.reshape(-1) if torch.is_tensor(bias) else bias)
         return result if out is None else out[..., :width].copy_(result)
     if out is None:
         out = torch.empty(heads, count, width)
+    if not by_key:
+        result = out if out.shape[2] == width else torch.empty(heads, count, width)
+        kernel.mix(_bits(kb), _row_array(rows.float()), result.numpy())
+        return result if result is out else out[..., :width].copy_(result)
     if bias is None:
         add = _NO_BIAS
     elif torch.is_tensor(bias):
         add = bias.float().reshape(-1).numpy()
     else:
         add = np.full(1, bias, np.float32)
-    kernel(a.view(torch.int16).numpy().view("uint16"), _row_array(rows.float()), out.numpy(), add)
+    kernel.dot(_bits(kb.transpose(-1, -2)), _row_array(rows.float()), out.numpy(), add)
     return out[..., :width]
+
+
+def _bits(kb: torch.Tensor):
+    """A contiguous bfloat16 tensor as numpy's uint16 (numba has no bfloat16), no copy."""
+    return kb.view(torch.int16).numpy().view("uint16")
 
 
 def _row_array(x: torch.Tensor):

@@ -63,30 +63,13 @@ def project(adapter, keys: torch.Tensor, values: torch.Tensor, dtype: torch.dtyp
         for layer, (k, v) in part.items():
             if layer not in out:
                 shape = (1, k.shape[1], m + extra, k.shape[3])
-                out[layer] = (k.new_empty(shape, dtype=dtype), _by_token_last(shape, dtype, v.device))
+                out[layer] = (k.new_empty(shape, dtype=dtype), v.new_empty(shape, dtype=dtype))
                 if extra:  # the null slot: the same in every block
                     out[layer][0][:, :, m:] = k[:, :, n:]
                     out[layer][1][:, :, m:] = v[:, :, n:]
             out[layer][0][:, :, rows] = k[:, :, :n]
             out[layer][1][:, :, rows] = v[:, :, :n]
     return out
-
-
-def _by_token_last(shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """An empty tensor of `shape`, (1, kv_heads, M', head_dim), laid out as its transpose: knowledge
-    tokens innermost.
-
-    For the values: the attention's mix (probabilities x values) reads them faster so (one KB layer of
-    10,000 triples from memory: 14 to 33% faster for a decoding step's rows, about 10% for a prompt's;
-    benchmarks/kb_products.py). The keys' products prefer the usual layout.
-    """
-    _, heads, m, dim = shape
-    # Made with these strides, not as a transposed view: edits write into it in place, with autograd on or off.
-    return torch.empty_strided(shape, (heads * dim * m, dim * m, 1, m), dtype=dtype, device=device)
-
-
-def _is_by_token_last(tensor: torch.Tensor) -> bool:
-    return tensor.dim() == 4 and not tensor.is_contiguous() and tensor.transpose(-1, -2).is_contiguous()
 
 
 def default_state_dtype(device: torch.device) -> torch.dtype:
@@ -367,15 +350,11 @@ class _Rows:
 
     def take(self, tensor: torch.Tensor, dim: int) -> torch.Tensor:
         """The new version's rows along `dim` (new triples' rows to be written); rows past the triples
-        (the null slot) are kept. Values keep their layout (_by_token_last)."""
+        (the null slot) are kept."""
         if self.same_places:
-            return tensor.clone()  # keeps the layout
+            return tensor.clone()
         extra = torch.arange(self.old_rows, tensor.shape[dim])
         index = torch.cat([self.source, extra]).to(tensor.device)
-        if dim == 2 and _is_by_token_last(tensor):
-            out = _by_token_last((*tensor.shape[:2], len(index), tensor.shape[3]), tensor.dtype, tensor.device)
-            torch.index_select(tensor.transpose(-1, -2), 3, index, out=out.transpose(-1, -2))
-            return out
         return tensor.index_select(dim, index)
 
 

@@ -20,20 +20,35 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def _bf16_kb(heads, n, width, layout_rows=True):
-    """(heads, width, n) bfloat16 as the attention hands it over: a transposed view of rows (the keys, the
-    values laid out (dim, token)), or a plain tensor (another layout: torch multiplies it)."""
-    rows = torch.randn(heads, n, width).to(torch.bfloat16)
-    return rows.transpose(-1, -2) if layout_rows else rows.transpose(-1, -2).contiguous()
+def _bf16_kb(heads, n, width, layout="keys"):
+    """(heads, width, n) bfloat16 as the attention hands it over: a transposed view of rows ("keys": the
+    scores), a plain tensor ("values": the mix, knowledge tokens x dim), or a slice of one ("other": torch
+    multiplies it)."""
+    if layout == "keys":
+        return torch.randn(heads, n, width).to(torch.bfloat16).transpose(-1, -2)
+    if layout == "values":
+        return torch.randn(heads, width, n).to(torch.bfloat16)
+    return torch.randn(heads, width, n + 3).to(torch.bfloat16)[..., :n]
 
 
+def _counting(calls: list) -> few_rows._Kernels:
+    """The loaded kernels, each call of either noted in `calls`."""
+    kernels = few_rows._load()
+    return few_rows._Kernels(*(lambda *a, f=f: calls.append(1) or f(*a) for f in kernels))
+
+
+@pytest.mark.parametrize("layout", ["keys", "values"])
 @pytest.mark.parametrize("heads,rows,width,n", [(3, 3, 64, 10_001), (3, 3, 10_001, 64), (2, 4, 64, 37),
-                                                 (1, 1, 5, 3), (3, 5, 130, 9), (4, 6, 8, 4), (2, 2, 16, 1)])
-def test_the_kernel_multiplies_as_torch_does(heads, rows, width, n):
+                                                 (1, 1, 5, 3), (3, 5, 130, 9), (4, 6, 8, 4), (2, 2, 16, 1),
+                                                 (3, 2, 7, 5), (2, 7, 9, 3)])
+def test_the_kernel_multiplies_as_torch_does(heads, rows, width, n, layout, monkeypatch):
     x = torch.randn(heads, rows, width)
-    kb = _bf16_kb(heads, n, width)
+    kb = _bf16_kb(heads, n, width, layout)
+    calls = []
+    monkeypatch.setattr(few_rows, "_kernel", _counting(calls))
     expected = torch.bmm(x, kb.float())  # the same bfloat16 values, in float32
     got = few_rows.product(x, kb)
+    assert calls == [1]
     assert got.dtype == torch.float32 and got.shape == expected.shape
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * width ** 0.5)
 
@@ -55,18 +70,18 @@ def test_rows_read_where_they_lie_or_copied():
         torch.testing.assert_close(few_rows.product(x, kb), torch.bmm(x, kb.float()), rtol=1e-5, atol=1e-4)
 
 
-def test_another_layout_is_multiplied_by_torch():
-    x, kb = torch.randn(2, 3, 16), _bf16_kb(2, 10, 16, layout_rows=False)
+def test_another_layout_is_multiplied_by_torch(monkeypatch):
+    x, kb = torch.randn(2, 3, 16), _bf16_kb(2, 10, 16, layout="other")
     calls = []
-    kernel = few_rows._load()
-    few_rows._kernel = lambda *a: calls.append(1) or kernel(*a)
-    try:
-        got = few_rows.product(x, kb)
-        bias = torch.randn(1, 1, 1, 10)  # the KB logits' bias, as attached
-        into = torch.zeros(2, 3, 14)
-        with_bias = few_rows.product(x, kb, bias=bias, out=into)
-    finally:
-        few_rows._kernel = kernel
+    monkeypatch.setattr(few_rows, "_kernel", _counting(calls))
+    got = few_rows.product(x, kb)
+    bias = torch.randn(1, 1, 1, 10)  # the KB logits' bias, as attached
+    into = torch.zeros(2, 3, 14)
+    with_bias = few_rows.product(x, kb, bias=bias, out=into)
+    # the mix's layout with a bias (no such product in the attention) is torch's too
+    values = _bf16_kb(2, 10, 16, layout="values")
+    torch.testing.assert_close(few_rows.product(x, values, bias=bias), torch.bmm(x.to(torch.bfloat16), values).float()
+                               + bias[0, 0])
     assert not calls
     expected = torch.bmm(x.to(torch.bfloat16), kb).float()
     torch.testing.assert_close(got, expected)
@@ -99,8 +114,8 @@ def test_decoding_through_the_kernel_answers_as_torch_products(hash_encoder, one
     from kblam import attention
 
     calls, steps = [], []
-    kernel, inner = few_rows._load(), attention._one_question_step
-    monkeypatch.setattr(few_rows, "_kernel", lambda *a: calls.append(1) or kernel(*a))
+    inner = attention._one_question_step
+    monkeypatch.setattr(few_rows, "_kernel", _counting(calls))
     monkeypatch.setattr(attention, "_one_question_step", lambda *a: steps.append(1) or inner(*a))
     prompt = model.tokenizer([model.format_prompt(QUESTIONS[0])], return_tensors="pt", add_special_tokens=False)
     out = {}
@@ -135,7 +150,7 @@ def test_a_one_question_step_is_the_general_joint_softmax(one_thread, monkeypatc
     module, head = nn.Module().eval(), nn.Linear(16, heads * dim)
     hidden = torch.randn(1, 1, 16)
     kb_keys = torch.randn(1, kv_heads, m, dim).to(torch.bfloat16)
-    kb_values = torch.randn(1, kv_heads, dim, m).to(torch.bfloat16).transpose(-1, -2)  # (dim, token), as kept
+    kb_values = torch.randn(1, kv_heads, m, dim).to(torch.bfloat16)
     query, key, value = (torch.randn(1, h, n, dim) for h, n in ((heads, 1), (kv_heads, length), (kv_heads, length)))
     steps, inner, general = [], attention._one_question_step, attention._is_one_question_step
     monkeypatch.setattr(attention, "_one_question_step", lambda *a: steps.append(1) or inner(*a))

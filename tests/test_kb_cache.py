@@ -151,14 +151,15 @@ def test_an_edit_nobody_reads_is_written_in_place(hash_encoder):
 
 @torch.no_grad()
 @pytest.mark.parametrize("edit", ["update", "add", "remove"])
-def test_values_are_kept_knowledge_tokens_innermost_through_edits(edit, hash_encoder):
-    """The cached KB values are laid out (kv head, dim, knowledge token), the layout the mix reads fastest
-    (kb_cache._by_token_last), and keep it through edits, whether written in place or copied."""
+def test_states_are_kept_token_by_token_through_edits(edit, hash_encoder):
+    """The cached KB keys and values are contiguous (kv head, knowledge token, dim): torch's fused attention
+    misreads values laid out otherwise (kblam.attention._fused_attention), and edits keep the layout,
+    whether written in place or copied."""
     model = _model(hash_encoder)
     kb = _kb(6)
     held = model.kb_states(kb) if edit == "update" else None  # read while editing: copy on write
     for keys, values in model.kb_layers(model.kb_states(kb)).values():
-        assert keys.is_contiguous() and values.transpose(-1, -2).is_contiguous()
+        assert keys.is_contiguous() and values.is_contiguous()
     {"update": lambda: kb.update("entity 2", "symbol", "changed"), "add": lambda: kb.add("entity 9", "symbol", "v"),
      "remove": lambda: kb.remove("entity 4")}[edit]()
     after = model.kb_states(kb)
@@ -170,7 +171,7 @@ def test_values_are_kept_knowledge_tokens_innermost_through_edits(edit, hash_enc
     finally:
         model.kb_cache = fresh
     for layer, (keys, values) in model.kb_layers(after).items():
-        assert keys.is_contiguous() and values.transpose(-1, -2).is_contiguous()
+        assert keys.is_contiguous() and values.is_contiguous()
         torch.testing.assert_close(values, expected[layer][1], atol=1e-6, rtol=0)
     del held
 
@@ -271,22 +272,30 @@ def test_bfloat16_states(hash_encoder):
     torch.testing.assert_close(half, full, atol=0.05, rtol=0.02)
 
 
+@pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("chunk", [None, 5, 16])  # None: sized to the call's rows
-def test_chunked_asks_answer_as_one_pass(chunk, hash_encoder, monkeypatch):
-    """Chunked calls (explicit sizes, the adaptive default, probabilities kept or recomputed for the
-    recorded rows only) give the single pass's answers and sources."""
+def test_chunked_asks_answer_as_one_pass(chunk, fused, hash_encoder, monkeypatch):
+    """Chunked calls (explicit sizes, the adaptive default; torch's fused kernel or the chunked loop, its
+    probabilities kept or recomputed for the recorded rows only) give the single pass's answers and sources."""
     model = _model(hash_encoder)
     kb = _kb(40)
     model.kb_chunk_size = 0
-    whole = _answers(model, kb)
+    whole = _answers(model, kb), [_answers(model, kb, [q])[0] for q in QUESTIONS]  # a batch, and one at a time
     model.kb_chunk_size = 8192
     monkeypatch.setattr("kblam.model.adaptive_chunk", lambda rows: chunk or max(4, 256 // rows))  # per call
-    calls, chunked = [], attention._chunked_attention
-    monkeypatch.setattr(attention, "_chunked_attention", lambda *a: calls.append(1) or chunked(*a))
+    monkeypatch.setattr(attention, "ENABLE_FUSED", fused)
+    calls = []
+    for name in ("_chunked_attention", "_fused_attention"):
+        inner = getattr(attention, name)
+        monkeypatch.setattr(attention, name, lambda *a, name=name, inner=inner: calls.append(name) or inner(*a))
     for keep in (attention.KEEP_PROBS, 0):
         monkeypatch.setattr(attention, "KEEP_PROBS", keep)
-        _same(_answers(model, kb), whole, scores_atol=1e-5)
+        _same(_answers(model, kb), whole[0], scores_atol=1e-5)
+        _same([_answers(model, kb, [q])[0] for q in QUESTIONS], whole[1], scores_atol=1e-5)
     assert len(calls) >= 2 * len(model.config.kb_layers)
+    # fused: a batch's decoding steps, whose questions each bias the KB (the retrieval prior), may still take
+    # the chunked loop (attention._fused_fits)
+    assert ("_fused_attention" in calls) == fused and (fused or set(calls) == {"_chunked_attention"})
 
 
 def test_a_batch_sharing_one_kb_reads_it_as_each_question_alone(hash_encoder):

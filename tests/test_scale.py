@@ -336,3 +336,62 @@ def test_an_approximate_index_that_finds_fewer_candidates(hash_encoder):
     for answer, found in zip(answers, rows, strict=True):
         assert {t for t, _ in answer.sources} <= {kb.triples[j] for j in found[found >= 0]}
         assert len(answer.sources) == (found >= 0).sum()
+
+
+def _layer_call(states, kb_batch, bias_kind, seed=0):
+    """Inputs of one KB layer's attention call: 3 questions of 6 tokens, 6 query heads over 2 KV heads."""
+    from torch import nn
+
+    from kblam import attention
+
+    g = torch.Generator().manual_seed(seed)
+    b, heads, kv_heads, dim, m, n = 3, 6, 2, 8, 23, attention.FUSED_BIASED_BATCH_TOKENS
+    keys = torch.randn(kb_batch, kv_heads, m, dim, generator=g).to(states)
+    values = torch.randn(kb_batch, kv_heads, m, dim, generator=g).to(states)
+    bias = {"number": -1.25, "shared": torch.randn(1, 1, 1, m, generator=g),
+            "per question": torch.randn(b, 1, 1, m, generator=g)}[bias_kind]
+    if bias_kind == "per question":
+        bias[1] = float("-inf")  # the second question's KB is all padding: it reads its text only
+        bias[2, ..., 5:9] = float("-inf")
+    hidden = torch.randn(b, n, 16, generator=g)
+    query, key, value = (torch.randn(b, h, n, dim, generator=g) for h in (heads, kv_heads, kv_heads))
+    mask = torch.zeros(b, 1, n, n).masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
+    head = nn.Linear(16, heads * dim)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(heads * dim, 16, generator=g) / 4)
+        head.bias.zero_()
+    recorded = []
+    inputs = attention.KBLayerInputs(hidden_states=hidden, query_head=head, keys=keys, values=values, bias=bias,
+                                     record=lambda chunks: recorded.extend((s, p.clone()) for s, p in chunks),
+                                     chunk_size=5, record_rows=torch.tensor([2, 3, n - 1]))
+    return nn.Module().eval(), (query, key, value, mask), inputs, recorded
+
+
+@pytest.mark.parametrize("states", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kb_batch", [1, 3], ids=["shared KB", "a KB per question"])
+@pytest.mark.parametrize("bias_kind", ["number", "shared", "per question"])
+def test_the_fused_kernel_gives_the_chunked_loop(states, kb_batch, bias_kind, monkeypatch):
+    """At inference a chunked call goes through torch's fused CPU kernel: the same output and the same recorded
+    KB attention as the chunked loop, with the KB shared or one per question, its bias a number, shared, or
+    one per question with padding (a question whose KB is all padding included; over a shared KB, asked
+    question by question)."""
+    from kblam import attention
+
+    results, calls, inner = [], [], attention._fused_attention
+    monkeypatch.setattr(attention, "_fused_attention", lambda *a: calls.append(1) or inner(*a))
+    for fused in (True, False):
+        monkeypatch.setattr(attention, "ENABLE_FUSED", fused)
+        calls.clear()
+        module, (query, key, value, mask), inputs, recorded = _layer_call(states, kb_batch, bias_kind)
+        with torch.no_grad():
+            out, _ = attention.rectangular_attention(module, query, key, value, mask, 0.35, kb=inputs)
+        assert len(calls) == int(fused)
+        results.append((out, torch.cat([p for _, p in recorded], dim=-1)))
+    (out, probs), (ref_out, ref_probs) = results
+    assert torch.isfinite(out).all() and probs.shape == ref_probs.shape == (3, 6, 3, 23)
+    # bfloat16 states: both round the queries and the probabilities to bfloat16 before their products
+    tol = {"atol": 1e-5, "rtol": 1e-5} if states == torch.float32 else {"atol": 2e-2, "rtol": 2e-2}
+    torch.testing.assert_close(out, ref_out, **tol)
+    torch.testing.assert_close(probs, ref_probs, **tol)
+    if bias_kind == "per question":
+        assert not probs[1].any() and not probs[2, ..., 5:9].any()
