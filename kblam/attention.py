@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 import sys
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
@@ -337,6 +338,9 @@ ENABLE_FUSED = True
 # A batch over a shared KB that each question biases goes through the fused kernel question by question
 # from this many tokens a call (a prompt), through the chunked loop below it (_fused_fits).
 FUSED_BIASED_BATCH_TOKENS = 8
+# Knowledge tokens per call of the fused kernel (_flash_kb): a KV head's keys and values of a chunk, 1 MB in
+# bfloat16, stay in a core's cache while the kernel reads them once per block of query rows.
+FUSED_CHUNK = 4096
 
 
 def _fused_fits(module: nn.Module, query: torch.Tensor, kb: KBLayerInputs) -> bool:
@@ -383,24 +387,48 @@ def _fused_attention(module, q_kb, query, key, value, attention_mask, scaling, k
         def unfold(t):
             return t.reshape(b, h, n, t.shape[-1])
 
-    rows = rows.to(keys.dtype)
-    if keys.shape[0] == rows.shape[0]:
-        kb_out, kb_lse = _FLASH(rows, keys, values, 0.0, False, attn_mask=mask, scale=1.0)
-    else:  # a KB shared by questions that each bias it: question by question (the kernel, given the KB
-        # expanded to the batch, took 93 ms where this takes 49: 16 questions' 24-token prompts)
-        parts = [_FLASH(rows[i:i + 1], keys, values, 0.0, False, attn_mask=mask[i:i + 1], scale=1.0) for i in range(b)]
-        kb_out, kb_lse = (torch.cat(x) for x in zip(*parts, strict=True))
+    kb_out, kb_lse = _flash_kb(rows.to(keys.dtype), keys, values, mask)
     kb_lse = unfold(kb_lse[..., None]) + (0.0 if mask is not None else float(kb.bias))
-    if mask is not None:  # the kernel gives a row that sees no knowledge token (all padding) 0, not -inf
-        kb_lse = kb_lse.masked_fill(torch.isneginf(mask).all(-1, keepdim=True), float("-inf"))
     text_logits = _masked(_grouped_scores(query, key) * scaling, attention_mask, n, key.shape[2]).float()
     joint = torch.maximum(kb_lse, text_logits.amax(-1, keepdim=True))  # finite: each row sees a text token
     kb_share, text_p = torch.exp(kb_lse - joint), torch.exp(text_logits - joint)
     total = kb_share + text_p.sum(-1, keepdim=True)
-    out = (unfold(kb_out).float() * kb_share + _grouped_mix(text_p, value.float())) / total
+    out = (unfold(kb_out) * kb_share + _grouped_mix(text_p, value.float())) / total
     if kb.record is not None:
         kb.record(_recorded_probs(module, q_kb, kb, joint + torch.log(total), query.dtype))
     return out.to(query.dtype).transpose(1, 2).contiguous(), None
+
+
+def _flash_kb(rows: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of rows (B, Hkv, R, D) over the KB alone: (output (B, Hkv, R, D) float32, log-sum-exp
+    (B, Hkv, R)), -inf where a row sees no knowledge token.
+
+    The kernel is called FUSED_CHUNK knowledge tokens at a time and the parts combined by their
+    log-sum-exps: it reads a head's keys and values once per block of 32 query rows, and a chunk's stay in
+    the core's cache for the next block (a 24-token prompt over 100,000 triples: 34 against 64 ms a layer,
+    measured for issue 10). A KB shared by questions that each bias it is read question by question (given
+    the KB expanded to the batch, the kernel took 93 ms where this takes 49 for 16 questions' 24-token
+    prompts over 10,000 triples)."""
+    outs, lses = [], []
+    for start in range(0, keys.shape[2], FUSED_CHUNK):
+        part = slice(start, start + FUSED_CHUNK)
+        k, v, m = keys[:, :, part], values[:, :, part], None if mask is None else mask[..., part]
+        if k.shape[0] == rows.shape[0]:
+            out, lse = _FLASH(rows, k, v, 0.0, False, attn_mask=m, scale=1.0)
+        else:
+            out, lse = (torch.cat(x) for x in zip(*(_FLASH(rows[i:i + 1], k, v, 0.0, False, attn_mask=m[i:i + 1],
+                                                             scale=1.0) for i in range(rows.shape[0])), strict=True))
+        if m is not None:  # the kernel gives a row that sees no knowledge token (all padding) 0, not -inf
+            lse = lse.masked_fill(torch.isneginf(m).all(-1), float("-inf"))
+        outs.append(out)
+        lses.append(lse)
+    if len(outs) == 1:
+        return outs[0].float(), lses[0]
+    lse = torch.logsumexp(torch.stack(lses), dim=0)
+    safe = lse.masked_fill(torch.isneginf(lse), 0.0)  # no knowledge token at all: every weight below is 0
+    out = sum(o.float() * torch.exp(part_lse - safe)[..., None] for o, part_lse in zip(outs, lses, strict=True))
+    return out, lse
 
 
 def _recorded_probs(module, q_kb: torch.Tensor, kb: KBLayerInputs, log_z: torch.Tensor, dtype: torch.dtype
@@ -424,10 +452,54 @@ def _recorded_probs(module, q_kb: torch.Tensor, kb: KBLayerInputs, log_z: torch.
     bias = kb.bias.float() * LOG2E if torch.is_tensor(kb.bias) else kb.bias * LOG2E
     if not torch.is_tensor(bias):  # one number for every knowledge token: part of the row's shift
         log_z, bias = log_z - bias, None
-    for start in range(0, kb.keys.shape[2], step):
+    if kb.keys.shape[0] == 1 and kb.keys.device.type == "cpu":
+        yield from _recorded_shared(q, kb.keys, bias, log_z, step, dtype)
+        return
+    for start in range(0, kb.keys.shape[2], step):  # a KB per question
         scores = _with_kb(_grouped_scores, q, kb.keys[:, :, start:start + step])
         logits = scores.float() if bias is None else scores.float().add_(bias[..., start:start + step])  # see _kb_logits
         yield start, logits.sub_(log_z).exp2_().to(dtype)
+
+
+def _recorded_shared(q: torch.Tensor, keys: torch.Tensor, bias: torch.Tensor | None, log_z: torch.Tensor, step: int,
+                     dtype: torch.dtype) -> Iterator[tuple[int, torch.Tensor]]:
+    """_recorded_probs over a KB shared by the batch (q, bias and log_z in base 2), in two buffers kept by the
+    thread (_scratch): each chunk's probabilities are overwritten by the next chunk's, or the next call's.
+
+    Fresh buffers of this size are new pages of memory each time, and the kernel's first write to each page
+    costs more than the pass itself: a 24-token prompt's recorded rows over 100,000 triples took 34 ms a
+    layer in fresh tensors, 21 with glibc told to keep its freed memory (MALLOC_MMAP_THRESHOLD_; measured for
+    issue 10), which a library cannot ask of the process it runs in."""
+    b, h, r, _ = q.shape
+    hkv, m = keys.shape[1], keys.shape[2]
+    rows, z = _shared_rows(q.to(keys.dtype), hkv), _shared_rows(log_z, hkv)  # (KV head, group x batch x row, ...)
+    count, width = rows.shape[1], min(step, m)
+    logits_buffer = _scratch("logits", hkv * count * width, torch.float32)
+    scores_buffer = None if keys.dtype == torch.float32 else _scratch("scores", hkv * count * width, keys.dtype)
+    for start in range(0, m, step):
+        size = min(step, m - start)
+        logits = logits_buffer[:hkv * count * size].view(hkv, count, size)
+        scores = logits if scores_buffer is None else scores_buffer[:hkv * count * size].view(hkv, count, size)
+        part = keys[0, :, start:start + size].transpose(-1, -2)
+        for head in range(hkv):  # each head's chunk where it lies (see _per_head)
+            torch.mm(rows[head], part[head], out=scores[head])
+        if scores is not logits:
+            logits.copy_(scores)
+        if bias is not None:  # (B|1, 1, 1, M): in the rows' order it varies with the question only
+            logits.view(hkv, h // hkv, b, r, size).add_(bias[:, 0, :, start:start + size][None, None])
+        yield start, _unshared(logits.sub_(z).exp2_(), b, h, r).to(dtype)
+
+
+_THREAD = threading.local()
+
+
+def _scratch(name: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
+    """A flat tensor of at least `numel` elements that this thread keeps for `name` (the largest asked for)."""
+    buffers = _THREAD.__dict__.setdefault("buffers", {})
+    buffer = buffers.get(name)
+    if buffer is None or buffer.numel() < numel or buffer.dtype != dtype:
+        buffer = buffers[name] = torch.empty(numel, dtype=dtype)
+    return buffer
 
 
 def _base_function(base: str, module: nn.Module) -> Callable:

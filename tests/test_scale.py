@@ -352,7 +352,7 @@ def _layer_call(states, kb_batch, bias_kind, seed=0):
             "per question": torch.randn(b, 1, 1, m, generator=g)}[bias_kind]
     if bias_kind == "per question":
         bias[1] = float("-inf")  # the second question's KB is all padding: it reads its text only
-        bias[2, ..., 5:9] = float("-inf")
+        bias[2, ..., 4:9] = float("-inf")  # read in chunks of 4, a whole chunk
     hidden = torch.randn(b, n, 16, generator=g)
     query, key, value = (torch.randn(b, h, n, dim, generator=g) for h in (heads, kv_heads, kv_heads))
     mask = torch.zeros(b, 1, n, n).masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
@@ -370,13 +370,17 @@ def _layer_call(states, kb_batch, bias_kind, seed=0):
 @pytest.mark.parametrize("states", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("kb_batch", [1, 3], ids=["shared KB", "a KB per question"])
 @pytest.mark.parametrize("bias_kind", ["number", "shared", "per question"])
-def test_the_fused_kernel_gives_the_chunked_loop(states, kb_batch, bias_kind, monkeypatch):
+@pytest.mark.parametrize("fused_chunk", [4096, 4])
+def test_the_fused_kernel_gives_the_chunked_loop(states, kb_batch, bias_kind, fused_chunk, monkeypatch):
     """At inference a chunked call goes through torch's fused CPU kernel: the same output and the same recorded
     KB attention as the chunked loop, with the KB shared or one per question, its bias a number, shared, or
     one per question with padding (a question whose KB is all padding included; over a shared KB, asked
-    question by question)."""
+    question by question); the KB read at once or in chunks (a chunk all padding included)."""
     from kblam import attention
 
+    monkeypatch.setattr(attention, "FUSED_CHUNK", fused_chunk)
+    if fused_chunk < 23:  # the recorded rows' second pass in chunks too (of the call's 5 knowledge tokens)
+        monkeypatch.setattr(attention, "RECORD_CHUNK", 1)
     results, calls, inner = [], [], attention._fused_attention
     monkeypatch.setattr(attention, "_fused_attention", lambda *a: calls.append(1) or inner(*a))
     for fused in (True, False):
@@ -394,4 +398,4 @@ def test_the_fused_kernel_gives_the_chunked_loop(states, kb_batch, bias_kind, mo
     torch.testing.assert_close(out, ref_out, **tol)
     torch.testing.assert_close(probs, ref_probs, **tol)
     if bias_kind == "per question":
-        assert not probs[1].any() and not probs[2, ..., 5:9].any()
+        assert not probs[1].any() and not probs[2, ..., 4:9].any()
