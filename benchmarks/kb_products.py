@@ -14,7 +14,8 @@ keys first (warming the cache on purpose) and the scores and mix with the states
 (the layout torch's inductor uses for frozen weights; kblam keeps the plain one, which chunks and edits
 slice). Then other ways to the same scores, from memory: keys x queries, float32 states, a product
 per chunk of 2,048 knowledge tokens, the KV heads as one block-diagonal product, a product per query
-row, and torch's fused attention over the KB part. Last, kblam.few_rows' kernel (numba, the `fast`
+row, and torch's fused attention over the KB part; and a 24-token prompt's KB part through that fused kernel
+as kblam calls it (4,096 knowledge tokens a call) and in one call over the whole KB. Last, kblam.few_rows' kernel (numba, the `fast`
 extra), which kblam uses for such products on one thread: the scores and the mix from float32 rows, cold
 (the mix in both layouts: sums along the rows, or along each row), and the scores for 4, 7 and 12 rows a
 KV head beside torch's.
@@ -85,6 +86,16 @@ def main() -> None:
             queries.reshape(1, heads * group, 1, dim), keys[None], values[None], attn_mask=bias, scale=1.0,
             enable_gqa=True), True),
     }
+    # A 24-token prompt's KB part through torch's fused kernel, as kblam.attention calls it (FUSED_CHUNK
+    # knowledge tokens a call, joined by their log-sum-exps) and in one call over the whole KB.
+    from kblam import attention
+
+    prompt_rows = (torch.randn(1, heads, 72, dim) / 8).bfloat16()
+    prompt_bias = bias.float()
+    runs["fused_prompt_chunks_cold"] = (lambda: attention._flash_kb(prompt_rows, keys[None], values[None],
+                                                                    prompt_bias), True)
+    runs["fused_prompt_one_call_cold"] = (lambda: attention._FLASH(prompt_rows, keys[None], values[None], 0.0, False,
+                                                                   attn_mask=prompt_bias, scale=1.0), True)
     out: dict = {"triples": m, "state_mb": round(2 * keys.numel() * keys.element_size() / 1e6, 2)}
     try:
         linear = torch.ops.mkldnn._linear_pointwise

@@ -19,6 +19,16 @@ def _widen(typingctx, bits):
     return types.float32(types.uint16), codegen
 
 
+@intrinsic
+def _as_float(typingctx, bits):
+    """int32 bits -> the float32 with these bits."""
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return types.float32(types.int32), codegen
+
+
 @njit(nogil=True, fastmath=True, cache=True)
 def rows_dot(a, x, out, bias):  # pragma: no cover - compiled; tests/test_few_rows.py compares it with torch
     """out[h, r, i] = sum over k < K of x[h, r, k] * a[h, i, k], plus bias[i] (or bias[0], or nothing).
@@ -142,3 +152,33 @@ def rows_mix(v, p, out):  # pragma: no cover - compiled; tests/test_few_rows.py 
                 for k in range(width):
                     out[h, r + j, k] = acc[j, k]
             r += 3
+
+
+@njit(nogil=True, fastmath=True, cache=True)
+def shifted_exp2(scores, bias, which, shift, out):  # pragma: no cover - compiled; tests/test_few_rows.py checks it
+    """out[h, r, t] = 2 ** (scores[h, r, t] + bias[which[r], t] - shift[h, r]), 0 below 2 ** -126.
+
+    scores (H, R, n) uint16, bfloat16 bits; bias (B, n), which (R,) int32, shift (H, R), out (H, R, n) float32,
+    all C-contiguous. One pass where torch makes four (widen, add, subtract, exp2), each through memory: the
+    probabilities of the rows kblam.attention records. 2 ** x = 2 ** i * 2 ** f, i the integer nearest x
+    (written into a float's exponent), 2 ** f = exp(f ln 2) by its Taylor series to f ** 6 (|f| <= 1/2:
+    relative error about 1e-7, torch's exp2's order).
+    """
+    heads, rows, n = scores.shape
+    for h in range(heads):
+        for r in range(rows):
+            b = which[r]
+            z = shift[h, r]
+            for t in range(n):
+                x = _widen(scores[h, r, t]) + bias[b, t] - z
+                i = np.floor(x + np.float32(0.5))
+                f = x - i
+                p = np.float32(1.540353039338e-4)
+                p = p * f + np.float32(1.333355814643e-3)
+                p = p * f + np.float32(9.618129107628e-3)
+                p = p * f + np.float32(5.550410866482e-2)
+                p = p * f + np.float32(2.402265069591e-1)
+                p = p * f + np.float32(6.931471805599e-1)
+                p = p * f + np.float32(1.0)
+                e = np.int32(max(i, np.float32(-126.0)))  # clamped: a padded token's -inf gives a valid exponent
+                out[h, r, t] = p * _as_float(np.int32((e + 127) << 23)) if x >= np.float32(-126.0) else np.float32(0.0)

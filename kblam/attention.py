@@ -474,6 +474,8 @@ def _recorded_shared(q: torch.Tensor, keys: torch.Tensor, bias: torch.Tensor | N
     hkv, m = keys.shape[1], keys.shape[2]
     rows, z = _shared_rows(q.to(keys.dtype), hkv), _shared_rows(log_z, hkv)  # (KV head, group x batch x row, ...)
     count, width = rows.shape[1], min(step, m)
+    # each row's question, whose bias it reads: rows are ordered (group, question, position)
+    which = (torch.arange(count) // r % b) if torch.is_tensor(bias) and bias.shape[0] > 1 else torch.zeros(count)
     logits_buffer = _scratch("logits", hkv * count * width, torch.float32)
     scores_buffer = None if keys.dtype == torch.float32 else _scratch("scores", hkv * count * width, keys.dtype)
     for start in range(0, m, step):
@@ -483,11 +485,14 @@ def _recorded_shared(q: torch.Tensor, keys: torch.Tensor, bias: torch.Tensor | N
         part = keys[0, :, start:start + size].transpose(-1, -2)
         for head in range(hkv):  # each head's chunk where it lies (see _per_head)
             torch.mm(rows[head], part[head], out=scores[head])
-        if scores is not logits:
-            logits.copy_(scores)
-        if bias is not None:  # (B|1, 1, 1, M): in the rows' order it varies with the question only
-            logits.view(hkv, h // hkv, b, r, size).add_(bias[:, 0, :, start:start + size][None, None])
-        yield start, _unshared(logits.sub_(z).exp2_(), b, h, r).to(dtype)
+        part_bias = None if bias is None else bias[:, 0, 0, start:start + size]  # (B|1, size)
+        if scores is logits or not few_rows.shifted_exp2(scores, part_bias, which, z, logits):
+            if scores is not logits:
+                logits.copy_(scores)
+            if part_bias is not None:  # in the rows' order the bias varies with the question only
+                logits.view(hkv, h // hkv, b, r, size).add_(part_bias[None, None, :, None])
+            logits.sub_(z).exp2_()
+        yield start, _unshared(logits, b, h, r).to(dtype)
 
 
 _THREAD = threading.local()

@@ -43,26 +43,29 @@ def _load():
     global _kernel
     if _kernel is None:
         try:
-            from kblam._few_rows_kernel import rows_dot, rows_mix
+            from kblam._few_rows_kernel import rows_dot, rows_mix, shifted_exp2
 
             # Compiled (or loaded from numba's cache) here, on tiny products, so that a failure to compile
             # leaves torch's products in place instead of failing a question.
             rows_dot(np.zeros((1, 4, 2), np.uint16), np.zeros((1, 1, 2), np.float32), np.zeros((1, 1, 4), np.float32),
                      _NO_BIAS)
             rows_mix(np.zeros((1, 4, 2), np.uint16), np.zeros((1, 1, 4), np.float32), np.zeros((1, 1, 2), np.float32))
+            shifted_exp2(np.zeros((1, 1, 2), np.uint16), np.zeros((1, 2), np.float32), np.zeros(1, np.int32),
+                         np.zeros((1, 1), np.float32), np.zeros((1, 1, 2), np.float32))
         except Exception as error:  # numba missing, not importable with this numpy, or failing to compile
             _kernel = False
             if not isinstance(error, ImportError):
                 warnings.warn(f"kblam.few_rows: the numba kernel failed ({error!r}); torch's products serve",
                               RuntimeWarning, stacklevel=2)
         else:
-            _kernel = _Kernels(rows_dot, rows_mix)
+            _kernel = _Kernels(rows_dot, rows_mix, shifted_exp2)
     return _kernel
 
 
 class _Kernels(NamedTuple):
     dot: Callable  # rows x (keys: token by token), plus a bias
     mix: Callable  # rows x (values: token by token)
+    exp2: Callable  # 2 ** (scores + bias - shift), in one pass
 
 
 def fits(rows: int, kb_part: torch.Tensor) -> bool:
@@ -112,6 +115,24 @@ def product(rows: torch.Tensor, kb: torch.Tensor, *, bias: float | torch.Tensor 
         add = np.full(1, bias, np.float32)
     kernel.dot(_bits(kb.transpose(-1, -2)), _row_array(rows.float()), out.numpy(), add)
     return out[..., :width]
+
+
+def shifted_exp2(scores: torch.Tensor, bias: torch.Tensor | None, which: torch.Tensor, shift: torch.Tensor,
+                 out: torch.Tensor) -> bool:
+    """out = 2 ** (scores + bias[which] - shift) in one pass, when the kernel serves (True), else nothing done.
+
+    scores (H, R, n) bfloat16, contiguous; bias (B, n) float32 or None (0); which (R,) the bias row of each
+    of the R rows; shift (H, R, 1) float32; out (H, R, n) float32, contiguous. The recorded rows' probabilities
+    (kblam.attention._recorded_shared), on one thread as the products above."""
+    kernel = _load()
+    if not (ENABLED and kernel and torch.get_num_threads() == 1 and scores.dtype == torch.bfloat16
+            and scores.is_contiguous() and out.is_contiguous()):
+        return False
+    if bias is None:
+        bias, which = torch.zeros(1, scores.shape[2]), torch.zeros(scores.shape[1])
+    kernel.exp2(_bits(scores), bias.float().contiguous().numpy(), which.to(torch.int32).contiguous().numpy(),
+                shift.float().reshape(shift.shape[0], -1).contiguous().numpy(), out.numpy())
+    return True
 
 
 def _bits(kb: torch.Tensor):

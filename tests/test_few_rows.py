@@ -70,6 +70,28 @@ def test_rows_read_where_they_lie_or_copied():
         torch.testing.assert_close(few_rows.product(x, kb), torch.bmm(x, kb.float()), rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("questions", [1, 3])
+def test_shifted_exp2_is_torch_s_four_passes(questions, one_thread):
+    """The recorded rows' probabilities in one pass: 2 ** (scores + the row's question's bias - shift), 0 where
+    the bias is -inf (padding), as torch's widen, add, subtract and exp2."""
+    torch.manual_seed(0)
+    heads, rows, n = 3, 6 * questions, 1001
+    scores = (torch.randn(heads, rows, n) * 4).to(torch.bfloat16)
+    bias = torch.randn(questions, n)
+    bias[:, 7:19] = float("-inf")
+    which = torch.arange(rows) % questions
+    shift = torch.randn(heads, rows, 1) * 3 + 6
+    out = torch.empty(heads, rows, n)
+    assert few_rows.shifted_exp2(scores, bias, which, shift, out)
+    expected = torch.exp2(scores.float() + bias[which] - shift)
+    torch.testing.assert_close(out, expected, rtol=3e-6, atol=0)
+    assert not out[..., 7:19].any()
+    assert few_rows.shifted_exp2(scores, None, which, shift, out)
+    torch.testing.assert_close(out, torch.exp2(scores.float() - shift), rtol=3e-6, atol=0)
+    torch.set_num_threads(2)  # torch's passes split between threads: the kernel declines
+    assert not few_rows.shifted_exp2(scores, bias, which, shift, out)
+
+
 def test_another_layout_is_multiplied_by_torch(monkeypatch):
     x, kb = torch.randn(2, 3, 16), _bf16_kb(2, 10, 16, layout="other")
     calls = []

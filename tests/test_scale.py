@@ -371,7 +371,8 @@ def _layer_call(states, kb_batch, bias_kind, seed=0):
 @pytest.mark.parametrize("kb_batch", [1, 3], ids=["shared KB", "a KB per question"])
 @pytest.mark.parametrize("bias_kind", ["number", "shared", "per question"])
 @pytest.mark.parametrize("fused_chunk", [4096, 4])
-def test_the_fused_kernel_gives_the_chunked_loop(states, kb_batch, bias_kind, fused_chunk, monkeypatch):
+@pytest.mark.parametrize("threads", [1, 2])  # one: the recorded rows' exponentials by kblam.few_rows' kernel
+def test_the_fused_kernel_gives_the_chunked_loop(states, kb_batch, bias_kind, fused_chunk, threads, monkeypatch):
     """At inference a chunked call goes through torch's fused CPU kernel: the same output and the same recorded
     KB attention as the chunked loop, with the KB shared or one per question, its bias a number, shared, or
     one per question with padding (a question whose KB is all padding included; over a shared KB, asked
@@ -379,6 +380,8 @@ def test_the_fused_kernel_gives_the_chunked_loop(states, kb_batch, bias_kind, fu
     from kblam import attention
 
     monkeypatch.setattr(attention, "FUSED_CHUNK", fused_chunk)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
     if fused_chunk < 23:  # the recorded rows' second pass in chunks too (of the call's 5 knowledge tokens)
         monkeypatch.setattr(attention, "RECORD_CHUNK", 1)
     results, calls, inner = [], [], attention._fused_attention
@@ -391,6 +394,7 @@ def test_the_fused_kernel_gives_the_chunked_loop(states, kb_batch, bias_kind, fu
             out, _ = attention.rectangular_attention(module, query, key, value, mask, 0.35, kb=inputs)
         assert len(calls) == int(fused)
         results.append((out, torch.cat([p for _, p in recorded], dim=-1)))
+    torch.set_num_threads(before)
     (out, probs), (ref_out, ref_probs) = results
     assert torch.isfinite(out).all() and probs.shape == ref_probs.shape == (3, 6, 3, 23)
     # bfloat16 states: both round the queries and the probabilities to bfloat16 before their products
