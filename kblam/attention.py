@@ -7,6 +7,10 @@ must not depend on the order of the triples) and are shifted by log(C) - log(M) 
 KB draws does not grow with M. That shift, the padding of a batch of KBs and the optional retrieval
 prior all arrive as one additive `bias` per knowledge token. Text-to-text logits are the base model's own.
 
+At inference on the CPU, a call the model reads in chunks hands the KB part to torch's fused (flash)
+attention kernel for the CPU, which returns each row's log-sum-exp for the text part to join
+(`_fused_attention`); training and other devices keep the loop below.
+
 A large KB can be read in chunks (`KBLayerInputs.chunk_size`): the same joint softmax computed the
 flash-attention way, carrying a running max, sum and unnormalised KB output per (batch, head, query)
 over chunks of knowledge tokens, then combining them with the text part. Peak memory is then
@@ -29,6 +33,7 @@ from __future__ import annotations
 import math
 import sys
 import threading
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
@@ -387,7 +392,14 @@ def _fused_attention(module, q_kb, query, key, value, attention_mask, scaling, k
         def unfold(t):
             return t.reshape(b, h, n, t.shape[-1])
 
-    kb_out, kb_lse = _flash_kb(rows.to(keys.dtype), keys, values, mask)
+    try:
+        kb_out, kb_lse = _flash_kb(rows.to(keys.dtype), keys, values, mask)
+    except (RuntimeError, TypeError) as error:  # a torch whose private kernel differs: the chunked loop from now on
+        global ENABLE_FUSED
+        ENABLE_FUSED = False
+        warnings.warn(f"kblam: torch's fused CPU attention failed ({error!r}); the chunked KB attention serves",
+                      RuntimeWarning, stacklevel=2)
+        return _chunked_attention(module, q_kb, query, key, value, attention_mask, scaling, 0.0, kb)
     kb_lse = unfold(kb_lse[..., None]) + (0.0 if mask is not None else float(kb.bias))
     text_logits = _masked(_grouped_scores(query, key) * scaling, attention_mask, n, key.shape[2]).float()
     joint = torch.maximum(kb_lse, text_logits.amax(-1, keepdim=True))  # finite: each row sees a text token

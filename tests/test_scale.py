@@ -403,3 +403,24 @@ def test_the_fused_kernel_gives_the_chunked_loop(states, kb_batch, bias_kind, fu
     torch.testing.assert_close(probs, ref_probs, **tol)
     if bias_kind == "per question":
         assert not probs[1].any() and not probs[2, ..., 4:9].any()
+
+
+def test_a_failing_fused_kernel_leaves_the_chunked_loop(monkeypatch):
+    """A torch whose private fused kernel fails (another signature): one warning, the chunked loop's result,
+    and the loop from then on."""
+    from kblam import attention
+
+    module, (query, key, value, mask), inputs, _ = _layer_call(torch.float32, 1, "shared")
+    monkeypatch.setattr(attention, "ENABLE_FUSED", False)
+    with torch.no_grad():
+        expected, _ = attention.rectangular_attention(module, query, key, value, mask, 0.35, kb=inputs)
+
+    def broken(*args, **kwargs):
+        raise TypeError("unexpected keyword argument 'attn_mask'")
+
+    monkeypatch.setattr(attention, "ENABLE_FUSED", True)
+    monkeypatch.setattr(attention, "_FLASH", broken)
+    with torch.no_grad(), pytest.warns(RuntimeWarning, match="chunked KB attention serves"):
+        out, _ = attention.rectangular_attention(module, query, key, value, mask, 0.35, kb=inputs)
+    torch.testing.assert_close(out, expected)
+    assert attention.ENABLE_FUSED is False
