@@ -4,12 +4,14 @@ A decoding step asks the KB with a handful of rows per KV head (3 for SmolLM2: 9
 heads, one token), and a product that small is bound by reading the KB, not by arithmetic. oneDNN's
 bfloat16 products (torch.bmm) reach half that rate for so few rows, whatever the layout (issue 10 tried
 keys x queries, oneDNN's prepacked layout, the keys transposed, chunks, a product per row, float32
-states and torch's fused attention; `benchmarks/kb_products.py`). The loop below reads each bfloat16
-element once, widens it (the top half of a float32) and multiplies it with 3 rows at a time in
-float32 (`benchmarks/kb_products.py` times it beside torch.bmm; `benchmarks/decode_parts.py`, what it
-saves a decoding pass; docs/performance.md).
+states and torch's fused attention; `benchmarks/kb_products.py`). The kernels (kblam._few_rows_kernel)
+read each bfloat16 element once, widen it (the top half of a float32) and use it for 3 rows at a time
+in float32: the scores (keys), the mix (values, token by token), each reading the KB in 4 streams
+(`benchmarks/kb_products.py` times them beside torch.bmm; `benchmarks/decode_parts.py`, what they save a
+decoding pass; docs/performance.md). A third, `shifted_exp2`, turns a prompt's recorded rows' scores into
+probabilities in one pass (kblam.attention._recorded_shared).
 
-numba compiles it (a well-kept JIT: no C compiler needed at the user's, and the machine code is cached
+numba compiles them (a well-kept JIT: no C compiler needed at the user's, and the machine code is cached
 on disk after the first process). It is optional (the `fast` extra): without numba, or with
 `KBLAM_FEW_ROWS=0` in the environment, or `kblam.few_rows.ENABLED = False`, the attention multiplies
 with torch as before; a kernel that fails to compile says so once (a RuntimeWarning) and torch serves.
