@@ -317,21 +317,28 @@ def _chunked_attention(module, q_kb, query, key, value, attention_mask, scaling,
         kb_out = kb_out * rescale + _with_kb(_grouped_mix, drop(p), kb.values[:, :, start:start + step])
         top = new_top
 
-    text_logits = _softcap(_grouped_scores(query, key) * scaling, module)
-    text_logits = _masked(text_logits, attention_mask, query.shape[2], key.shape[2]).float()
-    joint = torch.maximum(top, text_logits.amax(-1, keepdim=True))  # finite: each row sees a token or the KB
-    kb_share, text_p = torch.exp(top - joint), torch.exp(text_logits - joint)
-    total = total * kb_share + text_p.sum(-1, keepdim=True)
-    out = (kb_out * kb_share + _grouped_mix(drop(text_p), value.float())) / total
-
+    out, log_z = _join_text(module, kb_out, top, total, query, key, value, attention_mask, scaling, drop)
     if kb.record is not None:
-        log_z = joint + torch.log(total)  # the joint softmax's log-normaliser, (B, H, N, 1)
         if kept is None:
             kb.record(_recorded_probs(module, q_kb, kb, log_z, query.dtype))
         else:  # exp(logit - safe) * exp(safe - log_z) = exp(logit - log_z)
             kb.record((start, (p.float() * torch.exp(safe - log_z[:, :, rows])).to(query.dtype))
                       for start, p, safe in kept)
     return out.to(query.dtype).transpose(1, 2).contiguous(), None
+
+
+def _join_text(module, kb_out, top, kb_sum, query, key, value, attention_mask, scaling, drop=None):
+    """The joint softmax's text part joined to its KB part: (output (B, H, N, D) float32, the joint softmax's
+    log-normaliser log_z (B, H, N, 1)). The KB part is its output kb_out (B, H, N, D) and sum kb_sum of
+    exp(logit - top) over the knowledge tokens, both relative to exp(top) (B, H, N, 1); `drop`: dropout on
+    the text's numerators."""
+    text_logits = _softcap(_grouped_scores(query, key) * scaling, module)
+    text_logits = _masked(text_logits, attention_mask, query.shape[2], key.shape[2]).float()
+    joint = torch.maximum(top, text_logits.amax(-1, keepdim=True))  # finite: each row sees a token or the KB
+    kb_share, text_p = torch.exp(top - joint), torch.exp(text_logits - joint)
+    total = kb_sum * kb_share + text_p.sum(-1, keepdim=True)
+    out = (kb_out * kb_share + _grouped_mix(text_p if drop is None else drop(text_p), value.float())) / total
+    return out, joint + torch.log(total)
 
 
 # torch's CPU flash-attention kernel, which also returns each row's log-sum-exp (the public
@@ -401,13 +408,10 @@ def _fused_attention(module, q_kb, query, key, value, attention_mask, scaling, k
                       RuntimeWarning, stacklevel=2)
         return _chunked_attention(module, q_kb, query, key, value, attention_mask, scaling, 0.0, kb)
     kb_lse = unfold(kb_lse[..., None]) + (0.0 if mask is not None else float(kb.bias))
-    text_logits = _masked(_grouped_scores(query, key) * scaling, attention_mask, n, key.shape[2]).float()
-    joint = torch.maximum(kb_lse, text_logits.amax(-1, keepdim=True))  # finite: each row sees a text token
-    kb_share, text_p = torch.exp(kb_lse - joint), torch.exp(text_logits - joint)
-    total = kb_share + text_p.sum(-1, keepdim=True)
-    out = (unfold(kb_out) * kb_share + _grouped_mix(text_p, value.float())) / total
+    # the kernel's output is normalised: relative to exp(its log-sum-exp), its sum is 1
+    out, log_z = _join_text(module, unfold(kb_out), kb_lse, 1.0, query, key, value, attention_mask, scaling)
     if kb.record is not None:
-        kb.record(_recorded_probs(module, q_kb, kb, joint + torch.log(total), query.dtype))
+        kb.record(_recorded_probs(module, q_kb, kb, log_z, query.dtype))
     return out.to(query.dtype).transpose(1, 2).contiguous(), None
 
 
