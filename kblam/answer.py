@@ -1,7 +1,9 @@
 """`ask`: one question's walk from text to a grounded answer (`KBLaM.ask` calls `ask` here).
 
 1. The question is checked and wrapped in the base model's chat template (model.format_prompt).
-2. The KB is attached (kblam.model): all of it, or each question's pre-filtered candidates.
+2. The KB is attached (kblam.model): all of it, or each question's pre-filtered candidates. Where torch
+   leaves a core free this runs on a second thread while the prompt's forward pass reads the layers
+   below the first KB layer (kblam.ahead).
 3. The prompt's forward pass reads the KB; its KB attention gives the sources, and with the encoder's
    cosines the signals of answerability (kblam.confidence). A calibrated confidence below
    `min_confidence` refuses the question there and then. A question that names several properties
@@ -26,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from kblam import ahead
 from kblam import spans as span_decoding
 from kblam.confidence import (
     QuestionSignals,
@@ -137,8 +140,7 @@ def ask(
         raise ValueError("this adapter was trained to quote spans: spans=False has no token-level copy path")
 
     kb = resolve_kb(model, kb)
-    narrow, index, repaired, asked, found = False, None, [False] * len(questions), questions, None
-    k = prefilter_k or model.prefilter_k
+    narrow, index = False, None
     if kb is not None:
         kb = model.kb_states(kb)  # this version of the KB, for the whole answer (kblam.kb_cache)
         above = model.prefilter_above if prefilter_above is None else prefilter_above
@@ -146,8 +148,69 @@ def ask(
             prefilter is not None or (above is not None and len(kb) > above))
         index = prefilter if isinstance(prefilter, KBPrefilter) else None
         _encode_properties(model, kb)
-        if repair_names:
-            asked, repaired, found = _repaired(model, kb, questions, narrow, index, k)
+    asking = _Asking(questions, single, kb, narrow, index, prefilter_k or model.prefilter_k, repair_names, spans,
+                     max_new_tokens, max_sources, min_confidence, calibrator)
+    if kb is not None and ahead.wanted(getattr(model, "retrieve_ahead", None)):
+        try:
+            return _answer(model, asking, dict(generate_kwargs), early=True)
+        except ahead.Restart as restart:  # a repaired name: the prompt read ahead was not the one to answer
+            return _answer(model, asking, dict(generate_kwargs), found=restart.found)
+    return _answer(model, asking, generate_kwargs)
+
+
+@dataclass
+class _Asking:
+    """One call of ask, checked: what _answer reads."""
+
+    questions: list[str]
+    single: bool
+    kb: object  # the KB version read (kblam.kb_cache.KBStates), or None
+    narrow: bool  # pre-filtered to each question's k candidates
+    index: KBPrefilter | None
+    k: int
+    repair_names: bool
+    spans: bool
+    max_new_tokens: int
+    max_sources: int
+    min_confidence: float
+    calibrator: object
+
+
+def _retrieved(model, a: _Asking) -> tuple[list[str], list[bool], torch.Tensor | None]:
+    """(questions as read, which were repaired, what the retrieval found): see _repaired."""
+    if a.kb is None or not a.repair_names:
+        return a.questions, [False] * len(a.questions), None
+    return _repaired(model, a.kb, a.questions, a.narrow, a.index, a.k)
+
+
+def _reading(model, a: _Asking, asked: list[str], recorder, found: torch.Tensor | None):
+    """(the KB as the forward passes read it, source_of(question row, column) -> Triple or None)."""
+    if a.narrow:
+        return model._candidates_attachment(a.kb, asked, recorder, a.k, a.index, tap=a.spans, copy=not a.spans,
+                                            rows=found)
+    attached = model._kb_attachment(a.kb, recorder, questions=asked, chunk_size=None, tap=a.spans,
+                                    copy=not a.spans, cosine=found)
+    triples, m = a.kb.triples, len(a.kb)
+    return attached, lambda i, j: triples[j] if j < m else None
+
+
+def _ahead(model, a: _Asking, recorder):
+    """The worker's part of an answer read ahead: the retrieval, then the KB to read (or Restart)."""
+    asked, repaired, found = _retrieved(model, a)
+    if any(repaired):
+        raise ahead.Restart((asked, repaired, found))
+    attached, source_of = _reading(model, a, asked, recorder, found)
+    return attached, source_of
+
+
+def _answer(model, a: _Asking, generate_kwargs: dict, *, early: bool = False, found=None):
+    """ask's walk once the KB version is known. early: the KB is prepared on the worker (kblam.ahead) while
+    the prompt is read; found: the retrieval of an answer that restarted (the repaired questions)."""
+    questions, kb = a.questions, a.kb
+    if early:
+        asked, repaired = questions, [False] * len(questions)  # else the worker raises Restart
+    else:
+        asked, repaired, found = found or _retrieved(model, a)
 
     tok = model.tokenizer
     if tok.pad_token_id is None:
@@ -156,7 +219,7 @@ def ask(
     inputs = tok(prompts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False,
                  return_offsets_mapping=bool(getattr(tok, "is_fast", False)))
     offsets = inputs.pop("offset_mapping", None)
-    _check_length(model, inputs["input_ids"].shape[1], max_new_tokens)
+    _check_length(model, inputs["input_ids"].shape[1], a.max_new_tokens)
     from kblam.model import KBAttentionRecorder, question_token_mask
 
     device = next(model.base.parameters()).device
@@ -168,16 +231,31 @@ def ask(
             generate_kwargs.setdefault(knob, None)
     generate_kwargs.setdefault("pad_token_id", tok.pad_token_id)
 
-    context, source_of, kb_size = nullcontext(), None, 0
+    context, source_of, kb_size, pending = nullcontext(), None, 0, None
     if kb is not None:
         kb_size = len(kb)
-        if narrow:
-            context, source_of = model._attach_candidates(
-                kb, asked, recorder, k, index, tap=spans, copy=not spans, rows=found)
+        if early:
+            # The tokenizer is not shared with the worker (a fast tokenizer is not safe across threads).
+            pending = ahead.start(lambda: _ahead(model, a, recorder))
+            context = model._attaching(pending)
+            source_of = lambda i, j: pending.extra()(i, j)  # noqa: E731 - read after the prompt's pass
+            if generate_kwargs.get("streamer") is not None:
+                generate_kwargs["streamer"] = ahead.HeldPrompt(generate_kwargs["streamer"])
         else:
-            context = model.attach(kb, record=recorder, questions=asked, tap=spans, copy=not spans, cosine=found)
-            source_of = lambda i, j, triples=kb.triples: triples[j] if j < kb_size else None  # noqa: E731
+            attached, source_of = _reading(model, a, asked, recorder, found)
+            context = model._attaching(attached)
+    try:
+        return _generated(model, a, generate_kwargs, asked, repaired, inputs, recorder, context, source_of, kb_size)
+    finally:
+        if pending is not None:
+            pending.settle()
 
+
+def _generated(model, a: _Asking, generate_kwargs: dict, asked, repaired, inputs, recorder, context, source_of,
+               kb_size: int):
+    """The prompt's forward pass and the decoding, with the KB read through `context`; the Answers."""
+    questions, kb, spans, cfg, tok, calibrator = a.questions, a.kb, a.spans, model.config, model.tokenizer, a.calibrator
+    min_confidence, max_sources = a.min_confidence, a.max_sources
     measured: list[dict[str, float]] = []
     confidences: list[float | None] = [None] * len(questions)
 
@@ -210,7 +288,7 @@ def ask(
             stop[i] = refused_now[i] or i in stated
         return stop
 
-    budget = max_new_tokens
+    budget = a.max_new_tokens
     longest = _longest_span(kb, cfg) if spans and kb is not None else 0
     decoder = span_decoding.SpanDecoder(
         model, inputs["input_ids"].shape[1], source_of or (lambda i, j: None), budget=budget, spans=spans,
@@ -252,7 +330,7 @@ def ask(
         refused = refused or (cfg.refusal in text and not quoted)
         answers.append(Answer(question=q, text=text, sources=sources, quoted=quoted, confidence=confidences[i],
                               refused=refused, signals=measured[i] if i < len(measured) else {}))
-    return answers[0] if single else answers
+    return answers[0] if a.single else answers
 
 
 class AnswerStream:

@@ -29,7 +29,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from kblam import attention, copying, kb_cache
+from kblam import ahead, attention, copying, kb_cache
 from kblam.adapter import (
     CONFIG_NAME,
     WEIGHTS_NAME,
@@ -232,6 +232,9 @@ class KBLaM(nn.Module):
         # best by key cosine (None: never). Exact FAISS search at 20,000 x 384 takes ~1 ms.
         self.prefilter_above: int | None = 20_000
         self.prefilter_k: int = 256
+        # ask() prepares a question's KB (encoder call, search, candidates) on a second thread while the
+        # prompt's first layers run (kblam.ahead): True, False, or None for "when torch leaves a core free"
+        self.retrieve_ahead: bool | None = None
         # Each attached KB's adapter states, pre-filter index and derived data, per KB version (kblam.kb_cache);
         # None: project the KB on every attach. kb_cache.dtype sets the precision the KB states are kept in.
         self.kb_cache: KBStateCache | None = KBStateCache()
@@ -265,7 +268,10 @@ class KBLaM(nn.Module):
 
     @property
     def _attached(self) -> _AttachedKB | None:
-        return getattr(self._local, "attached", None)
+        kb = getattr(self._local, "attached", None)
+        if isinstance(kb, ahead.Pending):  # the KB a retrieval ahead is preparing (kblam.ahead): wait for it
+            kb = self._local.attached = kb.result()
+        return kb
 
     @_attached.setter
     def _attached(self, value: _AttachedKB | None) -> None:
@@ -455,8 +461,9 @@ class KBLaM(nn.Module):
         return hook
 
     def _reset_tap(self, module, args):
-        if self._attached is not None:
-            self._attached.tap = None
+        kb = getattr(self._local, "attached", None)  # a KB still being prepared ahead has no tap: not waited for
+        if isinstance(kb, _AttachedKB):
+            kb.tap = None
 
     def _keep_lm_input(self, module, args):
         self._lm_input = args[0]
@@ -516,6 +523,18 @@ class KBLaM(nn.Module):
         shift of the logits is then that of the full KB, not of the rows attached.
         Yields a KBAttentionRecorder when record=True (or the one given). Gradients flow into the adapter.
         """
+        attached = self._embeddings_attachment(
+            keys, values, kb_mask, record, queries=queries, value_ids=value_ids, tap=tap, chunk_size=chunk_size,
+            full_size=full_size)
+        with self._attaching(attached):
+            yield attached.recorder
+
+    def _embeddings_attachment(
+        self, keys: torch.Tensor, values: torch.Tensor, kb_mask: torch.Tensor | None,
+        record: bool | KBAttentionRecorder, *, queries: torch.Tensor | None, value_ids: torch.Tensor | None,
+        tap: bool, chunk_size: int | None, full_size: int | None,
+    ) -> _AttachedKB:
+        """What attach_embeddings attaches: the KB projected through the adapter, its bias, chunking, recorder."""
         device = next(self.adapter.parameters()).device
         keys, values = keys.to(device, torch.float32), values.to(device, torch.float32)
         if kb_mask is not None:
@@ -525,20 +544,29 @@ class KBLaM(nn.Module):
             cosine = question_key_cosine(queries.to(device), keys)
             if kb_mask is not None:
                 cosine = cosine.masked_fill(~kb_mask, -1.0)
-        with self._attach_states(
+        return self._attachment(
             self.adapter.kb_states(keys, values), keys.shape[-2], kb_mask, cosine, record, value_ids=value_ids,
             tap=tap, chunk_size=chunk_size, full_size=full_size, key_embeddings=keys,
-        ) as recorder:
-            yield recorder
+        )
 
     @contextmanager
-    def _attach_states(
+    def _attaching(self, attached: _AttachedKB | ahead.Pending):
+        """The forward passes inside the block read `attached` (or, once it is ready, the KB a retrieval
+        ahead prepares); whatever was attached before is back after it."""
+        previous = getattr(self._local, "attached", None)
+        self._local.attached = attached
+        try:
+            yield
+        finally:
+            self._local.attached = previous
+
+    def _attachment(
         self, states: dict[int, tuple[torch.Tensor, torch.Tensor]], kb_size: int, kb_mask: torch.Tensor | None,
         cosine: torch.Tensor | None, record: bool | KBAttentionRecorder, *, value_ids: torch.Tensor | None,
         tap: bool, chunk_size: int | None, full_size: int | None = None, key_embeddings: torch.Tensor | None = None,
         key_norms: torch.Tensor | None = None,
-    ):
-        """Attach projected KB states {layer: (keys, values)} for the forward passes inside the block.
+    ) -> _AttachedKB:
+        """Projected KB states {layer: (keys, values)} as the forward passes read them (see _attaching).
 
         key_embeddings: the keys in the encoder's space, for the span decoder's clause prior."""
         recorder = record if isinstance(record, KBAttentionRecorder) else (KBAttentionRecorder() if record else None)
@@ -548,8 +576,7 @@ class KBLaM(nn.Module):
             recorder.kb_size = kb_size
         device = next(self.adapter.parameters()).device
         chunk, adaptive = self._chunking(kb_size + int(self.config.null_slot), chunk_size)
-        previous = self._attached
-        self._attached = _AttachedKB(
+        return _AttachedKB(
             states=states,
             bias=self._kb_bias(kb_size, device, kb_mask, cosine, full_size),
             kb_size=kb_size,
@@ -562,10 +589,6 @@ class KBLaM(nn.Module):
             key_norms=key_norms,
             adaptive=adaptive,
         )
-        try:
-            yield recorder
-        finally:
-            self._attached = previous
 
     def _kb_bias(
         self, m: int, device: torch.device, kb_mask: torch.Tensor | None, cosine: torch.Tensor | None,
@@ -635,6 +658,17 @@ class KBLaM(nn.Module):
         `copy=False`: no value tokens for the copy path (the span decoder quotes from the triples instead).
         `cosine`: the questions' kb_cosine over this KB version, when the caller has computed it already.
         """
+        attached = self._kb_attachment(kb, record, questions=questions, chunk_size=chunk_size, tap=tap, copy=copy,
+                                       cosine=cosine)
+        with self._attaching(attached):
+            yield attached.recorder
+
+    def _kb_attachment(
+        self, kb: KnowledgeBase | Sequence[Triple] | KBEmbeddings | KBStore | KBStates,
+        record: bool | KBAttentionRecorder, *, questions: str | Sequence[str] | None, chunk_size: int | None,
+        tap: bool, copy: bool, cosine: torch.Tensor | None,
+    ) -> _AttachedKB:
+        """What attach attaches (its arguments)."""
         states = kb if isinstance(kb, KBStates) else self.kb_states(kb)
         queries = None
         if questions is not None:
@@ -648,13 +682,12 @@ class KBLaM(nn.Module):
                     stacklevel=3,
                 )
         value_ids = states.derive("value_ids", self.value_ids) if self.config.copy_values and copy else None
-        with self._attach_states(
+        return self._attachment(
             self.kb_layers(states), len(states), None,
             None if queries is None else cosine if cosine is not None else self.kb_cosine(states, queries),
             record, value_ids=value_ids, tap=tap, chunk_size=chunk_size,
             key_embeddings=states.embeddings.keys if tap else None, key_norms=states.key_norms if tap else None,
-        ) as recorder:
-            yield recorder
+        )
 
     def kb_states(self, kb: KnowledgeBase | Sequence[Triple] | KBEmbeddings | KBStore) -> KBStates:
         """The KB as the adapter reads it at its current version (kblam.kb_cache): from `kb_cache`, built
@@ -835,11 +868,11 @@ class KBLaM(nn.Module):
                 self.kb_cache.settle()
         return index or states.index, states.view
 
-    def _attach_candidates(
+    def _candidates_attachment(
         self, states: KBStates, questions: list[str], recorder: KBAttentionRecorder, k: int,
         index: KBPrefilter | None, tap: bool = False, copy: bool = True, rows: torch.Tensor | None = None,
-    ) -> tuple[object, Callable[[int, int], Triple | None]]:
-        """Attach each question's top-k triples (by key cosine) as a batch of KBs; map sources back.
+    ) -> tuple[_AttachedKB, Callable[[int, int], Triple | None]]:
+        """Each question's top-k triples (by key cosine) as a batch of KBs to attach; map sources back.
         `rows` (B, k'): those triples' rows, when the caller has searched the index for these questions.
 
         The logits keep the size shift of the FULL KB (full_size): the shift log(C) - log(M) is what
@@ -868,11 +901,11 @@ class KBLaM(nn.Module):
             per_row = [self.value_ids(row)[0] for row in candidates]  # (k' [+ 1], L) each
             width = max(ids.shape[-1] for ids in per_row)
             value_ids = torch.stack([_pad_to(ids, width) for ids in per_row])
-        context = self.attach_embeddings(
-            keys, values, mask, record=recorder,
-            queries=queries, value_ids=value_ids, full_size=len(states), tap=tap,
+        attached = self._embeddings_attachment(
+            keys, values, mask, recorder, queries=queries, value_ids=value_ids, tap=tap, chunk_size=None,
+            full_size=len(states),
         )
-        return context, lambda i, j: candidates[i][j] if j < mask.shape[1] and mask[i, j] else None
+        return attached, lambda i, j: candidates[i][j] if j < mask.shape[1] and mask[i, j] else None
 
 
 # Query rows x knowledge tokens per chunk of an inference call: 2^17 keeps a chunk's float32 logits (9 heads:

@@ -121,3 +121,22 @@ def test_sources_read_the_question_tokens_only(model):
     enc = model.tokenizer([prompt], return_tensors="pt", return_offsets_mapping=True, add_special_tokens=False)
     mask = question_token_mask([prompt], [question], enc["offset_mapping"], enc["attention_mask"])
     assert model.tokenizer.decode(enc["input_ids"][0][mask[0]]).strip() == question
+
+
+@pytest.mark.parametrize("prefilter", [False, True])
+def test_reading_ahead_answers_as_the_sequential_path(model, kb, prefilter):
+    """kblam.ahead: the KB prepared on a worker beside the prompt's first 15 layers; a typo'd name restarts."""
+    questions = ["What is the atomic number of iron?", "What is the symbol of Sodiun?",
+                 "What is the population of Atlantis?"]
+    answers = {}
+    try:
+        for setting in (False, True):
+            model.retrieve_ahead = setting
+            answers[setting] = [model.ask(q, kb=kb, max_new_tokens=16, prefilter=prefilter) for q in questions]
+    finally:
+        model.retrieve_ahead = None
+    assert answers[True][1].signals["name_repaired"] == 1.0
+    for a, b in zip(answers[False], answers[True], strict=True):
+        assert (a.text, a.quoted, a.refused) == (b.text, b.quoted, b.refused)
+        assert [t for t, _ in a.sources] == [t for t, _ in b.sources]
+        assert a.confidence == pytest.approx(b.confidence, abs=1e-6)

@@ -1,0 +1,182 @@
+"""Retrieval ahead (kblam.ahead): the KB prepared on a worker thread while the prompt's first layers run gives
+the answers of the sequential path; a repaired name restarts; errors and streams come through whole."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_tokenizer, wrap
+
+from kblam import ahead
+from kblam import answer as answer_module
+from kblam.kb import Triple
+
+NAMES = ["Gold", "Iron", "Neon", "Argon", "Boron", "Carbon", "Helium", "Sodium", "Copper", "Zinc"]
+KB = [Triple(name, prop, f"{name[:2]}{prop[:1]}{n}") for n, name in enumerate(NAMES)
+      for prop in ("symbol", "number", "colour")]
+
+
+def span_model(hash_encoder):
+    """A tiny model with every part an answer reads (retrieval prior, null slot, spans), kb layers 1 and 3:
+    layer 0 runs before the KB is needed."""
+    model = wrap("llama", hash_encoder, retrieval_prior=True, null_slot=True, span_kinds=["value", "fact"],
+                 query_rank=4, kb_layers=[1, 3])
+    model.tokenizer = tiny_tokenizer()
+    with torch.no_grad():
+        model.adapter.span_gate.bias.copy_(torch.tensor([-2.0, 1.0, -1.0]))
+    return model
+
+
+def _same(a, b) -> None:
+    assert a.text == b.text and a.quoted == b.quoted and a.refused == b.refused
+    assert [t for t, _ in a.sources] == [t for t, _ in b.sources]
+    assert [s for _, s in a.sources] == pytest.approx([s for _, s in b.sources], abs=1e-6)
+    assert a.signals == pytest.approx(b.signals, abs=1e-6)
+    assert (a.confidence is None) == (b.confidence is None)
+
+
+@pytest.fixture
+def counted(monkeypatch):
+    """How many answers read ahead, and how many of those restarted."""
+    calls = {"ahead": 0, "restarted": 0}
+    start, answer = ahead.start, answer_module._answer
+
+    def counting_start(job):
+        calls["ahead"] += 1
+        return start(job)
+
+    def counting_answer(model, asking, kwargs, *, early=False, found=None):
+        calls["restarted"] += found is not None
+        return answer(model, asking, kwargs, early=early, found=found)
+
+    monkeypatch.setattr(ahead, "start", counting_start)
+    monkeypatch.setattr(answer_module, "_answer", counting_answer)
+    return calls
+
+
+@pytest.mark.parametrize("prefilter", [False, True])
+@pytest.mark.parametrize("batch", [False, True])
+def test_reading_ahead_gives_the_sequential_answers(hash_encoder, counted, prefilter, batch):
+    model = span_model(hash_encoder)
+    kb = model.encode_kb(KB)
+    questions = ["What is the symbol of Gold?", "What is the colour of Zinc?", "Who wrote Hamlet?"]
+    asked = questions if batch else questions[0]
+    options = dict(kb=kb, max_new_tokens=6, min_confidence=0.0, prefilter=prefilter, prefilter_k=8)
+    model.retrieve_ahead = False
+    before = model.ask(asked, **options)
+    assert counted["ahead"] == 0
+    model.retrieve_ahead = True
+    after = model.ask(asked, **options)
+    assert counted == {"ahead": 1, "restarted": 0}
+    for a, b in zip(before if batch else [before], after if batch else [after], strict=True):
+        _same(a, b)
+    assert model._local.attached is None  # nothing left attached on the asking thread
+
+
+@pytest.mark.parametrize("prefilter", [False, True])
+def test_a_repaired_name_restarts_from_the_repaired_question(hash_encoder, counted, prefilter):
+    model = span_model(hash_encoder)
+    kb = model.encode_kb(KB)
+    options = dict(kb=kb, max_new_tokens=6, min_confidence=0.0, prefilter=prefilter, prefilter_k=8)
+    model.retrieve_ahead = False
+    before = model.ask("What is the symbol of Carbin?", **options)
+    assert before.signals["name_repaired"] == 1.0  # the typo is put right: the prompt read is another
+    model.retrieve_ahead = True
+    after = model.ask("What is the symbol of Carbin?", **options)
+    assert counted == {"ahead": 1, "restarted": 1}
+    _same(before, after)
+
+
+def test_a_stream_that_restarts_streams_the_answer_only(hash_encoder, counted):
+    model = span_model(hash_encoder)
+    kb = model.encode_kb(KB)
+    model.retrieve_ahead = False
+    expected = model.ask("What is the number of Sodiun?", kb=kb, max_new_tokens=6, min_confidence=0.0)
+    model.retrieve_ahead = True
+    stream = model.ask_stream("What is the number of Sodiun?", kb=kb, max_new_tokens=6, min_confidence=0.0)
+    text = "".join(stream)
+    assert counted == {"ahead": 1, "restarted": 1}
+    assert text == expected.text and stream.answer.text == expected.text  # no prompt text streamed
+    _same(stream.answer, expected)
+
+
+def test_a_stream_read_ahead_streams_the_answer(hash_encoder, counted):
+    model = span_model(hash_encoder)
+    kb = model.encode_kb(KB)
+    model.retrieve_ahead = False
+    expected = model.ask("What is the colour of Neon?", kb=kb, max_new_tokens=6, min_confidence=0.0)
+    model.retrieve_ahead = True
+    stream = model.ask_stream("What is the colour of Neon?", kb=kb, max_new_tokens=6, min_confidence=0.0)
+    assert "".join(stream) == expected.text
+    assert counted == {"ahead": 1, "restarted": 0}
+
+
+def test_the_workers_error_is_the_answers(hash_encoder, monkeypatch):
+    model = span_model(hash_encoder)
+    model.retrieve_ahead = True
+    kb = model.encode_kb(KB)
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("the search failed")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(answer_module, "_repaired", failing)
+        with pytest.raises(RuntimeError, match="the search failed"):
+            model.ask("What is the symbol of Gold?", kb=kb, max_new_tokens=4)
+    assert model._local.attached is None
+    assert model.ask("What is the symbol of Gold?", kb=kb, max_new_tokens=4, min_confidence=0.0).text
+
+
+def test_a_failing_prompt_leaves_no_work_behind(hash_encoder, monkeypatch):
+    model = span_model(hash_encoder)
+    model.retrieve_ahead = True
+    kb = model.encode_kb(KB)
+    finished = []
+    reading = answer_module._reading
+
+    def slow_reading(*args, **kwargs):
+        import time
+
+        time.sleep(0.2)
+        out = reading(*args, **kwargs)
+        finished.append(True)
+        return out
+
+    def failing_generate(*args, **kwargs):
+        raise RuntimeError("generation failed")
+
+    monkeypatch.setattr(answer_module, "_reading", slow_reading)
+    monkeypatch.setattr(answer_module.span_decoding, "generate", failing_generate)
+    with pytest.raises(RuntimeError, match="generation failed"):
+        model.ask("What is the symbol of Gold?", kb=kb, max_new_tokens=4)
+    assert finished == [True]  # ask waited for its worker before raising
+
+
+def test_the_default_is_a_spare_core(monkeypatch):
+    monkeypatch.setattr(ahead.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    assert ahead.wanted(None) and ahead.wanted(True) and not ahead.wanted(False)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    assert not ahead.wanted(None) and ahead.wanted(True)
+
+
+def test_held_prompt_passes_the_prompt_with_the_first_token():
+    seen = []
+
+    class Streamer:
+        def put(self, value):
+            seen.append(("put", value))
+
+        def end(self):
+            seen.append(("end", None))
+
+    held = ahead.HeldPrompt(Streamer())
+    held.put("prompt")
+    assert seen == []  # a restart now would leave the caller's streamer untouched
+    held.put("token")
+    held.end()
+    assert seen == [("put", "prompt"), ("put", "token"), ("end", None)]
+    held = ahead.HeldPrompt(Streamer())
+    held.put("prompt")
+    held.end()
+    assert seen[-2:] == [("put", "prompt"), ("end", None)]
