@@ -362,6 +362,21 @@ def goals(model, repeats: int, decode_steps: int, batch_sizes: list[int], real_w
     kb_s, no_s = _alternate(_ttft(model, kb, qs, prefilter=True), _ttft(model, None, nokb_questions[2:]),
                             ttft_repeats)
     out["ttft_100000_prefilter"] = {"kb_s": kb_s, "nokb_s": no_s, "ratio": kb_s / no_s}
+    # The same with the answer's work on the asking thread only (kblam.second_thread off): what a process whose
+    # torch threads take every core gets, and what these goals measured before the second thread.
+    from kblam import second_thread
+
+    out["second_thread"] = second_thread.wanted(model.second_thread)
+    try:
+        model.second_thread = False
+        for key, m, pre, offset in (("10000_full", 10_000, False, 40), ("100000_full", 100_000, False, 40),
+                                    ("100000_prefilter", 100_000, True, 45)):
+            qs = _questions(kbs[m], ttft_repeats + 1, offset=offset)
+            kb_s, no_s = _alternate(_ttft(model, kbs[m], qs, prefilter=pre),
+                                    _ttft(model, None, nokb_questions[3:]), ttft_repeats)
+            out[f"ttft_{key}_one_thread"] = {"kb_s": kb_s, "nokb_s": no_s, "ratio": kb_s / no_s}
+    finally:
+        model.second_thread = None
     print(f"[speed] goals so far {json.dumps(out)}", file=sys.stderr, flush=True)
 
     kb = kbs[10_000]
@@ -668,6 +683,11 @@ def markdown(results: dict) -> str:
         row("TTFT, 10,000 triples, full attention / no KB", "ttft_10000_full", 1.5)
         row("TTFT, 100,000 triples, full attention / no KB", "ttft_100000_full", 4)
         row("TTFT, 100,000 triples, pre-filter / no KB", "ttft_100000_prefilter", 1.3)
+        for key, label in (("10000_full", "10,000 triples, full attention"),
+                           ("100000_full", "100,000 triples, full attention"),
+                           ("100000_prefilter", "100,000 triples, pre-filter")):
+            row(f"TTFT, {label} / no KB, without the second thread (one thread only)", f"ttft_{key}_one_thread",
+                4 if key == "100000_full" else 1.5 if key == "10000_full" else 1.3)
         row("TTFT, 1,000,000 triples (store), pre-filter / no KB, a new process (row checksums saved by "
             "KBStore.check / kblam kb index)", "ttft_1000000_prefilter", 1.3)
         row("TTFT, 1,000,000 triples (store), pre-filter / no KB, the same process, other questions taking turns "
@@ -718,6 +738,8 @@ def markdown(results: dict) -> str:
         said = {"MiniLM": "encoded by MiniLM", "random": "random vectors"}
         lines += ["", f"KBs of the goals at 10,000 and 100,000 triples: synthetic, {said.get(g.get('vectors'), 'random vectors')}; "
                       f"the 1,000,000-triple store: {said.get(g.get('million_vectors'), 'random vectors')}.",
+                  "", "The answer's work beside the prompt's forward pass on a second thread (kblam.second_thread): "
+                      f"{'on' if g.get('second_thread') else 'off'} for the rows that do not say otherwise.",
                   "", f"Load average during the goals: {g.get('load_average_start')} at the start, "
                       f"{g.get('load_average_end')} at the end."]
     return "\n".join(lines)

@@ -3,7 +3,7 @@
 1. The question is checked and wrapped in the base model's chat template (model.format_prompt).
 2. The KB is attached (kblam.model): all of it, or each question's pre-filtered candidates. Where torch
    leaves a core free this runs on a second thread while the prompt's forward pass reads the layers
-   below the first KB layer (kblam.ahead).
+   below the first KB layer (kblam.second_thread).
 3. The prompt's forward pass reads the KB; its KB attention gives the sources, and with the encoder's
    cosines the signals of answerability (kblam.confidence). A calibrated confidence below
    `min_confidence` refuses the question there and then. A question that names several properties
@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from kblam import ahead
+from kblam import second_thread
 from kblam import spans as span_decoding
 from kblam.confidence import (
     QuestionSignals,
@@ -150,10 +150,10 @@ def ask(
         _encode_properties(model, kb)
     asking = _Asking(questions, single, kb, narrow, index, prefilter_k or model.prefilter_k, repair_names, spans,
                      max_new_tokens, max_sources, min_confidence, calibrator)
-    if kb is not None and ahead.wanted(getattr(model, "retrieve_ahead", None)):
+    if kb is not None and second_thread.wanted(getattr(model, "second_thread", None)):
         try:
             return _answer(model, asking, dict(generate_kwargs), early=True)
-        except ahead.Restart as restart:  # a repaired name: the prompt read ahead was not the one to answer
+        except second_thread.Restart as restart:  # a repaired name: the prompt read ahead was not the one to answer
             return _answer(model, asking, dict(generate_kwargs), found=restart.found)
     return _answer(model, asking, generate_kwargs)
 
@@ -198,13 +198,13 @@ def _ahead(model, a: _Asking, recorder):
     """The worker's part of an answer read ahead: the retrieval, then the KB to read (or Restart)."""
     asked, repaired, found = _retrieved(model, a)
     if any(repaired):
-        raise ahead.Restart((asked, repaired, found))
+        raise second_thread.Restart((asked, repaired, found))
     attached, source_of = _reading(model, a, asked, recorder, found)
     return attached, source_of
 
 
 def _answer(model, a: _Asking, generate_kwargs: dict, *, early: bool = False, found=None):
-    """ask's walk once the KB version is known. early: the KB is prepared on the worker (kblam.ahead) while
+    """ask's walk once the KB version is known. early: the KB is prepared on the worker (kblam.second_thread) while
     the prompt is read; found: the retrieval of an answer that restarted (the repaired questions)."""
     questions, kb = a.questions, a.kb
     if early:
@@ -236,11 +236,11 @@ def _answer(model, a: _Asking, generate_kwargs: dict, *, early: bool = False, fo
         kb_size = len(kb)
         if early:
             # The tokenizer is not shared with the worker (a fast tokenizer is not safe across threads).
-            pending = ahead.start(lambda: _ahead(model, a, recorder))
+            pending = second_thread.start(lambda: _ahead(model, a, recorder))
             context = model._attaching(pending)
             source_of = lambda i, j: pending.extra()(i, j)  # noqa: E731 - read after the prompt's pass
             if generate_kwargs.get("streamer") is not None:
-                generate_kwargs["streamer"] = ahead.HeldPrompt(generate_kwargs["streamer"])
+                generate_kwargs["streamer"] = second_thread.HeldPrompt(generate_kwargs["streamer"])
         else:
             attached, source_of = _reading(model, a, asked, recorder, found)
             context = model._attaching(attached)

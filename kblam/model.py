@@ -29,7 +29,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from kblam import ahead, attention, copying, kb_cache
+from kblam import attention, copying, kb_cache, second_thread
 from kblam.adapter import (
     CONFIG_NAME,
     WEIGHTS_NAME,
@@ -152,6 +152,33 @@ class _AttachedKB:
     # Per KB layer, the inputs of its current attention call, until the layer's q_proj output is caught
     # for them (KBLaM._make_query_catch).
     awaiting_query: dict[int, attention.KBLayerInputs] = field(default_factory=dict)
+    # The prompt's recorded KB attention is reduced on a second thread (kblam.second_thread) while the
+    # next layers run; the forward call waits for it at its end (settle).
+    beside: bool = False
+    jobs: second_thread.Jobs | None = None
+
+    def later(self, layer: int, record: Callable) -> Callable:
+        """The layer's `record`, run on the second thread when it is the prompt's (the sources' rows, once
+        per layer) at inference; as it is otherwise."""
+        if not (self.beside and self.recorder is not None and self.recorder.wants(layer)) or torch.is_grad_enabled():
+            return record
+
+        def deferred(chunks):
+            if self.jobs is None:
+                self.jobs = second_thread.Jobs()
+            self.jobs.put(lambda: record(chunks))
+
+        return deferred
+
+    def settle(self, quiet: bool = False) -> None:
+        """Wait for the records handed to the second thread (raises their error unless quiet)."""
+        jobs, self.jobs = self.jobs, None
+        if jobs is not None:
+            try:
+                jobs.finish()
+            except Exception:
+                if not quiet:
+                    raise
 
     def chunk_for(self, query_rows: int, kb_tokens: int) -> int | None:
         """The chunk size for a call with `query_rows` (batch x tokens) query rows (None: one pass)."""
@@ -233,8 +260,8 @@ class KBLaM(nn.Module):
         self.prefilter_above: int | None = 20_000
         self.prefilter_k: int = 256
         # ask() prepares a question's KB (encoder call, search, candidates) on a second thread while the
-        # prompt's first layers run (kblam.ahead): True, False, or None for "when torch leaves a core free"
-        self.retrieve_ahead: bool | None = None
+        # prompt's first layers run (kblam.second_thread): True, False, or None for "when torch leaves a core free"
+        self.second_thread: bool | None = None
         # Each attached KB's adapter states, pre-filter index and derived data, per KB version (kblam.kb_cache);
         # None: project the KB on every attach. kb_cache.dtype sets the precision the KB states are kept in.
         self.kb_cache: KBStateCache | None = KBStateCache()
@@ -261,6 +288,7 @@ class KBLaM(nn.Module):
                     self._hooks.append(proj.register_forward_hook(self._make_query_catch(layer)))
                     self._catching.add(layer)
         self._hooks.append(base_model.register_forward_pre_hook(self._reset_tap))  # a fresh tap per call
+        self._hooks.append(base_model.register_forward_hook(self._settle))  # records done before anyone reads them
         if self.config.copy_values or self.config.span_kinds:
             # The copy gate reads what the LM head reads.
             self._hooks.append(base_model.get_output_embeddings().register_forward_pre_hook(self._keep_lm_input))
@@ -269,7 +297,7 @@ class KBLaM(nn.Module):
     @property
     def _attached(self) -> _AttachedKB | None:
         kb = getattr(self._local, "attached", None)
-        if isinstance(kb, ahead.Pending):  # the KB a retrieval ahead is preparing (kblam.ahead): wait for it
+        if isinstance(kb, second_thread.Pending):  # a KB being prepared beside the prompt (kblam.second_thread)
             kb = self._local.attached = kb.result()
         return kb
 
@@ -439,7 +467,7 @@ class KBLaM(nn.Module):
                 bias=kb.bias[layer],
                 # Nobody reading it (a decoding step without the tap): no probabilities handed over, and a
                 # chunked layer skips its second pass.
-                record=(lambda chunks: kb.record(layer, chunks, rows, n)) if kb.reads(layer) else None,
+                record=kb.later(layer, lambda chunks: kb.record(layer, chunks, rows, n)) if kb.reads(layer) else None,
                 chunk_size=chunk,
                 record_rows=None if rows is None else rows.to(hidden.device),
             )
@@ -463,7 +491,13 @@ class KBLaM(nn.Module):
     def _reset_tap(self, module, args):
         kb = getattr(self._local, "attached", None)  # a KB still being prepared ahead has no tap: not waited for
         if isinstance(kb, _AttachedKB):
+            kb.settle(quiet=True)  # a previous call that failed may have left records running
             kb.tap = None
+
+    def _settle(self, module, args, output):
+        kb = getattr(self._local, "attached", None)
+        if isinstance(kb, _AttachedKB):
+            kb.settle()
 
     def _keep_lm_input(self, module, args):
         self._lm_input = args[0]
@@ -550,7 +584,7 @@ class KBLaM(nn.Module):
         )
 
     @contextmanager
-    def _attaching(self, attached: _AttachedKB | ahead.Pending):
+    def _attaching(self, attached: _AttachedKB | second_thread.Pending):
         """The forward passes inside the block read `attached` (or, once it is ready, the KB a retrieval
         ahead prepares); whatever was attached before is back after it."""
         previous = getattr(self._local, "attached", None)
@@ -558,6 +592,8 @@ class KBLaM(nn.Module):
         try:
             yield
         finally:
+            if isinstance(now := self._local.attached, _AttachedKB):
+                now.settle(quiet=True)  # nothing left running on the second thread (a failed call's records)
             self._local.attached = previous
 
     def _attachment(
@@ -588,6 +624,7 @@ class KBLaM(nn.Module):
             key_embeddings=key_embeddings,
             key_norms=key_norms,
             adaptive=adaptive,
+            beside=second_thread.wanted(self.second_thread),
         )
 
     def _kb_bias(

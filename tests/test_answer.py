@@ -171,7 +171,7 @@ def test_signals_are_measured(hash_encoder):
 @pytest.mark.parametrize("ahead", [False, True])
 def test_threads_each_read_their_own_kb(hash_encoder, ahead):
     model = span_model(hash_encoder)
-    model.retrieve_ahead = ahead  # each asking thread's KB prepared on a worker of its own (kblam.ahead)
+    model.second_thread = ahead  # each asking thread's KB prepared on a worker of its own (kblam.second_thread)
     kbs = {"a": [Triple("Gold", "symbol", "Aaaa"), Triple("Iron", "symbol", "Abab")],
            "b": [Triple("Gold", "symbol", "Zzzz"), Triple("Iron", "symbol", "Zyzy")]}
     encoded = {k: model.encode_kb(v) for k, v in kbs.items()}

@@ -125,16 +125,16 @@ def test_sources_read_the_question_tokens_only(model):
 
 @pytest.mark.parametrize("prefilter", [False, True])
 def test_reading_ahead_answers_as_the_sequential_path(model, kb, prefilter):
-    """kblam.ahead: the KB prepared on a worker beside the prompt's first 15 layers; a typo'd name restarts."""
+    """kblam.second_thread: the KB prepared on a worker beside the prompt's first 15 layers; a typo'd name restarts."""
     questions = ["What is the atomic number of iron?", "What is the symbol of Sodiun?",
                  "What is the population of Atlantis?"]
     answers = {}
     try:
         for setting in (False, True):
-            model.retrieve_ahead = setting
+            model.second_thread = setting
             answers[setting] = [model.ask(q, kb=kb, max_new_tokens=16, prefilter=prefilter) for q in questions]
     finally:
-        model.retrieve_ahead = None
+        model.second_thread = None
     assert answers[True][1].signals["name_repaired"] == 1.0
     for a, b in zip(answers[False], answers[True], strict=True):
         assert (a.text, a.quoted, a.refused) == (b.text, b.quoted, b.refused)

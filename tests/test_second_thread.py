@@ -1,14 +1,16 @@
-"""Retrieval ahead (kblam.ahead): the KB prepared on a worker thread while the prompt's first layers run gives
+"""Retrieval ahead (kblam.second_thread): the KB prepared on a worker thread while the prompt's first layers run gives
 the answers of the sequential path; a repaired name restarts; errors and streams come through whole."""
 
 from __future__ import annotations
+
+import threading
 
 import pytest
 import torch
 from conftest import tiny_tokenizer, wrap
 
-from kblam import ahead
 from kblam import answer as answer_module
+from kblam import second_thread
 from kblam.kb import Triple
 
 NAMES = ["Gold", "Iron", "Neon", "Argon", "Boron", "Carbon", "Helium", "Sodium", "Copper", "Zinc"]
@@ -37,20 +39,26 @@ def _same(a, b) -> None:
 
 @pytest.fixture
 def counted(monkeypatch):
-    """How many answers read ahead, and how many of those restarted."""
-    calls = {"ahead": 0, "restarted": 0}
-    start, answer = ahead.start, answer_module._answer
+    """How many answers read ahead (their retrieval on another thread), how many of those restarted, and how
+    many KB layers' records went to the second thread."""
+    calls = {"ahead": 0, "restarted": 0, "records": 0}
+    retrieval, answer, put = answer_module._ahead, answer_module._answer, second_thread.Jobs.put
 
-    def counting_start(job):
-        calls["ahead"] += 1
-        return start(job)
+    def counting_retrieval(*args):
+        calls["ahead"] += threading.current_thread() is not threading.main_thread()
+        return retrieval(*args)
 
     def counting_answer(model, asking, kwargs, *, early=False, found=None):
         calls["restarted"] += found is not None
         return answer(model, asking, kwargs, early=early, found=found)
 
-    monkeypatch.setattr(ahead, "start", counting_start)
+    def counting_put(self, job):
+        calls["records"] += 1
+        return put(self, job)
+
+    monkeypatch.setattr(answer_module, "_ahead", counting_retrieval)
     monkeypatch.setattr(answer_module, "_answer", counting_answer)
+    monkeypatch.setattr(second_thread.Jobs, "put", counting_put)
     return calls
 
 
@@ -62,12 +70,12 @@ def test_reading_ahead_gives_the_sequential_answers(hash_encoder, counted, prefi
     questions = ["What is the symbol of Gold?", "What is the colour of Zinc?", "Who wrote Hamlet?"]
     asked = questions if batch else questions[0]
     options = dict(kb=kb, max_new_tokens=6, min_confidence=0.0, prefilter=prefilter, prefilter_k=8)
-    model.retrieve_ahead = False
+    model.second_thread = False
     before = model.ask(asked, **options)
-    assert counted["ahead"] == 0
-    model.retrieve_ahead = True
+    assert counted == {"ahead": 0, "restarted": 0, "records": 0}
+    model.second_thread = True
     after = model.ask(asked, **options)
-    assert counted == {"ahead": 1, "restarted": 0}
+    assert counted == {"ahead": 1, "restarted": 0, "records": 2}  # the prompt's two KB layers
     for a, b in zip(before if batch else [before], after if batch else [after], strict=True):
         _same(a, b)
     assert model._local.attached is None  # nothing left attached on the asking thread
@@ -78,24 +86,24 @@ def test_a_repaired_name_restarts_from_the_repaired_question(hash_encoder, count
     model = span_model(hash_encoder)
     kb = model.encode_kb(KB)
     options = dict(kb=kb, max_new_tokens=6, min_confidence=0.0, prefilter=prefilter, prefilter_k=8)
-    model.retrieve_ahead = False
+    model.second_thread = False
     before = model.ask("What is the symbol of Carbin?", **options)
     assert before.signals["name_repaired"] == 1.0  # the typo is put right: the prompt read is another
-    model.retrieve_ahead = True
+    model.second_thread = True
     after = model.ask("What is the symbol of Carbin?", **options)
-    assert counted == {"ahead": 1, "restarted": 1}
+    assert counted == {"ahead": 1, "restarted": 1, "records": 2}  # the restarted prompt's records too
     _same(before, after)
 
 
 def test_a_stream_that_restarts_streams_the_answer_only(hash_encoder, counted):
     model = span_model(hash_encoder)
     kb = model.encode_kb(KB)
-    model.retrieve_ahead = False
+    model.second_thread = False
     expected = model.ask("What is the number of Sodiun?", kb=kb, max_new_tokens=6, min_confidence=0.0)
-    model.retrieve_ahead = True
+    model.second_thread = True
     stream = model.ask_stream("What is the number of Sodiun?", kb=kb, max_new_tokens=6, min_confidence=0.0)
     text = "".join(stream)
-    assert counted == {"ahead": 1, "restarted": 1}
+    assert counted == {"ahead": 1, "restarted": 1, "records": 2}
     assert text == expected.text and stream.answer.text == expected.text  # no prompt text streamed
     _same(stream.answer, expected)
 
@@ -103,17 +111,17 @@ def test_a_stream_that_restarts_streams_the_answer_only(hash_encoder, counted):
 def test_a_stream_read_ahead_streams_the_answer(hash_encoder, counted):
     model = span_model(hash_encoder)
     kb = model.encode_kb(KB)
-    model.retrieve_ahead = False
+    model.second_thread = False
     expected = model.ask("What is the colour of Neon?", kb=kb, max_new_tokens=6, min_confidence=0.0)
-    model.retrieve_ahead = True
+    model.second_thread = True
     stream = model.ask_stream("What is the colour of Neon?", kb=kb, max_new_tokens=6, min_confidence=0.0)
     assert "".join(stream) == expected.text
-    assert counted == {"ahead": 1, "restarted": 0}
+    assert counted == {"ahead": 1, "restarted": 0, "records": 2}
 
 
 def test_the_workers_error_is_the_answers(hash_encoder, monkeypatch):
     model = span_model(hash_encoder)
-    model.retrieve_ahead = True
+    model.second_thread = True
     kb = model.encode_kb(KB)
 
     def failing(*args, **kwargs):
@@ -129,7 +137,7 @@ def test_the_workers_error_is_the_answers(hash_encoder, monkeypatch):
 
 def test_a_failing_prompt_leaves_no_work_behind(hash_encoder, monkeypatch):
     model = span_model(hash_encoder)
-    model.retrieve_ahead = True
+    model.second_thread = True
     kb = model.encode_kb(KB)
     finished = []
     reading = answer_module._reading
@@ -153,11 +161,11 @@ def test_a_failing_prompt_leaves_no_work_behind(hash_encoder, monkeypatch):
 
 
 def test_the_default_is_a_spare_core(monkeypatch):
-    monkeypatch.setattr(ahead.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setattr(second_thread.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
-    assert ahead.wanted(None) and ahead.wanted(True) and not ahead.wanted(False)
+    assert second_thread.wanted(None) and second_thread.wanted(True) and not second_thread.wanted(False)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
-    assert not ahead.wanted(None) and ahead.wanted(True)
+    assert not second_thread.wanted(None) and second_thread.wanted(True)
 
 
 def test_held_prompt_passes_the_prompt_with_the_first_token():
@@ -170,13 +178,51 @@ def test_held_prompt_passes_the_prompt_with_the_first_token():
         def end(self):
             seen.append(("end", None))
 
-    held = ahead.HeldPrompt(Streamer())
+    held = second_thread.HeldPrompt(Streamer())
     held.put("prompt")
     assert seen == []  # a restart now would leave the caller's streamer untouched
     held.put("token")
     held.end()
     assert seen == [("put", "prompt"), ("put", "token"), ("end", None)]
-    held = ahead.HeldPrompt(Streamer())
+    held = second_thread.HeldPrompt(Streamer())
     held.put("prompt")
     held.end()
     assert seen[-2:] == [("put", "prompt"), ("end", None)]
+
+
+def test_a_kb_read_by_the_fused_kernel_records_on_the_second_thread(hash_encoder, counted, monkeypatch):
+    """A KB of more knowledge tokens than a prompt's chunk: the fused kernel, and the recorded rows'
+    second pass (kblam.attention._recorded_probs) run on the second thread."""
+    from kblam import attention
+
+    calls, inner = [], attention._fused_attention
+    monkeypatch.setattr(attention, "_fused_attention", lambda *a: calls.append(1) or inner(*a))
+    model = span_model(hash_encoder)
+    kb = model.encode_kb(KB + [Triple(f"Entity {j}", "symbol", f"V{j}") for j in range(2500)])
+    answers = []
+    for setting in (False, True):
+        model.second_thread = setting
+        answers.append(model.ask(["What is the symbol of Gold?", "What is the colour of Iron?"], kb=kb,
+                                 max_new_tokens=6, min_confidence=0.0, prefilter=False))
+    assert calls and counted["records"] == 2
+    for a, b in zip(*answers, strict=True):
+        _same(a, b)
+
+
+def test_a_records_error_is_the_answers(hash_encoder, monkeypatch):
+    from kblam.model import _AttachedKB
+
+    model = span_model(hash_encoder)
+    model.second_thread = True
+    kb = model.encode_kb(KB)
+
+    def failing(self, *args, **kwargs):
+        assert threading.current_thread() is not threading.main_thread()
+        raise RuntimeError("the record failed")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(_AttachedKB, "record", failing)
+        with pytest.raises(RuntimeError, match="the record failed"):
+            model.ask("What is the symbol of Gold?", kb=kb, max_new_tokens=4)
+    assert model._local.attached is None
+    assert model.ask("What is the symbol of Gold?", kb=kb, max_new_tokens=4, min_confidence=0.0).text

@@ -1,25 +1,30 @@
-"""Retrieval ahead: a question's KB work runs on a second thread while the base reads the prompt's first layers.
+"""A second thread for an answer's work beside the prompt's forward pass, where torch leaves a core free.
 
-The adapter reads the KB on its KB layers only (the shipped one: 15, 18, 21, 24 and 27 of SmolLM2's 30), so
-the layers below the first of them need nothing from the KB. What a question costs before its KB can be
-read -- the encoder call (the retrieval prior's question embedding), the key cosines or the pre-filter's
-search, the name repair, the candidates' projection -- is handed to a worker thread, and the prompt's
-forward pass starts at once; the first KB layer's hook waits for the worker (`Pending.result`). Where
-torch leaves a core free (one torch thread on two cores) this hides the retrieval behind half the base's
-prefill instead of adding it in front.
+The adapter reads the KB on its KB layers only (the shipped one: 15, 18, 21, 24 and 27 of SmolLM2's 30).
 
-The name repair (kblam.confidence.repair_name) can change a question, hence its prompt. The worker then
-prepares nothing: the first KB layer raises `Restart`, which carries what the retrieval found, and the
-answer starts again from the repaired question without reading ahead (a typo'd name costs the layers
-read so far). `Restart` never escapes `ask`.
+* **Retrieval ahead of the first KB layer** (`start`, `Pending`). The layers below the first KB layer need
+  nothing from the KB. What a question costs before its KB can be read -- the encoder call (the retrieval
+  prior's question embedding), the key cosines or the pre-filter's search, the name repair, the
+  candidates' projection -- runs on a worker while the main thread reads the prompt through those layers;
+  the first KB layer's hook waits for it (kblam.model reads a `Pending` as the attached KB).
+  The name repair (kblam.confidence.repair_name) can change a question, hence its prompt. The worker then
+  prepares nothing: the first KB layer raises `Restart`, which carries what the retrieval found, and the
+  answer starts again from the repaired question on one thread (a typo'd name costs the layers read so
+  far). `Restart` never escapes `ask`; a caller's streamer sees the prompt only once (`HeldPrompt`).
+* **The sources' probabilities behind each KB layer** (`Jobs`). The prompt's KB attention that the
+  sources and the span decoder read (the question's rows, recomputed after the fused kernel: kblam.attention)
+  is nothing the next layer needs: each KB layer hands it to a worker and goes on; the forward call waits
+  for the worker at its end, before anything reads it.
 
-`concurrent.futures` runs the worker; torch releases the GIL inside its operations and FAISS inside its
-search, so the two threads overlap beyond the Python between them.
+`concurrent.futures` runs the workers; torch releases the GIL inside its operations (numba's kernels and
+FAISS's search too), so the two threads overlap beyond the Python between them. `KBLaM.second_thread`:
+True, False, or None (the default) for "when torch's threads leave a core of this process free".
 """
 
 from __future__ import annotations
 
 import os
+import queue
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -73,7 +78,7 @@ def spare_core() -> bool:
 
 
 def wanted(setting: bool | None) -> bool:
-    """A model's `retrieve_ahead`: True, False, or None for "when torch leaves a core free"."""
+    """A model's `second_thread`: True, False, or None for "when torch leaves a core free"."""
     return spare_core() if setting is None else bool(setting)
 
 
@@ -114,3 +119,24 @@ class HeldPrompt:
         if self.held is not None:
             self.streamer.put(self.held)
             self.held = None
+
+
+class Jobs:
+    """Jobs run in order on one worker, beside the thread that puts them, until `finish`."""
+
+    def __init__(self):
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._done = start(self._run)
+
+    def _run(self):
+        while (job := self._jobs.get()) is not None:
+            job()
+        return None, None
+
+    def put(self, job: Callable[[], Any]) -> None:
+        self._jobs.put(job)
+
+    def finish(self) -> None:
+        """Wait for every job put; raises the first one's error (the jobs after it are not run)."""
+        self._jobs.put(None)
+        self._done.extra()
