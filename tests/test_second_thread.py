@@ -119,17 +119,22 @@ def test_a_stream_read_ahead_streams_the_answer(hash_encoder, counted):
     assert counted == {"ahead": 1, "restarted": 0, "records": 2}
 
 
-def test_the_workers_error_is_the_answers(hash_encoder, monkeypatch):
+@pytest.mark.parametrize("where", ["retrieval", "records"])
+def test_a_workers_error_is_the_answers(hash_encoder, monkeypatch, where):
+    """The retrieval's error (ahead of the first KB layer) or a record's (behind a KB layer) raises from ask."""
+    from kblam.model import _AttachedKB
+
     model = span_model(hash_encoder)
     model.second_thread = True
     kb = model.encode_kb(KB)
 
     def failing(*args, **kwargs):
-        raise RuntimeError("the search failed")
+        assert threading.current_thread() is not threading.main_thread()
+        raise RuntimeError(f"the {where} failed")
 
     with monkeypatch.context() as patch:
-        patch.setattr(answer_module, "_repaired", failing)
-        with pytest.raises(RuntimeError, match="the search failed"):
+        patch.setattr(*(answer_module, "_repaired") if where == "retrieval" else (_AttachedKB, "record"), failing)
+        with pytest.raises(RuntimeError, match=f"the {where} failed"):
             model.ask("What is the symbol of Gold?", kb=kb, max_new_tokens=4)
     assert model._local.attached is None
     assert model.ask("What is the symbol of Gold?", kb=kb, max_new_tokens=4, min_confidence=0.0).text
@@ -207,22 +212,3 @@ def test_a_kb_read_by_the_fused_kernel_records_on_the_second_thread(hash_encoder
     assert calls and counted["records"] == 2
     for a, b in zip(*answers, strict=True):
         _same(a, b)
-
-
-def test_a_records_error_is_the_answers(hash_encoder, monkeypatch):
-    from kblam.model import _AttachedKB
-
-    model = span_model(hash_encoder)
-    model.second_thread = True
-    kb = model.encode_kb(KB)
-
-    def failing(self, *args, **kwargs):
-        assert threading.current_thread() is not threading.main_thread()
-        raise RuntimeError("the record failed")
-
-    with monkeypatch.context() as patch:
-        patch.setattr(_AttachedKB, "record", failing)
-        with pytest.raises(RuntimeError, match="the record failed"):
-            model.ask("What is the symbol of Gold?", kb=kb, max_new_tokens=4)
-    assert model._local.attached is None
-    assert model.ask("What is the symbol of Gold?", kb=kb, max_new_tokens=4, min_confidence=0.0).text
