@@ -235,9 +235,9 @@ def _answer(model, a: _Asking, generate_kwargs: dict, *, early: bool = False, fo
     if kb is not None:
         kb_size = len(kb)
         if early:
-            # A KB version's first use (its projection, or its pre-filter's index) is done here: memory
-            # the worker allocates is its own allocator arena's, which a later peak does not reuse (the
-            # first question of a 100,000-triple KB peaked 40 MB higher, a development measurement).
+            # A KB version's first use (its projection, or its pre-filter's index: seconds, and the largest
+            # temporaries) stays on this thread; the worker keeps to what each question costs, and what it
+            # allocates sits in its own allocator arena (docs/performance.md: the first question's peak).
             model._prefiltered(kb, a.index) if a.narrow else model.kb_layers(kb)
             # The tokenizer is not shared with the worker (a fast tokenizer is not safe across threads).
             pending = second_thread.start(lambda: _ahead(model, a, recorder))
