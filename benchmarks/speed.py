@@ -343,6 +343,12 @@ def _ttft(model, kb, questions, **kw):
     return ttft
 
 
+# Issue 10's time-to-first-token goals at 10,000 and 100,000 triples: (key, triples, pre-filter, label, target).
+TTFT_GOALS = (("10000_full", 10_000, False, "10,000 triples, full attention", 1.5),
+              ("100000_full", 100_000, False, "100,000 triples, full attention", 4),
+              ("100000_prefilter", 100_000, True, "100,000 triples, pre-filter", 1.3))
+
+
 def goals(model, repeats: int, decode_steps: int, batch_sizes: list[int], real_workdir: Path | None = None,
           ttft_repeats: int = 25, decode_repeats: int = 8) -> dict:
     out: dict = {"load_average_start": [round(x, 2) for x in os.getloadavg()], "ttft_questions": ttft_repeats}
@@ -351,32 +357,28 @@ def goals(model, repeats: int, decode_steps: int, batch_sizes: list[int], real_w
     for kb in kbs.values():
         model.ask("warm up", kb, max_new_tokens=1, prefilter=False)  # projected once: the cache's state
     nokb_questions = [f"What is the capital of country number {i}?" for i in range(4 * ttft_repeats + 4)]
-    for m, kb in kbs.items():
-        qs = _questions(kb, ttft_repeats + 1, offset=3)
-        kb_s, no_s = _alternate(_ttft(model, kb, qs, prefilter=False), _ttft(model, None, nokb_questions),
-                                ttft_repeats)
-        out[f"ttft_{m}_full"] = {"kb_s": kb_s, "nokb_s": no_s, "ratio": kb_s / no_s}
-    kb = kbs[100_000]
-    model.prefilter_index(kb)
-    qs = _questions(kb, ttft_repeats + 1, offset=5)
-    kb_s, no_s = _alternate(_ttft(model, kb, qs, prefilter=True), _ttft(model, None, nokb_questions[2:]),
-                            ttft_repeats)
-    out["ttft_100000_prefilter"] = {"kb_s": kb_s, "nokb_s": no_s, "ratio": kb_s / no_s}
+
+    def ttft_goal(m: int, prefilter: bool, offset: int, nokb: list[str]) -> dict:
+        """Time to first token over the m-triple KB against no KB, questions taking turns."""
+        qs = _questions(kbs[m], ttft_repeats + 1, offset=offset)
+        kb_s, no_s = _alternate(_ttft(model, kbs[m], qs, prefilter=prefilter), _ttft(model, None, nokb), ttft_repeats)
+        return {"kb_s": kb_s, "nokb_s": no_s, "ratio": kb_s / no_s}
+
+    for key, m, pre, _, _ in TTFT_GOALS:
+        if pre:
+            model.prefilter_index(kbs[m])
+        out[f"ttft_{key}"] = ttft_goal(m, pre, 5 if pre else 3, nokb_questions[2:] if pre else nokb_questions)
     # The same with the answer's work on the asking thread only (kblam.second_thread off): what a process whose
     # torch threads take every core gets, and what these goals measured before the second thread.
     from kblam import second_thread
 
     out["second_thread"] = second_thread.wanted(model.second_thread)
+    setting, model.second_thread = model.second_thread, False
     try:
-        model.second_thread = False
-        for key, m, pre, offset in (("10000_full", 10_000, False, 40), ("100000_full", 100_000, False, 40),
-                                    ("100000_prefilter", 100_000, True, 45)):
-            qs = _questions(kbs[m], ttft_repeats + 1, offset=offset)
-            kb_s, no_s = _alternate(_ttft(model, kbs[m], qs, prefilter=pre),
-                                    _ttft(model, None, nokb_questions[3:]), ttft_repeats)
-            out[f"ttft_{key}_one_thread"] = {"kb_s": kb_s, "nokb_s": no_s, "ratio": kb_s / no_s}
+        for key, m, pre, _, _ in TTFT_GOALS:
+            out[f"ttft_{key}_one_thread"] = ttft_goal(m, pre, 45 if pre else 40, nokb_questions[3:])
     finally:
-        model.second_thread = None
+        model.second_thread = setting
     print(f"[speed] goals so far {json.dumps(out)}", file=sys.stderr, flush=True)
 
     kb = kbs[10_000]
@@ -680,14 +682,11 @@ def markdown(results: dict) -> str:
             detail = ", ".join(f"{k} {x:.3f}" for k, x in v.items() if k != "ratio" and isinstance(x, float))
             lines.append(f"| {label} ({detail}) | {v['ratio']:.2f}x | {better} {target}x | {'yes' if met else 'no'} |")
 
-        row("TTFT, 10,000 triples, full attention / no KB", "ttft_10000_full", 1.5)
-        row("TTFT, 100,000 triples, full attention / no KB", "ttft_100000_full", 4)
-        row("TTFT, 100,000 triples, pre-filter / no KB", "ttft_100000_prefilter", 1.3)
-        for key, label in (("10000_full", "10,000 triples, full attention"),
-                           ("100000_full", "100,000 triples, full attention"),
-                           ("100000_prefilter", "100,000 triples, pre-filter")):
+        for key, _, _, label, target in TTFT_GOALS:
+            row(f"TTFT, {label} / no KB", f"ttft_{key}", target)
+        for key, _, _, label, target in TTFT_GOALS:
             row(f"TTFT, {label} / no KB, without the second thread (one thread only)", f"ttft_{key}_one_thread",
-                4 if key == "100000_full" else 1.5 if key == "10000_full" else 1.3)
+                target)
         row("TTFT, 1,000,000 triples (store), pre-filter / no KB, a new process (row checksums saved by "
             "KBStore.check / kblam kb index)", "ttft_1000000_prefilter", 1.3)
         row("TTFT, 1,000,000 triples (store), pre-filter / no KB, the same process, other questions taking turns "
