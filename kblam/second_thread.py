@@ -87,7 +87,7 @@ def start(job: Callable[[], tuple[Any, Any]]) -> Pending:
     global _pool
     with _pool_lock:
         if _pool is None:  # several answers may read ahead at once (a server's threads)
-            _pool = ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 1), thread_name_prefix="kblam-ahead")
+            _pool = ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 1), thread_name_prefix="kblam-second-thread")
 
     def run():
         with torch.no_grad():
