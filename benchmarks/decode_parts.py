@@ -9,7 +9,8 @@ neighbour's load on this shared machine slows a decoding or two at a time, by mo
 differences measured. Taking turns pass by pass (each round starting one variant further on), a slow
 second weighs on every variant alike. The cache grows by one token a pass, for all of them.
 
-- kb: kblam as it is;
+- kb: kblam as it is (with a core free, the products over two threads: kblam.few_rows' halves);
+- kb_one_thread: the products on one thread (`model.second_thread = False`);
 - kb_torch_products: the KB's products by torch.bmm instead of kblam.few_rows' kernel (one thread), and
   the general path below;
 - kb_general_step: the kernel's products, but rectangular_attention's general path instead of its
@@ -83,6 +84,7 @@ def main() -> None:
     # name: (KB states or None, their layers' layout, the query heads' forward)
     variants = {
         "kb": (states, "kept", catching),
+        "kb_one_thread": (states, "kept", catching),
         "kb_torch_products": (states, "kept", catching),
         "kb_general_step": (states, "kept", catching),
         "kb_q_proj_again": (states, "kept", again),
@@ -108,6 +110,7 @@ def main() -> None:
                     states.layers = layouts[layout]
                 LowRankQuery.forward = forward
                 few_rows.ENABLED = name != "kb_torch_products"
+                model.second_thread = False if name == "kb_one_thread" else None
                 attention._is_one_question_step = never if name in ("kb_torch_products", "kb_general_step") else one_step
                 mask = torch.cat([mask, mask.new_ones(1, 1)], dim=1)
                 attached = model.attach(kb_states, questions=[question]) if kb_states is not None \
@@ -119,6 +122,7 @@ def main() -> None:
                         times[name].append(time.perf_counter() - start)
                 finally:
                     states.layers, LowRankQuery.forward, few_rows.ENABLED = kept, catching, True
+                    model.second_thread = None
                     attention._is_one_question_step = one_step
                 cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
     out = {"triples": args.triples, "rounds": args.rounds, "state_dtype": str(model.kb_cache.dtype).removeprefix("torch."),

@@ -18,7 +18,8 @@ row, and torch's fused attention over the KB part; and a 24-token prompt's KB pa
 as kblam calls it (4,096 knowledge tokens a call) and in one call over the whole KB. Last, kblam.few_rows' kernel (numba, the `fast`
 extra), which kblam uses for such products on one thread: the scores and the mix from float32 rows, cold
 (the mix in both layouts: sums along the rows, or along each row), and the scores for 4, 7 and 12 rows a
-KV head beside torch's.
+KV head beside torch's; and a one-question step's whole KB attention in one call (few_rows.attend) on one
+thread and on two (its halves, at any size: kblam splits from MOST_TOKENS_ALONE knowledge tokens).
 Prints one JSON object of milliseconds.
 """
 
@@ -116,6 +117,16 @@ def main() -> None:
         runs["few_rows_mix_cold"] = (lambda: few_rows.product(probs_f32, values), True)
         runs["few_rows_mix_tokens_innermost_cold"] = (lambda: few_rows.product(probs_f32, values_tokens_innermost),
                                                       True)
+        # A one-question step's whole KB attention in one call (few_rows.attend: the scores, the joint softmax
+        # with 40 text tokens, both mixes), on one thread and with the KB split between two (halves, where a
+        # core is free): the threshold MOST_TOKENS_ALONE comes from these rows at several --triples.
+        text_keys, text_values = torch.randn(heads, 40, dim), torch.randn(heads, 40, dim)
+        if few_rows._halves_ready():
+            for name, halves in (("few_rows_attend_cold", False), ("few_rows_attend_halves_cold", True)):
+                runs[name] = (lambda halves=halves: few_rows._attend_now(
+                    rows_f32 / 8, rows_f32 / 8, keys, values, 0.0, text_keys, text_values, False, halves), True)
+        else:
+            out["few_rows_attend_halves_cold"] = "unavailable: numba's threads do not start quickly here"
         # More rows a KV head (another model's group, a batch's questions): where torch catches up.
         for count in (4, 7, 12):
             more = torch.randn(heads, count, dim)

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 from llvmlite import ir
-from numba import njit, types
+from numba import njit, prange, types
 from numba.extending import intrinsic
+
+# fastmath without "no infinities": a masked knowledge token's logit is -inf, and the kernels below test for it.
+_FINITE_NOT_ASSUMED = {"nnan", "nsz", "arcp", "contract", "afn", "reassoc"}
 
 
 @intrinsic
@@ -35,20 +38,34 @@ def rows_dot(a, x, out, bias):  # pragma: no cover - compiled; tests/test_few_ro
 
     a (H, n, K) uint16, bfloat16 bits, C-contiguous; x (H, R, >= K) float32, C-contiguous; out (H, R, >= n)
     float32, C-contiguous, of which the first n columns are written; bias (n,), (1,) or (0,) float32.
+    """
+    _dot_range(a, x, out, _bias_row(bias, a.shape[1]), 0, a.shape[1])
+
+
+@njit(nogil=True, fastmath=True, cache=True)
+def _bias_row(bias, n):  # pragma: no cover - compiled
+    """bias as n numbers: itself, or its one number (or 0) repeated."""
+    if bias.shape[0] == n:
+        return bias
+    return np.full(n, bias[0] if bias.shape[0] else 0.0, np.float32)
+
+
+@njit(nogil=True, fastmath=True, cache=True)
+def _dot_range(a, x, out, bias, lo, hi):  # pragma: no cover - compiled
+    """rows_dot's columns lo..hi-1 (bias: n numbers).
+
     Blocks of 4 rows of a by 3 rows of x: 12 sums that the compiler keeps in vector registers, each
     element of a read once per 3 rows (3 is SmolLM2's query heads per KV head, a decoding step's rows).
-    A block's 4 rows of a come one from each quarter of a: the KB comes from memory, and 4 streams
+    A block's 4 rows of a come one from each quarter of the range: the KB comes from memory, and 4 streams
     read it faster than one (page by page, the prefetcher stops at each page's end): 0.46 against 0.68 ms
     for one layer's keys of 10,000 triples, one thread, measured for issue 10.
     """
-    heads, n, width = a.shape
+    heads, _, width = a.shape
     rows = x.shape[1]
-    seg = n // 4
-    if bias.shape[0] != n:  # one number for every column, or none
-        bias = np.full(n, bias[0] if bias.shape[0] else 0.0, np.float32)
+    seg = (hi - lo) // 4
     for h in range(heads):
-        for i in range(seg):
-            i0, i1, i2, i3 = i, i + seg, i + 2 * seg, i + 3 * seg
+        for j in range(seg):
+            i0, i1, i2, i3 = lo + j, lo + j + seg, lo + j + 2 * seg, lo + j + 3 * seg
             b0, b1, b2, b3 = bias[i0], bias[i1], bias[i2], bias[i3]
             r = 0
             while r + 3 <= rows:
@@ -101,7 +118,7 @@ def rows_dot(a, x, out, bias):  # pragma: no cover - compiled; tests/test_few_ro
                 out[h, r, i2] = s2 + b2
                 out[h, r, i3] = s3 + b3
                 r += 1
-        for i in range(4 * seg, n):  # the rows of a left over from the quarters
+        for i in range(lo + 4 * seg, hi):  # the rows of a left over from the quarters
             for r in range(rows):
                 s = np.float32(0.0)
                 for k in range(width):
@@ -114,13 +131,22 @@ def rows_mix(v, p, out):  # pragma: no cover - compiled; tests/test_few_rows.py 
     """out[h, r, :] = sum over t < n of p[h, r, t] * v[h, t, :]: probabilities times values kept token by token.
 
     v (H, n, K) uint16, bfloat16 bits, C-contiguous; p (H, R, >= n) float32, C-contiguous; out (H, R, K)
-    float32, C-contiguous. Each value row is read once per 3 rows of p and added to their 3 accumulating rows
-    (sums along the rows: no sums across a vector), 4 knowledge tokens at a time, one from each quarter of
-    the KB as in rows_dot: 0.39 against 0.58 ms for one layer's values of 10,000 triples read as one stream.
+    float32, C-contiguous.
     """
-    heads, n, width = v.shape
+    _mix_range(v, p, out, 0, v.shape[1])
+
+
+@njit(nogil=True, fastmath=True, cache=True)
+def _mix_range(v, p, out, lo, hi):  # pragma: no cover - compiled
+    """rows_mix over knowledge tokens lo..hi-1.
+
+    Each value row is read once per 3 rows of p and added to their 3 accumulating rows (sums along the
+    rows: no sums across a vector), 4 knowledge tokens at a time, one from each quarter of the range as in
+    _dot_range: 0.39 against 0.58 ms for one layer's values of 10,000 triples read as one stream.
+    """
+    heads, _, width = v.shape
     rows = p.shape[1]
-    seg = n // 4
+    seg = (hi - lo) // 4
     acc = np.zeros((3, width), np.float32)
     for h in range(heads):
         r = 0
@@ -128,7 +154,7 @@ def rows_mix(v, p, out):  # pragma: no cover - compiled; tests/test_few_rows.py 
             count = min(3, rows - r)  # the last block may hold 1 or 2 rows: the others' weights are zero
             acc[:] = 0.0
             for i in range(seg):
-                t0, t1, t2, t3 = i, i + seg, i + 2 * seg, i + 3 * seg
+                t0, t1, t2, t3 = lo + i, lo + i + seg, lo + i + 2 * seg, lo + i + 3 * seg
                 a0 = a1 = a2 = a3 = b0 = b1 = b2 = b3 = c0 = c1 = c2 = c3 = np.float32(0.0)
                 a0, a1, a2, a3 = p[h, r, t0], p[h, r, t1], p[h, r, t2], p[h, r, t3]
                 if count > 1:
@@ -143,7 +169,7 @@ def rows_mix(v, p, out):  # pragma: no cover - compiled; tests/test_few_rows.py 
                     acc[0, k] += a0 * w0 + a1 * w1 + a2 * w2 + a3 * w3
                     acc[1, k] += b0 * w0 + b1 * w1 + b2 * w2 + b3 * w3
                     acc[2, k] += c0 * w0 + c1 * w1 + c2 * w2 + c3 * w3
-            for t in range(4 * seg, n):  # the tokens left over from the quarters
+            for t in range(lo + 4 * seg, hi):  # the tokens left over from the quarters
                 for j in range(count):
                     weight = p[h, r + j, t]
                     for k in range(width):
@@ -170,15 +196,145 @@ def shifted_exp2(scores, bias, which, shift, out):  # pragma: no cover - compile
             b = which[r]
             z = shift[h, r]
             for t in range(n):
-                x = _widen(scores[h, r, t]) + bias[b, t] - z
-                i = np.floor(x + np.float32(0.5))
-                f = x - i
-                p = np.float32(1.540353039338e-4)
-                p = p * f + np.float32(1.333355814643e-3)
-                p = p * f + np.float32(9.618129107628e-3)
-                p = p * f + np.float32(5.550410866482e-2)
-                p = p * f + np.float32(2.402265069591e-1)
-                p = p * f + np.float32(6.931471805599e-1)
-                p = p * f + np.float32(1.0)
-                e = np.int32(max(i, np.float32(-126.0)))  # clamped: a padded token's -inf gives a valid exponent
-                out[h, r, t] = p * _as_float(np.int32((e + 127) << 23)) if x >= np.float32(-126.0) else np.float32(0.0)
+                out[h, r, t] = _pow2(_widen(scores[h, r, t]) + bias[b, t] - z)
+
+
+@njit(nogil=True, fastmath=_FINITE_NOT_ASSUMED, cache=True)
+def _pow2(x):  # pragma: no cover - compiled
+    """2 ** x for a float32 x <= about 0, 0 below 2 ** -126 (see shifted_exp2)."""
+    i = np.floor(x + np.float32(0.5))
+    f = x - i
+    p = np.float32(1.540353039338e-4)
+    p = p * f + np.float32(1.333355814643e-3)
+    p = p * f + np.float32(9.618129107628e-3)
+    p = p * f + np.float32(5.550410866482e-2)
+    p = p * f + np.float32(2.402265069591e-1)
+    p = p * f + np.float32(6.931471805599e-1)
+    p = p * f + np.float32(1.0)
+    e = np.int32(max(i, np.float32(-126.0)))  # clamped: a padded token's -inf gives a valid exponent
+    return p * _as_float(np.int32((e + 127) << 23)) if x >= np.float32(-126.0) else np.float32(0.0)
+
+
+_LOG2E = np.float32(1.4426950408889634)
+
+
+@njit(nogil=True, fastmath=_FINITE_NOT_ASSUMED, cache=True)
+def rows_attend(keys, values, bias, q, qt, tk, tv, buf, out, probs):  # pragma: no cover - compiled; tests compare
+    """A one-question decoding step's joint softmax over [KB | text] and both mixes, in one call.
+
+    keys, values (H, n, K) uint16, bfloat16 bits, token by token; bias (n,), (1,) or (0,) float32; q (H, R, K)
+    float32, the KB query rows (scaled); qt (H, R, K) float32, the text query rows (scaled); tk, tv (H, L, K)
+    float32, the text's keys and values; buf (H, R, >= n) float32, scratch, left holding the KB's
+    probabilities (normalised jointly with the text's) when `probs`; out (H, R, K) float32.
+    """
+    n = keys.shape[1]
+    heads, rows, width = q.shape
+    tops = np.empty((1, heads, rows), np.float32)
+    sums = np.empty((1, heads, rows), np.float32)
+    mixes = np.empty((1, heads, rows, width), np.float32)
+    q2 = q * _LOG2E
+    full = _bias_row(bias, n) * _LOG2E
+    _attend_range(keys, values, full, q2, buf, tops[0], sums[0], mixes[0], 0, n)
+    _join(tops, sums, mixes, n, qt, tk, tv, buf, out, probs)
+
+
+@njit(nogil=True, fastmath=_FINITE_NOT_ASSUMED, cache=True, parallel=True)
+def rows_attend_halves(keys, values, bias, q, qt, tk, tv, buf, out, probs):  # pragma: no cover - compiled
+    """rows_attend on two threads, each the knowledge tokens of one half of the KB (its logits, their
+    exponentials, their mix), joined with the text on the calling thread. The caller sets numba's threads to 2
+    (kblam.few_rows): numba's thread count set in here stops it from caching the machine code."""
+    n = keys.shape[1]
+    heads, rows, width = q.shape
+    tops = np.empty((2, heads, rows), np.float32)
+    sums = np.empty((2, heads, rows), np.float32)
+    mixes = np.empty((2, heads, rows, width), np.float32)
+    q2 = q * _LOG2E
+    full = _bias_row(bias, n) * _LOG2E
+    for half in prange(2):
+        _attend_range(keys, values, full, q2, buf, tops[half], sums[half], mixes[half], n * half // 2,
+                      n * (half + 1) // 2)
+    _join(tops, sums, mixes, n, qt, tk, tv, buf, out, probs)
+
+
+@njit(nogil=True, fastmath=_FINITE_NOT_ASSUMED, cache=True)
+def _attend_range(keys, values, bias, q, buf, top, total, mix, lo, hi):  # pragma: no cover - compiled
+    """Knowledge tokens lo..hi-1: their logits in base 2 into buf, each row's largest (top), 2 ** (logit - top)
+    in place and their sum (total), and the values' mix with these weights (mix)."""
+    _dot_range(keys, q, buf, bias, lo, hi)
+    heads, rows = q.shape[0], q.shape[1]
+    for h in range(heads):
+        for r in range(rows):
+            row = buf[h, r, lo:hi]  # a row's view: the loops over it are vectorised, buf[h, r, t]'s were not
+            m = _row_max(row)
+            s = np.float32(0.0)
+            if m == -np.inf:  # every token of the range masked: no weight (and no inf - inf)
+                row[:] = 0.0
+                m = np.float32(0.0)
+            else:
+                for t in range(row.shape[0]):
+                    e = _pow2(row[t] - m)
+                    row[t] = e
+                    s += e
+            top[h, r] = m
+            total[h, r] = s
+    _mix_range(values, buf, mix, lo, hi)
+
+
+@njit(nogil=True, fastmath=_FINITE_NOT_ASSUMED, cache=True)
+def _row_max(row):  # pragma: no cover - compiled
+    """The largest of row's numbers (-inf for none): 16 running maxima, which the compiler keeps in a vector
+    register (one running maximum is a chain of comparisons, 5 times slower)."""
+    n = row.shape[0]
+    tops = np.full(16, -np.inf, np.float32)
+    t = 0
+    while t + 16 <= n:
+        for j in range(16):
+            x = row[t + j]
+            tops[j] = x if x > tops[j] else tops[j]
+        t += 16
+    top = np.float32(-np.inf)
+    for j in range(16):
+        top = tops[j] if tops[j] > top else top
+    for j in range(t, n):
+        top = row[j] if row[j] > top else top
+    return top
+
+
+@njit(nogil=True, fastmath=_FINITE_NOT_ASSUMED, cache=True)
+def _join(tops, sums, mixes, n, qt, tk, tv, buf, out, probs):  # pragma: no cover - compiled
+    """The KB's parts (tops, sums, mixes: one per range of n // parts tokens) joined with the text's
+    attention: out = their weighted mixes / the joint sum; buf's weights normalised too when `probs`."""
+    parts, heads, rows = tops.shape
+    length, width = tk.shape[1], tk.shape[2]
+    logits = np.empty(length, np.float32)
+    scale = np.empty(parts, np.float32)
+    for h in range(heads):
+        for r in range(rows):
+            m = -np.inf
+            for p in range(parts):
+                if sums[p, h, r] > 0:
+                    m = max(m, tops[p, h, r])
+            for j in range(length):
+                x = np.float32(0.0)
+                for k in range(width):
+                    x += qt[h, r, k] * tk[h, j, k]
+                logits[j] = x * _LOG2E
+                m = max(m, logits[j])
+            z = np.float32(0.0)
+            for p in range(parts):
+                scale[p] = _pow2(tops[p, h, r] - m) if sums[p, h, r] > 0 else np.float32(0.0)
+                z += scale[p] * sums[p, h, r]
+            for j in range(length):
+                logits[j] = _pow2(logits[j] - m)
+                z += logits[j]
+            for k in range(width):
+                x = np.float32(0.0)
+                for p in range(parts):
+                    x += scale[p] * mixes[p, h, r, k]
+                for j in range(length):
+                    x += logits[j] * tv[h, j, k]
+                out[h, r, k] = x / z
+            if probs:
+                for p in range(parts):
+                    row = buf[h, r, n * p // parts:n * (p + 1) // parts]
+                    row *= scale[p] / z

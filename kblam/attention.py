@@ -77,6 +77,9 @@ class KBLayerInputs:
     # The base's own q_proj output for hidden_states, when it was caught on its way (kblam.model): a
     # low-rank query head adds its delta to it instead of multiplying by q_proj a second time.
     base_query: torch.Tensor | None = None
+    # A core is free for kblam (kblam.second_thread): a one-question decoding step's products over a large
+    # KB may read it on two threads (kblam.few_rows).
+    halves: bool = False
 
 
 def kb_logit_shift(kb_size: int, kb_scale_factor: float | None) -> float:
@@ -258,9 +261,17 @@ def _one_question_step(q_kb, query, key, value, scaling, kb: KBLayerInputs) -> t
     _, h, _, d = query.shape
     hkv, m = key.shape[1], kb.keys.shape[2]
     g = h // hkv
+    q_text = query.reshape(hkv, g, d) * scaling
+    done = few_rows.attend(q_kb.reshape(hkv, g, d), q_text, kb.keys[0], kb.values[0], kb.bias, key[0], value[0],
+                           probs=kb.record is not None, halves=kb.halves)
+    if done is not None:  # the whole step in one kernel call
+        out, kb_probs = done
+        if kb.record is not None:
+            kb.record([(0, kb_probs.reshape(1, h, 1, m))])
+        return out.view(1, 1, h, d)
     logits = query.new_empty(hkv, g, m + key.shape[2])  # (KV head, group, KB | text): (1, H, 1, M + L) for one token
     few_rows.product(q_kb.reshape(hkv, g, d), kb.keys[0].transpose(-1, -2), bias=kb.bias, out=logits)
-    torch.bmm(query.reshape(hkv, g, d) * scaling, key[0].transpose(-1, -2), out=logits[..., m:])
+    torch.bmm(q_text, key[0].transpose(-1, -2), out=logits[..., m:])
     probs = torch.softmax(logits, dim=-1)
     if kb.record is not None:
         kb.record([(0, probs[..., :m].reshape(1, h, 1, m))])

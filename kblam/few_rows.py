@@ -25,6 +25,7 @@ its result to bfloat16. The answers are compared in docs/performance.md.
 from __future__ import annotations
 
 import os
+import threading
 import warnings
 from collections.abc import Callable
 from typing import NamedTuple
@@ -45,7 +46,13 @@ def _load():
     global _kernel
     if _kernel is None:
         try:
-            from kblam._few_rows_kernel import rows_dot, rows_mix, shifted_exp2
+            from kblam._few_rows_kernel import (
+                rows_attend,
+                rows_attend_halves,
+                rows_dot,
+                rows_mix,
+                shifted_exp2,
+            )
 
             # Compiled (or loaded from numba's cache) here, on tiny products, so that a failure to compile
             # leaves torch's products in place instead of failing a question.
@@ -54,13 +61,14 @@ def _load():
             rows_mix(np.zeros((1, 4, 2), np.uint16), np.zeros((1, 1, 4), np.float32), np.zeros((1, 1, 2), np.float32))
             shifted_exp2(np.zeros((1, 1, 2), np.uint16), np.zeros((1, 2), np.float32), np.zeros(1, np.int32),
                          np.zeros((1, 1), np.float32), np.zeros((1, 1, 2), np.float32))
+            _tiny_attend(rows_attend)
         except Exception as error:  # numba missing, not importable with this numpy, or failing to compile
             _kernel = False
             if not isinstance(error, ImportError):
                 warnings.warn(f"kblam.few_rows: the numba kernel failed ({error!r}); torch's products serve",
                               RuntimeWarning, stacklevel=2)
         else:
-            _kernel = _Kernels(rows_dot, rows_mix, shifted_exp2)
+            _kernel = _Kernels(rows_dot, rows_mix, shifted_exp2, rows_attend, rows_attend_halves)
     return _kernel
 
 
@@ -68,6 +76,62 @@ class _Kernels(NamedTuple):
     dot: Callable  # rows x (keys: token by token), plus a bias
     mix: Callable  # rows x (values: token by token)
     exp2: Callable  # 2 ** (scores + bias - shift), in one pass
+    attend: Callable  # a one-question decoding step's joint softmax and mixes, in one call
+    attend_halves: Callable  # the same, the KB's tokens split between two threads
+
+
+# Knowledge tokens from which a decoding step's KB goes on two threads, when a core is free and numba's
+# threads start in microseconds: waking the second thread after a decoding pass's milliseconds of base
+# layers costs about as much as reading a few thousand tokens (`benchmarks/kb_products.py --triples N`,
+# few_rows_attend_halves_cold against few_rows_attend_cold: 0.80 against 0.53 ms at 2,000 triples, even at
+# 6,000, 1.06 against 1.21 at 10,000, 5.2 against 8.8 at 100,000).
+MOST_TOKENS_ALONE = 6144
+# numba's threading layers that start a parallel region in microseconds; its own "workqueue" takes about
+# 140 us each time (and is not safe to enter from two threads), so it leaves the KB on one thread.
+_QUICK_LAYERS = ("omp", "tbb")
+_halves_state: bool | None = None  # None: not tried yet in this process
+_halves_lock = threading.Lock()  # one step on two threads at a time: two would ask for four cores
+
+
+def _halves_ready() -> bool:
+    """Whether numba's parallel regions serve here: at least 2 threads and a quick threading layer (tried
+    once, on a tiny product, which also compiles the two-thread kernels)."""
+    global _halves_state
+    if _halves_state is None:
+        _halves_state = False
+        kernel = _load()
+        try:
+            import numba
+
+            torch_threads = torch.get_num_threads()  # before numba starts its threads (below)
+            if kernel and numba.config.NUMBA_NUM_THREADS >= 2:
+                threads = numba.get_num_threads()
+                numba.set_num_threads(2)
+                try:
+                    _tiny_attend(kernel.attend_halves)
+                finally:
+                    numba.set_num_threads(threads)
+                    # numba's OpenMP layer starts (numba.get_num_threads above) by setting this thread's OpenMP
+                    # threads to its own count; torch shares that runtime (one libgomp.so.1) and reads its
+                    # thread count there: set it back.
+                    torch.set_num_threads(torch_threads)
+                _halves_state = numba.threading_layer() in _QUICK_LAYERS
+        except Exception as error:  # no threading layer, or one that fails to start
+            warnings.warn(f"kblam.few_rows: two-thread products unavailable ({error!r}); one thread serves",
+                          RuntimeWarning, stacklevel=2)
+    return _halves_state
+
+
+def _after_fork() -> None:
+    # GNU OpenMP does not survive a fork: numba stops a child that enters a parallel region its parent
+    # used. A forked child multiplies on one thread.
+    global _halves_state
+    if _halves_state:
+        _halves_state = False
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork)
 
 
 def fits(rows: int, kb_part: torch.Tensor) -> bool:
@@ -117,6 +181,62 @@ def product(rows: torch.Tensor, kb: torch.Tensor, *, bias: float | torch.Tensor 
         add = np.full(1, bias, np.float32)
     kernel.dot(_bits(kb.transpose(-1, -2)), _row_array(rows.float()), out.numpy(), add)
     return out[..., :width]
+
+
+def attend(q_kb: torch.Tensor, q_text: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+           bias: float | torch.Tensor, text_keys: torch.Tensor, text_values: torch.Tensor, *, probs: bool,
+           halves: bool = False) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """A one-question decoding step's rectangular attention in one kernel call: the joint softmax over
+    [KB | text] of (Hkv, R, D) query rows (q_kb for the KB, q_text for the text, both scaled) and both
+    mixes. keys, values (Hkv, M, D) bfloat16 token by token (the cache's layout); text_keys, text_values
+    (Hkv, L, D) float32. Returns (out (Hkv, R, D), the KB's probabilities (Hkv, R, M) when `probs`, else
+    scratch), or None where the kernel does not serve these tensors (torch's operations then do).
+
+    One call instead of about ten torch operations: a decoding step's operations each cost microseconds
+    whatever their size, the caches being cold after the base's weights went through them. `halves`: a core
+    is free for kblam (kblam.second_thread): a KB of more than MOST_TOKENS_ALONE tokens is then read on two
+    threads, half each, joined by the softmax's sums (as flash decoding joins its splits), where numba's
+    threads start quickly and no other step holds them."""
+    kernel = _load()
+    if not (kernel and keys.is_contiguous() and values.is_contiguous() and text_keys.dtype == torch.float32
+            and text_values.dtype == torch.float32):
+        return None
+    two = halves and keys.shape[1] > MOST_TOKENS_ALONE and _halves_ready() and _halves_lock.acquire(blocking=False)
+    try:
+        return _attend_now(q_kb, q_text, keys, values, bias, text_keys, text_values, probs, two)
+    finally:
+        if two:
+            _halves_lock.release()
+
+
+def _attend_now(q_kb, q_text, keys, values, bias, text_keys, text_values, probs: bool, two: bool):
+    """attend's kernel call, on two threads when `two` (the caller holds _halves_lock, or times it alone)."""
+    kernel = _load()
+    heads, rows, width = q_kb.shape
+    add = bias.float().reshape(-1).numpy() if torch.is_tensor(bias) else np.full(1, bias, np.float32)
+    out = torch.empty(heads, rows, width)
+    buf = torch.empty(heads, rows, keys.shape[1])
+    args = (_bits(keys), _bits(values), add, q_kb.float().contiguous().numpy(), q_text.float().contiguous().numpy(),
+            text_keys.contiguous().numpy(), text_values.contiguous().numpy(), buf.numpy(), out.numpy(), probs)
+    if not two:
+        kernel.attend(*args)
+        return out, buf
+    import numba
+
+    threads = numba.get_num_threads()  # the calling thread's own: two for this region, then as it was
+    numba.set_num_threads(2)
+    try:
+        kernel.attend_halves(*args)
+    finally:
+        numba.set_num_threads(threads)
+    return out, buf
+
+
+def _tiny_attend(function) -> None:
+    """`function` (rows_attend or its two-thread form) on a tiny step: compiled, or loaded from numba's cache."""
+    function(np.zeros((1, 8, 2), np.uint16), np.zeros((1, 8, 2), np.uint16), _NO_BIAS, np.zeros((1, 1, 2), np.float32),
+             np.zeros((1, 1, 2), np.float32), np.zeros((1, 1, 2), np.float32), np.zeros((1, 1, 2), np.float32),
+             np.zeros((1, 1, 8), np.float32), np.zeros((1, 1, 2), np.float32), True)
 
 
 def shifted_exp2(scores: torch.Tensor, bias: torch.Tensor | None, which: torch.Tensor, shift: torch.Tensor,

@@ -155,8 +155,9 @@ class _AttachedKB:
     # Per KB layer, the inputs of its current attention call, until the layer's q_proj output is caught
     # for them (KBLaM._make_query_catch).
     awaiting_query: dict[int, attention.KBLayerInputs] = field(default_factory=dict)
-    # The prompt's recorded KB attention is reduced on a second thread (kblam.second_thread) while the
-    # next layers run; the forward call waits for it at its end (settle).
+    # A core is free for kblam (kblam.second_thread): the prompt's recorded KB attention is reduced on a
+    # second thread while the next layers run (the forward call waits for it at its end: settle), and a
+    # decoding step's KB attention may be split between two threads (kblam.few_rows.attend).
     beside: bool = False
     jobs: second_thread.Jobs | None = None
 
@@ -473,6 +474,7 @@ class KBLaM(nn.Module):
                 record=kb.later(layer, lambda chunks: kb.record(layer, chunks, rows, n)) if kb.reads(layer) else None,
                 chunk_size=chunk,
                 record_rows=None if rows is None else rows.to(hidden.device),
+                halves=kb.beside,
             )
             if layer in self._catching:
                 kb.awaiting_query[layer] = kwargs["kblam"]

@@ -127,9 +127,10 @@ def test_it_serves_a_few_rows_on_one_thread_without_autograd(one_thread, monkeyp
 
 
 def test_decoding_through_the_kernel_answers_as_torch_products(hash_encoder, one_thread, monkeypatch):
-    """A tiny model with bfloat16 KB states: each decoding step goes through the kernel (2 rows per KV
-    head), and generation picks the tokens of torch's products, with close scores; ask's answers (a prompt
-    and a quoted span read in one pass: more rows, torch's products) stay the same."""
+    """A tiny model with bfloat16 KB states: each decoding step's KB attention goes through the kernel in one
+    call a layer (2 rows per KV head), and generation picks the tokens of torch's products, with close
+    scores; ask's answers (a prompt and a quoted span read in one pass: more rows, torch's products) stay
+    the same."""
     model = _model(hash_encoder)
     model.kb_cache = KBStateCache(dtype=torch.bfloat16)
     kb = _kb(40)
@@ -147,8 +148,8 @@ def test_decoding_through_the_kernel_answers_as_torch_products(hash_encoder, one
         steps.clear()
         out[enabled] = model.generate(**prompt, kb=kb, questions=QUESTIONS[:1], max_new_tokens=6, min_new_tokens=6,
                                       do_sample=False, output_scores=True, return_dict_in_generate=True)
-        # 5 one-token steps after the prompt, each with the scores and the mix of every KB layer
-        assert len(calls) == (5 * 2 * len(model.config.kb_layers) if enabled else 0)
+        # 5 one-token steps after the prompt, each with one call a KB layer (scores, softmax, mixes)
+        assert len(calls) == (5 * len(model.config.kb_layers) if enabled else 0)
         assert len(steps) == (5 * len(model.config.kb_layers) if enabled else 0)  # rectangular_attention's step
     assert torch.equal(out[True].sequences, out[False].sequences)
     for a, b in zip(out[True].scores, out[False].scores, strict=True):
@@ -160,9 +161,12 @@ def test_decoding_through_the_kernel_answers_as_torch_products(hash_encoder, one
     assert [(a.text, a.quoted, a.refused) for a in answers] == [(a.text, a.quoted, a.refused) for a in again]
 
 
-def test_a_one_question_step_is_the_general_joint_softmax(one_thread, monkeypatch):
-    """rectangular_attention's one-question step (the logits side by side, the bias added by the kernel)
-    gives the general path's output and recorded KB attention, both through the kernel's products."""
+@pytest.mark.parametrize("halves", [False, True])
+def test_a_one_question_step_is_the_general_joint_softmax(halves, one_thread, monkeypatch):
+    """rectangular_attention's one-question step (the whole KB attention in one kernel call, on one thread or
+    split between two) gives the general path's output and recorded KB attention (the kernel's products)."""
+    if halves:
+        _two_threads_or_skip(monkeypatch)
     from torch import nn
 
     from kblam import attention
@@ -180,7 +184,7 @@ def test_a_one_question_step_is_the_general_joint_softmax(one_thread, monkeypatc
     def attend(bias):
         recorded = []
         inputs = attention.KBLayerInputs(hidden_states=hidden, query_head=head, keys=kb_keys, values=kb_values,
-                                         bias=bias, record=recorded.extend)
+                                         bias=bias, record=recorded.extend, halves=halves)
         with torch.no_grad():
             out, _ = attention.rectangular_attention(module, query, key, value, None, 0.35, kb=inputs)
         return out, recorded[0][1]
@@ -196,6 +200,107 @@ def test_a_one_question_step_is_the_general_joint_softmax(one_thread, monkeypatc
         assert probs.shape == ref_probs.shape == (1, heads, 1, m)
         torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(probs, ref_probs, rtol=1e-5, atol=1e-6)
+
+
+def test_a_free_core_splits_decoding_steps_and_answers_the_same(hash_encoder, one_thread, monkeypatch):
+    """model.second_thread (a core free for kblam) reaches the decoding steps: True splits each KB layer's
+    attention between two threads, False keeps it on one; the generated tokens and ask's answers agree."""
+    calls = _two_threads_or_skip(monkeypatch)
+    model = _model(hash_encoder)
+    model.kb_cache = KBStateCache(dtype=torch.bfloat16)
+    kb = _kb(40)
+    prompt = model.tokenizer([model.format_prompt(QUESTIONS[0])], return_tensors="pt", add_special_tokens=False)
+    out, answers = {}, {}
+    for second in (False, True):
+        model.second_thread = second
+        calls.clear()
+        out[second] = model.generate(**prompt, kb=kb, questions=QUESTIONS[:1], max_new_tokens=6, min_new_tokens=6,
+                                     do_sample=False, output_scores=True, return_dict_in_generate=True)
+        assert len(calls) == (5 * len(model.config.kb_layers) if second else 0)
+        answers[second] = [model.ask(q, kb, max_new_tokens=8, min_confidence=0.0) for q in QUESTIONS]
+    assert torch.equal(out[True].sequences, out[False].sequences)
+    for a, b in zip(out[True].scores, out[False].scores, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    assert [(a.text, a.quoted, [t for t, _ in a.sources]) for a in answers[True]] == \
+        [(a.text, a.quoted, [t for t, _ in a.sources]) for a in answers[False]]
+
+
+def _two_threads_or_skip(monkeypatch) -> list:
+    """Every KB split between two threads from here on (MOST_TOKENS_ALONE 0); the list notes each two-thread call."""
+    if not few_rows._halves_ready():
+        pytest.skip("numba's threads do not start quickly here (no OpenMP or TBB threading layer)")
+    kernels, calls = few_rows._load(), []
+    monkeypatch.setattr(few_rows, "MOST_TOKENS_ALONE", 0)
+    monkeypatch.setattr(few_rows, "_kernel", kernels._replace(
+        attend_halves=lambda *a: calls.append(1) or kernels.attend_halves(*a)))
+    return calls
+
+
+def _joint_softmax(q_kb, q_text, keys, values, bias, text_keys, text_values):
+    """torch's reference: the logits side by side, one softmax, both mixes; (out, the KB's probabilities)."""
+    logits = torch.cat([torch.bmm(q_kb, keys.float().transpose(-1, -2)) + bias,
+                        torch.bmm(q_text, text_keys.transpose(-1, -2))], dim=-1)
+    probs = torch.softmax(logits, dim=-1)
+    m = keys.shape[1]
+    return torch.bmm(probs[..., :m], values.float()) + torch.bmm(probs[..., m:], text_values), probs[..., :m]
+
+
+@pytest.mark.parametrize("halves", [False, True])
+@pytest.mark.parametrize("heads,rows,m,length", [(3, 3, 10_001, 40), (2, 4, 37, 1), (1, 1, 1, 3), (3, 2, 9, 5)])
+def test_attend_is_the_joint_softmax(halves, heads, rows, m, length, one_thread, monkeypatch):
+    """few_rows.attend (a one-question step's KB attention in one call, on one thread or the KB split between
+    two) gives torch's joint softmax and mixes, and the KB's probabilities: with a bias per token, masked
+    tokens (-inf, a whole half of them, or all), or one number."""
+    calls = _two_threads_or_skip(monkeypatch) if halves else []
+    torch.manual_seed(m)
+    q_kb, q_text = torch.randn(heads, rows, 64) / 4, torch.randn(heads, rows, 64) / 4
+    keys, values = (torch.randn(heads, m, 64).to(torch.bfloat16) for _ in range(2))
+    text_keys, text_values = torch.randn(heads, length, 64), torch.randn(heads, length, 64)
+    masked = torch.randn(m)
+    masked[::3] = float("-inf")
+    first_half = torch.randn(m)
+    first_half[:m // 2] = float("-inf")
+    for bias in (torch.randn(1, 1, 1, m), masked, first_half, torch.full((m,), float("-inf")), -2.5):
+        out, probs = few_rows.attend(q_kb, q_text, keys, values, bias, text_keys, text_values, probs=True,
+                                     halves=halves)
+        ref_out, ref_probs = _joint_softmax(q_kb, q_text, keys, values, torch.as_tensor(bias).reshape(-1),
+                                            text_keys, text_values)
+        torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=2e-6)
+        torch.testing.assert_close(probs, ref_probs, rtol=1e-5, atol=1e-7)
+    assert len(calls) == (5 if halves else 0)
+
+
+def test_two_threads_leave_torch_alone_and_a_forked_child_works(tmp_path):
+    """numba's OpenMP threads share torch's OpenMP runtime: starting them must not change torch's thread count
+    (numba sets this thread's OpenMP threads to its own). A process forked after the two threads ran
+    attends on one thread (numba stops a child entering its parent's OpenMP region)."""
+    script = tmp_path / "forked.py"
+    script.write_text('''
+import os, sys, torch
+torch.set_num_threads(1)
+from kblam import few_rows
+if not few_rows._halves_ready():
+    print("no two threads here"); sys.exit(0)
+assert torch.get_num_threads() == 1, torch.get_num_threads()
+few_rows.MOST_TOKENS_ALONE = 0
+q, keys, tk = torch.randn(3, 3, 64) / 4, torch.randn(3, 500, 64).to(torch.bfloat16), torch.randn(3, 4, 64)
+first = few_rows.attend(q, q, keys, keys, 0.0, tk, tk, probs=False, halves=True)[0]
+assert torch.get_num_threads() == 1, torch.get_num_threads()
+pid = os.fork()
+if pid == 0:
+    again = few_rows.attend(q, q, keys, keys, 0.0, tk, tk, probs=False, halves=True)[0]
+    os._exit(0 if torch.allclose(again, first, rtol=1e-5, atol=1e-6) and not few_rows._halves_ready() else 3)
+_, status = os.waitpid(pid, 0)
+print("child", os.waitstatus_to_exitcode(status))
+''')
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    if "no two threads" in done.stdout:
+        pytest.skip("numba's threads do not start quickly here")
+    assert "child 0" in done.stdout, done.stdout + done.stderr
 
 
 def test_without_a_working_kernel_torch_multiplies(one_thread, monkeypatch):
