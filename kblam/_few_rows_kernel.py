@@ -8,7 +8,7 @@ from numba import njit, prange, types
 from numba.extending import intrinsic
 
 # fastmath without "no infinities": a masked knowledge token's logit is -inf, and the kernels below test for it.
-_FINITE_NOT_ASSUMED = {"nnan", "nsz", "arcp", "contract", "afn", "reassoc"}
+_INF_SAFE_FASTMATH = {"nnan", "nsz", "arcp", "contract", "afn", "reassoc"}
 
 
 @intrinsic
@@ -199,7 +199,7 @@ def shifted_exp2(scores, bias, which, shift, out):  # pragma: no cover - compile
                 out[h, r, t] = _pow2(_widen(scores[h, r, t]) + bias[b, t] - z)
 
 
-@njit(nogil=True, fastmath=_FINITE_NOT_ASSUMED, cache=True)
+@njit(nogil=True, fastmath=_INF_SAFE_FASTMATH, cache=True)
 def _pow2(x):  # pragma: no cover - compiled
     """2 ** x for a float32 x <= about 0, 0 below 2 ** -126 (see shifted_exp2)."""
     i = np.floor(x + np.float32(0.5))
@@ -218,7 +218,7 @@ def _pow2(x):  # pragma: no cover - compiled
 _LOG2E = np.float32(1.4426950408889634)
 
 
-@njit(nogil=True, fastmath=_FINITE_NOT_ASSUMED, cache=True)
+@njit(nogil=True, fastmath=_INF_SAFE_FASTMATH, cache=True)
 def rows_attend(keys, values, bias, q, qt, tk, tv, buf, out, probs):  # pragma: no cover - compiled; tests compare
     """A one-question decoding step's joint softmax over [KB | text] and both mixes, in one call.
 
@@ -238,7 +238,7 @@ def rows_attend(keys, values, bias, q, qt, tk, tv, buf, out, probs):  # pragma: 
     _join(tops, sums, mixes, n, qt, tk, tv, buf, out, probs)
 
 
-@njit(nogil=True, fastmath=_FINITE_NOT_ASSUMED, cache=True, parallel=True)
+@njit(nogil=True, fastmath=_INF_SAFE_FASTMATH, cache=True, parallel=True)
 def rows_attend_halves(keys, values, bias, q, qt, tk, tv, buf, out, probs):  # pragma: no cover - compiled
     """rows_attend on two threads, each the knowledge tokens of one half of the KB (its logits, their
     exponentials, their mix), joined with the text on the calling thread. The caller sets numba's threads to 2
@@ -256,7 +256,7 @@ def rows_attend_halves(keys, values, bias, q, qt, tk, tv, buf, out, probs):  # p
     _join(tops, sums, mixes, n, qt, tk, tv, buf, out, probs)
 
 
-@njit(nogil=True, fastmath=_FINITE_NOT_ASSUMED, cache=True)
+@njit(nogil=True, fastmath=_INF_SAFE_FASTMATH, cache=True)
 def _attend_range(keys, values, bias, q, buf, top, total, mix, lo, hi):  # pragma: no cover - compiled
     """Knowledge tokens lo..hi-1: their logits in base 2 into buf, each row's largest (top), 2 ** (logit - top)
     in place and their sum (total), and the values' mix with these weights (mix)."""
@@ -280,7 +280,7 @@ def _attend_range(keys, values, bias, q, buf, top, total, mix, lo, hi):  # pragm
     _mix_range(values, buf, mix, lo, hi)
 
 
-@njit(nogil=True, fastmath=_FINITE_NOT_ASSUMED, cache=True)
+@njit(nogil=True, fastmath=_INF_SAFE_FASTMATH, cache=True)
 def _row_max(row):  # pragma: no cover - compiled
     """The largest of row's numbers (-inf for none): 16 running maxima, which the compiler keeps in a vector
     register (one running maximum is a chain of comparisons, 5 times slower)."""
@@ -300,7 +300,7 @@ def _row_max(row):  # pragma: no cover - compiled
     return top
 
 
-@njit(nogil=True, fastmath=_FINITE_NOT_ASSUMED, cache=True)
+@njit(nogil=True, fastmath=_INF_SAFE_FASTMATH, cache=True)
 def _join(tops, sums, mixes, n, qt, tk, tv, buf, out, probs):  # pragma: no cover - compiled
     """The KB's parts (tops, sums, mixes: one per range of n // parts tokens) joined with the text's
     attention: out = their weighted mixes / the joint sum; buf's weights normalised too when `probs`."""

@@ -254,10 +254,12 @@ def _is_one_question_step(module, query, key, attention_mask, kb: KBLayerInputs)
 
 
 def _one_question_step(q_kb, query, key, value, scaling, kb: KBLayerInputs) -> torch.Tensor:
-    """rectangular_attention's joint softmax for _is_one_question_step, in fewer passes: the kernel writes the
-    KB logits with their bias and the text logits follow in the same buffer (no bias pass, no
-    concatenation), one softmax, the two mixes. A decoding step's operations each cost several
-    microseconds whatever their size, with the caches cold after the base's weights went through them."""
+    """rectangular_attention's joint softmax for _is_one_question_step in one kernel call (kblam.few_rows.attend:
+    the scores, the softmax with the text's logits, both mixes; split between two threads where a core is
+    free). A decoding step's operations each cost several microseconds whatever their size, with the caches
+    cold after the base's weights went through them. States the kernel does not read as they lie (not
+    token by token) take the previous way: the kernel's KB logits with their bias and the text's in one
+    buffer, one softmax, the two mixes."""
     _, h, _, d = query.shape
     hkv, m = key.shape[1], kb.keys.shape[2]
     g = h // hkv

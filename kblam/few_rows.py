@@ -11,12 +11,19 @@ in float32: the scores (keys), the mix (values, token by token), each reading th
 decoding pass; docs/performance.md). A third, `shifted_exp2`, turns a prompt's recorded rows' scores into
 probabilities in one pass (kblam.attention._recorded_shared).
 
+`attend` runs a one-question decoding step's whole KB attention in one call: the scores, the softmax
+joint with the text's, both mixes (a step's operations cost microseconds each whatever their size, the
+caches cold after the base's weights went through them). Where a core is free for kblam
+(`KBLaM.second_thread`, kblam.second_thread), a KB of more than MOST_TOKENS_ALONE tokens is read on two
+threads, half each, joined by their softmax sums as flash decoding joins its splits. numba's own threads
+serve (its OpenMP layer starts a region in microseconds; Python threads hand over in about 100 us).
+
 numba compiles them (a well-kept JIT: no C compiler needed at the user's, and the machine code is cached
 on disk after the first process). It is optional (the `fast` extra): without numba, or with
 `KBLAM_FEW_ROWS=0` in the environment, or `kblam.few_rows.ENABLED = False`, the attention multiplies
 with torch as before; a kernel that fails to compile says so once (a RuntimeWarning) and torch serves.
-It runs on one thread: with more torch threads oneDNN splits its products between them and is as fast
-(measured on two), so it is used only with one.
+It runs with torch on one thread: with more torch threads oneDNN splits its products between them and is
+as fast (measured on two), so it is used only with one.
 
 The products are computed in float32 from float32 rows; torch's path rounds the rows to bfloat16 and
 its result to bfloat16. The answers are compared in docs/performance.md.
