@@ -12,8 +12,9 @@ Large knowledge bases (issue 5, docs/scale.md):
 - `ask` and `attach` take a KBStore as well; with the pre-filter, only the candidates' rows are read
   from the store's memory-mapped float16 embeddings.
 - `second_thread` (default None: when torch's threads leave a core free): `ask` prepares a question's KB
-  on a second thread while the prompt's first layers run, and reduces the sources' KB attention there
-  (kblam.second_thread, issue 10). True or False decides it.
+  on a second thread while the prompt's first layers run, reduces the sources' KB attention there, and
+  splits a large KB's decoding steps between two threads (kblam.second_thread, kblam.few_rows, issue 10).
+  True or False decides it.
 """
 
 from __future__ import annotations

@@ -15,6 +15,10 @@ The adapter reads the KB on its KB layers only (the shipped one: 15, 18, 21, 24 
   sources and the span decoder read (the question's rows, recomputed after the fused kernel: kblam.attention)
   is nothing the next layer needs: each KB layer hands it to a worker and goes on; the forward call waits
   for the worker at its end, before anything reads it.
+* **A decoding step's KB in halves.** A one-question decoding step's KB attention of more than
+  kblam.few_rows.MOST_TOKENS_ALONE tokens is split between two threads inside one numba call (numba's own
+  threads: they start in microseconds, where this module's workers would take about 100 us a hand-over).
+  The model's setting reaches it through the attached KB (`beside`, kblam.attention.KBLayerInputs.halves).
 
 `concurrent.futures` runs the workers; torch releases the GIL inside its operations (numba's kernels and
 FAISS's search too), so the two threads overlap beyond the Python between them. `KBLaM.second_thread`:
