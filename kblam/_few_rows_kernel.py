@@ -228,12 +228,7 @@ def rows_attend(keys, values, bias, q, qt, tk, tv, buf, out, probs):  # pragma: 
     probabilities (normalised jointly with the text's) when `probs`; out (H, R, K) float32.
     """
     n = keys.shape[1]
-    heads, rows, width = q.shape
-    tops = np.empty((1, heads, rows), np.float32)
-    sums = np.empty((1, heads, rows), np.float32)
-    mixes = np.empty((1, heads, rows, width), np.float32)
-    q2 = q * _LOG2E
-    full = _bias_row(bias, n) * _LOG2E
+    tops, sums, mixes, q2, full = _attend_parts(1, q, bias, n)
     _attend_range(keys, values, full, q2, buf, tops[0], sums[0], mixes[0], 0, n)
     _join(tops, sums, mixes, n, qt, tk, tv, buf, out, probs)
 
@@ -244,16 +239,21 @@ def rows_attend_halves(keys, values, bias, q, qt, tk, tv, buf, out, probs):  # p
     exponentials, their mix), joined with the text on the calling thread. The caller sets numba's threads to 2
     (kblam.few_rows): numba's thread count set in here stops it from caching the machine code."""
     n = keys.shape[1]
-    heads, rows, width = q.shape
-    tops = np.empty((2, heads, rows), np.float32)
-    sums = np.empty((2, heads, rows), np.float32)
-    mixes = np.empty((2, heads, rows, width), np.float32)
-    q2 = q * _LOG2E
-    full = _bias_row(bias, n) * _LOG2E
+    tops, sums, mixes, q2, full = _attend_parts(2, q, bias, n)
     for half in prange(2):
         _attend_range(keys, values, full, q2, buf, tops[half], sums[half], mixes[half], n * half // 2,
                       n * (half + 1) // 2)
     _join(tops, sums, mixes, n, qt, tk, tv, buf, out, probs)
+
+
+@njit(nogil=True, fastmath=_INF_SAFE_FASTMATH, cache=True)
+def _attend_parts(parts, q, bias, n):  # pragma: no cover - compiled
+    """Each part's row maxima, sums and mixes (to fill), and the query rows and bias in base 2."""
+    heads, rows, width = q.shape
+    tops = np.empty((parts, heads, rows), np.float32)
+    sums = np.empty((parts, heads, rows), np.float32)
+    mixes = np.empty((parts, heads, rows, width), np.float32)
+    return tops, sums, mixes, q * _LOG2E, _bias_row(bias, n) * _LOG2E
 
 
 @njit(nogil=True, fastmath=_INF_SAFE_FASTMATH, cache=True)
