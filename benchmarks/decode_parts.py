@@ -101,6 +101,7 @@ def main() -> None:
         cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
         mask = inputs["attention_mask"]
         names = list(variants)
+        second = model.second_thread  # as loaded; kb_one_thread turns it off for its passes
         for round_ in range(args.rounds):
             # Each round starts one variant further on: none always follows the same one (whose states the
             # caches may still hold).
@@ -110,7 +111,7 @@ def main() -> None:
                     states.layers = layouts[layout]
                 LowRankQuery.forward = forward
                 few_rows.ENABLED = name != "kb_torch_products"
-                model.second_thread = False if name == "kb_one_thread" else None
+                model.second_thread = False if name == "kb_one_thread" else second
                 attention._is_one_question_step = never if name in ("kb_torch_products", "kb_general_step") else one_step
                 mask = torch.cat([mask, mask.new_ones(1, 1)], dim=1)
                 attached = model.attach(kb_states, questions=[question]) if kb_states is not None \
@@ -122,7 +123,7 @@ def main() -> None:
                         times[name].append(time.perf_counter() - start)
                 finally:
                     states.layers, LowRankQuery.forward, few_rows.ENABLED = kept, catching, True
-                    model.second_thread = None
+                    model.second_thread = second
                     attention._is_one_question_step = one_step
                 cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
     out = {"triples": args.triples, "rounds": args.rounds, "state_dtype": str(model.kb_cache.dtype).removeprefix("torch."),

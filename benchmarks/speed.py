@@ -344,6 +344,16 @@ def _ttft(model, kb, questions, **kw):
     return ttft
 
 
+@contextlib.contextmanager
+def _second_thread_off(model):
+    """The model's answers on the asking thread only (kblam.second_thread off) within; its setting after."""
+    setting, model.second_thread = model.second_thread, False
+    try:
+        yield
+    finally:
+        model.second_thread = setting
+
+
 # Issue 10's time-to-first-token goals at 10,000 and 100,000 triples: (key, triples, pre-filter, label, target).
 TTFT_GOALS = (("10000_full", 10_000, False, "10,000 triples, full attention", 1.5),
               ("100000_full", 100_000, False, "100,000 triples, full attention", 4),
@@ -374,12 +384,9 @@ def goals(model, repeats: int, decode_steps: int, batch_sizes: list[int], real_w
     from kblam import second_thread
 
     out["second_thread"] = second_thread.wanted(model.second_thread)
-    setting, model.second_thread = model.second_thread, False
-    try:
+    with _second_thread_off(model):
         for key, m, pre, _, _ in TTFT_GOALS:
             out[f"ttft_{key}_one_thread"] = ttft_goal(m, pre, 45 if pre else 40, nokb_questions[3:])
-    finally:
-        model.second_thread = setting
     print(f"[speed] goals so far {json.dumps(out)}", file=sys.stderr, flush=True)
 
     kb = kbs[10_000]
@@ -420,11 +427,8 @@ def goals(model, repeats: int, decode_steps: int, batch_sizes: list[int], real_w
 
     def decode_one_thread() -> float:
         """decode(True) with the decoding steps' KB on the asking thread only (second thread off)."""
-        setting, model.second_thread = model.second_thread, False
-        try:
+        with _second_thread_off(model):
             return decode(True)
-        finally:
-            model.second_thread = setting
 
     speeds = [(decode(True), decode(False), decode_one_thread()) for _ in range(decode_repeats)]
     kb_tps, no_tps = _median([s[0] for s in speeds]), _median([s[1] for s in speeds])

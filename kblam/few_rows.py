@@ -31,6 +31,7 @@ its result to bfloat16. The answers are compared in docs/performance.md.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import warnings
@@ -112,15 +113,13 @@ def _halves_ready() -> bool:
 
             torch_threads = torch.get_num_threads()  # before numba starts its threads (below)
             if kernel and numba.config.NUMBA_NUM_THREADS >= 2:
-                threads = numba.get_num_threads()
-                numba.set_num_threads(2)
                 try:
-                    _tiny_attend(kernel.attend_halves)
+                    with _two_numba_threads():
+                        _tiny_attend(kernel.attend_halves)
                 finally:
-                    numba.set_num_threads(threads)
-                    # numba's OpenMP layer starts (numba.get_num_threads above) by setting this thread's OpenMP
-                    # threads to its own count; torch shares that runtime (one libgomp.so.1) and reads its
-                    # thread count there: set it back.
+                    # numba's OpenMP layer starts (_two_numba_threads) by setting this thread's OpenMP threads
+                    # to its own count; torch shares that runtime (one libgomp.so.1) and reads its thread
+                    # count there: set it back.
                     torch.set_num_threads(torch_threads)
                 _halves_state = numba.threading_layer() in _QUICK_LAYERS
         except Exception as error:  # no threading layer, or one that fails to start
@@ -228,15 +227,23 @@ def _attend_now(q_kb, q_text, keys, values, bias, text_keys, text_values, probs:
     if not two:
         kernel.attend(*args)
         return out, buf
+    with _two_numba_threads():
+        kernel.attend_halves(*args)
+    return out, buf
+
+
+@contextlib.contextmanager
+def _two_numba_threads():
+    """numba's parallel regions on two threads within, as many as before after: the count is the calling
+    thread's own (set here, not inside the kernels: numba does not cache machine code that sets it)."""
     import numba
 
-    threads = numba.get_num_threads()  # the calling thread's own: two for this region, then as it was
+    threads = numba.get_num_threads()
     numba.set_num_threads(2)
     try:
-        kernel.attend_halves(*args)
+        yield
     finally:
         numba.set_num_threads(threads)
-    return out, buf
 
 
 def _tiny_attend(function) -> None:
