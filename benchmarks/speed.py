@@ -38,8 +38,9 @@ Parts (--parts):
   checksums (whole blocks hashed) and with no-KB questions; then the process's next questions with the
   checksums; then after KBStore.check() in this process; and edits of a copy of it.
 - memory: peak resident memory after loading, asking one question with full attention over KBs of
-  --memory-sizes triples, each in a fresh child process; the slope is the memory per added triple
-  (the method of benchmarks/cost.py, which measured 14.7 KB before the cache). The KB is given as
+  --memory-sizes triples, each in a fresh child process (--memory-repeats of them a size); the slope is the
+  memory per added triple (the method of benchmarks/cost.py, which measured 14.7 KB before the cache), and
+  that of the peak above the caller's KB once built (its triples, its embeddings when given): kblam's own. The KB is given as
   float32 KBEmbeddings the caller holds (as cost.py gave it), and, in bfloat16, as a KnowledgeBase of
   triples that the model's encoder encodes (a user's KB from a CSV: the encoder keeps its texts' vectors,
   the KB cache its embeddings; the encoder here is the bench stores' fixed random vectors, not MiniLM).
@@ -536,9 +537,10 @@ def child_memory(task: dict) -> dict:
     rss = _rss_mb()
     reset = _reset_peak()
     kb = KnowledgeBase(_synthetic(task["size"])) if triples else _random_kb(task["size"])
+    built = _rss_mb()  # the caller's KB: its triples (and the float32 embeddings it gives)
     model.ask(_questions(kb, 1)[0], kb, max_new_tokens=4, prefilter=False)
     return {"size": task["size"], "dtype": str(model.kb_cache.dtype).removeprefix("torch."), "rss_loaded_mb": rss,
-            "peak_after_load_mb": _hwm_mb() if reset else None}
+            "rss_kb_built_mb": built, "peak_after_load_mb": _hwm_mb() if reset else None}
 
 
 def child_million(task: dict) -> dict:
@@ -652,8 +654,12 @@ def memory_slope(runs: list[dict]) -> dict | None:
     ok = [r for r in runs if r.get("peak_after_load_mb") is not None]
     if len(ok) < 2:
         return None
-    fit = linear_fit([r["size"] for r in ok], [r["peak_after_load_mb"] for r in ok])
-    return {"kb_per_triple": fit["slope"] * 1024, "r2": fit["r2"], "sizes": [r["size"] for r in ok]}
+    sizes = [r["size"] for r in ok]
+    fit = linear_fit(sizes, [r["peak_after_load_mb"] for r in ok])
+    # kblam's own part: the peak above what the caller's KB took (its triples, its embeddings when given)
+    own = linear_fit(sizes, [r["peak_after_load_mb"] - r.get("rss_kb_built_mb", r["rss_loaded_mb"]) for r in ok])
+    return {"kb_per_triple": fit["slope"] * 1024, "r2": fit["r2"], "sizes": sorted(set(sizes)),
+            "processes": len(ok), "own_kb_per_triple": own["slope"] * 1024}
 
 
 # ----------------------------------------------------------------------------------------- report
@@ -720,8 +726,10 @@ def markdown(results: dict) -> str:
                            ("memory_per_triple_kb", "a KnowledgeBase the model's encoder encodes")):
             for dtype, fit in (g.get(key) or {}).items():
                 if fit:
+                    own = f", kblam's own {fit['own_kb_per_triple']:.1f} KB" if "own_kb_per_triple" in fit else ""
                     lines.append(f"| memory per added triple, full attention, {dtype} states, {given} (sizes "
-                                 f"{fit['sizes']}, r2 {fit['r2']:.3f}) | {fit['kb_per_triple']:.1f} KB | <= 7.35 KB | "
+                                 f"{fit['sizes']}, {fit.get('processes', len(fit['sizes']))} processes, r2 "
+                                 f"{fit['r2']:.3f}{own}) | {fit['kb_per_triple']:.1f} KB | <= 7.35 KB | "
                                  f"{'yes' if fit['kb_per_triple'] <= 7.35 else 'no'} |")
         enc = g.get("encoding")
         if enc:
@@ -774,6 +782,9 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 10_000, 100_000])
     parser.add_argument("--memory-sizes", type=int, nargs="+", default=[10_000, 50_000, 100_000])
     parser.add_argument("--memory-dtypes", default="bfloat16,float32")
+    parser.add_argument("--memory-repeats", type=int, default=2,
+                        help="processes per size: the slope is fitted over all (a peak moves by tens of MB between "
+                             "processes of the same code)")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 16, 64])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--ttft-repeats", type=int, default=25,
@@ -834,12 +845,13 @@ def main() -> None:
     if "memory" in parts:
         goals_out["memory_per_triple"] = {}
         for dtype in args.memory_dtypes.split(","):
-            runs = [run_child({"kind": "memory", "size": n, **common, "dtype": dtype}) for n in args.memory_sizes]
+            runs = [run_child({"kind": "memory", "size": n, **common, "dtype": dtype})
+                    for _ in range(args.memory_repeats) for n in args.memory_sizes]
             goals_out["memory_per_triple"][dtype] = memory_slope(runs)
             goals_out.setdefault("memory_runs", {})[dtype] = runs
         # A KnowledgeBase of triples, encoded by the model's encoder: what a user's KB from a CSV holds.
         runs = [run_child({"kind": "memory", "size": n, **common, "dtype": "bfloat16", "input": "knowledge-base"})
-                for n in args.memory_sizes]
+                for _ in range(args.memory_repeats) for n in args.memory_sizes]
         goals_out["memory_per_triple_kb"] = {"bfloat16": memory_slope(runs)}
         goals_out.setdefault("memory_runs", {})["knowledge-base bfloat16"] = runs
     if "encoding" in parts:

@@ -5,10 +5,14 @@ re-encodes that one value and nothing else. A KB's texts (`keep=True`) stay as l
 in float16 as a KBStore keeps them (half the memory; an encoder whose vectors float16 cannot hold keeps
 float32); every other text (questions, what the confidence compares) goes to a cache of the `recent` last ones,
 so that a server answering new questions for months does not grow by a vector per question.
+
+The kept vectors are a KB's only copy: the KB cache reads a KnowledgeBase's embeddings through their row
+numbers (`KBEncoder.kb_rows`, `KeptRows`) rather than a copy of them (1.5 KB a MiniLM triple less).
 """
 
 from __future__ import annotations
 
+import bisect
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -62,9 +66,32 @@ class KBEncoder:
         for good (their vectors rounded to float16); others are cached among the `recent` last."""
         return self._encode(texts, keep).float()
 
-    @torch.no_grad()
+    def clear(self) -> None:
+        """Forget every cached vector. A KB version that reads kept rows (KeptRows) keeps the old ones."""
+        self._cache = _KeptVectors(self.dim)
+        self._recent.clear()
+
     def _encode(self, texts: Sequence[str], keep: bool) -> torch.Tensor:
         """encode(), in the dtype the vectors are cached in: float16 when every text is a kept one."""
+        cache, recent = self._fetch(texts, keep)
+        if not texts:
+            return torch.empty(0, self.dim)
+        if keep or all(t in cache for t in texts):
+            out = cache.take(texts)
+        else:
+            out = torch.empty(len(texts), self.dim)
+            kept = [i for i, t in enumerate(texts) if t in cache]
+            if kept:
+                out[kept] = cache.take([texts[i] for i in kept]).float()
+            others = [i for i, t in enumerate(texts) if t not in cache]
+            out[others] = torch.stack([recent[texts[i]] for i in others])
+        while len(recent) > self.recent:  # after reading them: one call may bring more than `recent` texts
+            recent.popitem(last=False)
+        return out
+
+    @torch.no_grad()
+    def _fetch(self, texts: Sequence[str], keep: bool) -> tuple[_KeptVectors, OrderedDict]:
+        """Cache the texts not cached yet (kept for good with `keep`); the caches they are read from."""
         cache, recent = self._cache, self._recent
         missing = list(dict.fromkeys(t for t in texts if t not in cache and t not in recent))
         self.hits += len(texts) - len(missing)
@@ -89,20 +116,7 @@ class KBEncoder:
                 cache.add(missing, vectors)
             else:
                 recent.update(zip(missing, vectors, strict=True))
-        if not texts:
-            return torch.empty(0, self.dim)
-        if keep or all(t in cache for t in texts):
-            out = cache.take(texts)
-        else:
-            out = torch.empty(len(texts), self.dim)
-            kept = [i for i, t in enumerate(texts) if t in cache]
-            if kept:
-                out[kept] = cache.take([texts[i] for i in kept]).float()
-            others = [i for i, t in enumerate(texts) if t not in cache]
-            out[others] = torch.stack([recent[texts[i]] for i in others])
-        while len(recent) > self.recent:  # after reading them: one call may bring more than `recent` texts
-            recent.popitem(last=False)
-        return out
+        return cache, recent
 
     def encode_kb(
         self,
@@ -110,14 +124,28 @@ class KBEncoder:
         key_template: str = KEY_TEMPLATE,
         value_template: str = VALUE_TEMPLATE,
     ) -> KBEmbeddings:
+        """The KB's key and value embeddings, (M, dim) each: a copy of its kept rows (kb_rows reads them
+        without one). float16, as the encoder keeps them: the adapter's projection widens a chunk at a
+        time, the key cosines 512 rows at a time, and float32 copies would double their memory."""
+        triples, keys, values = self.kb_rows(kb, key_template, value_template)
+        return KBEmbeddings(triples, keys[:], values[:])
+
+    def kb_rows(
+        self,
+        kb: KnowledgeBase | Sequence[Triple],
+        key_template: str = KEY_TEMPLATE,
+        value_template: str = VALUE_TEMPLATE,
+    ) -> tuple[tuple[Triple, ...], KeptRows, KeptRows]:
+        """(triples, keys, values): the KB's texts kept (encoded if need be), and their rows read in place."""
         triples = tuple(kb)
         if not triples:
             raise ValueError("the knowledge base is empty: add at least one triple before asking")
         keys = [t.key_text(key_template) for t in triples]
         values = [t.value_text(value_template) for t in triples]
-        # float16, as the encoder keeps them: a KB's embeddings are read by the adapter's projection (in
-        # float32, a chunk at a time) and the key cosines, and float32 copies would double their memory.
-        return KBEmbeddings(triples, self._encode(keys, keep=True), self._encode(values, keep=True))
+        while True:  # again if clear() (another thread) came between the two: both read one set of kept rows
+            kept, _ = self._fetch(keys, keep=True)
+            if self._fetch(values, keep=True)[0] is kept:
+                return triples, KeptRows(kept, kept.rows_of(keys)), KeptRows(kept, kept.rows_of(values))
 
 
 class _KeptVectors:
@@ -146,11 +174,6 @@ class _KeptVectors:
     def __len__(self) -> int:
         return len(self.rows)
 
-    def clear(self) -> None:
-        self.rows.clear()
-        self._blocks.clear()
-        self.dtype = torch.float16
-
     def add(self, texts: Sequence[str], vectors: torch.Tensor) -> None:
         """Keep the vectors (n, dim) of n texts not kept yet."""
         with self._lock:
@@ -177,15 +200,96 @@ class _KeptVectors:
             done, at = done + n, at + n
         self.rows.update(zip(texts, range(len(self.rows), at), strict=True))
 
+    def rows_of(self, texts: Sequence[str]) -> torch.Tensor:
+        """(n,) row numbers of kept texts: a row never changes (vectors are only ever added)."""
+        return torch.tensor([self.rows[t] for t in texts], dtype=torch.long)
+
     def take(self, texts: Sequence[str]) -> torch.Tensor:
         """(n, dim) vectors of kept texts, in self.dtype."""
-        index = torch.tensor([self.rows[t] for t in texts], dtype=torch.long)
-        if len(self._blocks) == 1:
-            return self._blocks[0][index]
-        out = torch.empty(len(index), self.dim, dtype=self.dtype)
+        return self.take_rows(self.rows_of(texts))
+
+    def take_rows(self, index: torch.Tensor) -> torch.Tensor:
+        """(*index.shape, dim) vectors of rows `index` (a copy), in self.dtype."""
+        shape, index = index.shape, index.reshape(-1)
+        blocks = self._blocks  # read once: growth or a switch to float32 replaces the list's tensors
+        if len(blocks) == 1:
+            return blocks[0][index].view(*shape, self.dim)
+        out = torch.empty(len(index), self.dim, dtype=blocks[0].dtype)
         block, offset = index // self.BLOCK, index % self.BLOCK
-        for b, rows in enumerate(self._blocks):
+        for b, rows in enumerate(blocks):
             here = (block == b).nonzero()[:, 0]
             if len(here):
                 out[here] = rows[offset[here]]
-        return out
+        return out.view(*shape, self.dim)
+
+    def run(self, start: int, count: int) -> torch.Tensor | None:
+        """Rows start .. start + count - 1 as a view, or None where they do not lie in one block."""
+        block, offset = divmod(start, self.BLOCK)
+        if offset + count > self.BLOCK:
+            return None
+        return self._blocks[block][offset:offset + count]
+
+
+class KeptRows:
+    """A KB's key (or value) embeddings as row numbers into an encoder's kept vectors: no copy of them.
+
+    Read as an (M, dim) float16 tensor is, for what a KB's embeddings are read for (the adapter's projection,
+    the key norms and cosines, the pre-filter's candidates): `rows[i:j]` (a view where those rows lie in
+    order in one block, as a KB encoded afresh has its keys) and `rows[index]` (gathered); `rows[:]` is
+    the whole matrix. Read only: an edit of the KB changes its row numbers (`index`), never a vector (other
+    KBs may read the same text's row). Hand-written rather than a tensor subclass: three operations are
+    needed, and a subclass would have to answer for all of torch's.
+    """
+
+    def __init__(self, kept: _KeptVectors, index: torch.Tensor):
+        self.vectors = kept
+        self.index = index  # (M,) int64
+        self._starts: list[int] | None = None  # positions where a run of consecutive rows in one block starts
+
+    def set(self, positions: torch.Tensor, rows: torch.Tensor) -> None:
+        """Point `positions` at other kept rows (an edit of the KB); nobody may be reading these."""
+        self.index[positions] = rows
+        self._starts = None
+
+    def __len__(self) -> int:
+        return self.index.shape[0]
+
+    def __repr__(self) -> str:
+        return f"KeptRows({len(self)} rows of {self.vectors.dim})"
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((len(self), self.vectors.dim))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.vectors.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu")
+
+    def dim(self) -> int:
+        return 2
+
+    def __getitem__(self, key) -> torch.Tensor:
+        if isinstance(key, slice) and key.step in (None, 1):
+            start, stop, _ = key.indices(len(self))
+            if start < stop and self._one_run(start, stop):
+                return self.vectors.run(int(self.index[start]), stop - start)
+        return self.vectors.take_rows(self.index[key])
+
+    def _one_run(self, start: int, stop: int) -> bool:
+        """Whether positions start .. stop - 1 read consecutive rows of one block (a view of them). Found from
+        the runs' starts, computed once: the cosines read a KB 512 rows at a time, and four torch calls a
+        read to check it cost more than the read (~6 ms a question at 100,000 triples)."""
+        starts = self._starts
+        if starts is None:
+            index = self.index
+            block = index // self.vectors.BLOCK
+            starts = self._starts = (((index.diff() != 1) | (block.diff() != 0)).nonzero()[:, 0] + 1).tolist()
+        return bisect.bisect_right(starts, start) == bisect.bisect_left(starts, stop)
+
+    def copy(self, index: torch.Tensor | None = None) -> KeptRows:
+        """Rows of the same kept vectors with their own row numbers (`index`, else a copy of these)."""
+        return KeptRows(self.vectors, self.index.clone() if index is None else index)

@@ -5,8 +5,10 @@ projections, ~1.5 MFLOP per triple on the default model: 0.16 s at 10,000 triple
 the old copy path, every value through the tokenizer. `KBStateCache` keeps that work per KB version
 and adapter:
 
-- One KB at one version, read through a `KBStates` handle: its triples, key/value embeddings, the
-  per-layer KB keys and values with the null slot last (projected on first use, kept in `dtype`),
+- One KB at one version, read through a `KBStates` handle: its triples, key/value embeddings (a
+  KnowledgeBase's as row numbers into the encoder's kept vectors, `kblam.encoder.KeptRows`: one copy of
+  them in the process, not two), the per-layer KB keys and values with the null slot last (projected on
+  first use, kept in `dtype`),
   the keys' norms (the question-key cosines), the pre-filter's index, and whatever the answer path
   derives from the triples (`derive`: the span budget, carried over edits as a bound; the copy
   path's value tokens).
@@ -18,9 +20,10 @@ and adapter:
   load_state_dict) and the state dtype.
 - Incremental: a KB that changed is rebuilt from its previous version: only new triples are encoded
   and projected. Values replaced in place (KnowledgeBase.update) while no answer reads the version
-  (no KBStates handle on it is alive) are written into it: one triple's projection, nothing else.
-  Otherwise (triples added or removed, or an answer reading) copy on write: unchanged rows are
-  copied at memory speed, and an answer still reading the old version keeps one consistent version.
+  (no KBStates handle on it is alive) are written into it: one triple's projection and its new row
+  numbers, nothing else. Otherwise (triples added or removed, or an answer reading) copy on write:
+  unchanged rows of the states (and row numbers) are copied at memory speed, and an answer still
+  reading the old version keeps one consistent version.
   A store read only through the pre-filter (nothing projected) gets a fresh view of its new
   generation instead: its own index follows its edits.
 - Bounded by bytes, least recently used KB dropped first. Only memory the cache owns counts: a
@@ -42,7 +45,7 @@ from typing import Any
 
 import torch
 
-from kblam.encoder import KBEmbeddings
+from kblam.encoder import KBEmbeddings, KeptRows
 from kblam.kb import KnowledgeBase, Triple
 from kblam.store import KBStore
 
@@ -98,15 +101,15 @@ def _nbytes(*tensors) -> int:
 class _Version:
     """One KB at one version, as the adapter reads it (see the module docstring): read through KBStates."""
 
-    def __init__(self, triples: tuple[Triple, ...], embeddings: KBEmbeddings | None, owned: bool,
-                 store: KBStore | None = None):
+    def __init__(self, triples: tuple[Triple, ...], keys, values, store: KBStore | None = None):
         self.lock = threading.RLock()  # reentrant: a handle may be released while its version is locked
         self.handles = 0  # KBStates alive on this version: while > 0 nothing is written into it
         self.triples = triples
-        # None for a store until full attention needs its rows (float16). A caller's KBEmbeddings is
-        # re-wrapped: its tensors are kept, not the object the cache holds weakly (nor, weakly too, the store).
-        self._embeddings = None if embeddings is None else KBEmbeddings(triples, embeddings.keys, embeddings.values)
-        self._owns_embeddings = owned  # encoded for this entry (a KnowledgeBase), not a caller's tensors
+        # The key and value embeddings, (M, d) each: a caller's KBEmbeddings tensors (kept, not the object,
+        # which the cache holds weakly), a KnowledgeBase's rows of the encoder's kept vectors (KeptRows: not
+        # a copy), or None for a store until full attention needs its rows (float16; the store weakly too).
+        self._keys, self._values = keys, values
+        self._read_from_store = False  # the store's rows were read for this entry (memory it owns)
         self._store = None if store is None else weakref.ref(store)
         self.layers: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
         self.key_norms: torch.Tensor | None = None
@@ -127,11 +130,31 @@ class _Version:
         return self._store is not None
 
     @property
+    def kept(self) -> bool:
+        """A KnowledgeBase's version: its embeddings are rows of the encoder's kept vectors."""
+        return isinstance(self._keys, KeptRows)
+
+    @property
+    def keys(self):
+        """(M, d) key embeddings, read by slices and row indices (a tensor or KeptRows)."""
+        self._load()
+        return self._keys
+
+    @property
+    def values(self):
+        """(M, d) value embeddings, as keys."""
+        self._load()
+        return self._values
+
+    def _load(self) -> None:
+        if self._keys is None:  # a store read with full attention: its float16 rows, once
+            emb = self.store.embeddings()
+            self._keys, self._values, self._read_from_store = emb.keys, emb.values, True
+
+    @property
     def embeddings(self) -> KBEmbeddings:
-        if self._embeddings is None:  # a store read with full attention: its float16 rows, once
-            self._embeddings = self.store.embeddings()
-            self._owns_embeddings = True
-        return self._embeddings
+        """The embeddings as tensors (KeptRows gathered: a copy, for what reads them whole)."""
+        return KBEmbeddings(self.triples, self.keys[:], self.values[:])
 
     def derive(self, name: str, compute: Callable[[tuple[Triple, ...]], Any], *, upper_bound: bool = False,
                merge: Callable[[Any, Any], Any] | None = None) -> Any:
@@ -149,18 +172,25 @@ class _Version:
         return self.derived[name]
 
     def reprojected(self) -> _Version:
-        """The same KB version for another adapter: everything but the projected states is shared."""
-        entry = _Version(self.triples, self._embeddings, self._owns_embeddings, self.store)
-        entry._store = self._store
+        """The same KB version for another adapter: everything but the projected states is shared (kept
+        row numbers copied: an edit in place of the new version must not reach an answer reading this one)."""
+        keys, values = self._keys, self._values
+        if self.kept:
+            keys, values = keys.copy(), values.copy()
+        entry = _Version(self.triples, keys, values)
+        entry._store, entry._read_from_store = self._store, self._read_from_store
         entry.key_norms, entry.index, entry.view = self.key_norms, self.index, self.view
         entry.derived, entry._bounds = self.derived, self._bounds
         return entry
 
     def nbytes(self) -> int:
-        """Memory this entry owns (not a caller's KBEmbeddings, not a store's memory maps)."""
+        """Memory this entry owns (not a caller's KBEmbeddings, not a store's memory maps, not the encoder's
+        kept vectors: their row numbers only)."""
         total = _nbytes(self.key_norms, *self.derived.values())
-        if self._owns_embeddings and self._embeddings is not None:
-            total += _nbytes(self._embeddings.keys, self._embeddings.values)
+        if self.kept:
+            total += _nbytes(self._keys.index, self._values.index)
+        elif self._read_from_store:
+            total += _nbytes(self._keys, self._values)
         for k, v in (self.layers or {}).values():
             total += _nbytes(k, v)
         if self.index is not None:  # FAISS: float32 keys (exact) or 8-bit codes (IVF), roughly
@@ -295,31 +325,30 @@ class KBStateCache:
         changed = rows.changed
         encoded = None
         if not isinstance(kb, KBStore) and len(changed):
-            encoded = model.encoder.encode_kb([triples[j] for j in changed.tolist()],
-                                              model.config.key_template, model.config.value_template)
+            encoded = model.encoder.kb_rows([triples[j] for j in changed.tolist()],
+                                            model.config.key_template, model.config.value_template)
+            if encoded[1].vectors is not old.keys.vectors:
+                return None  # the encoder was cleared or replaced: row numbers of other kept vectors
         with old.lock:
-            if rows.same_places and old.handles == 0 and old._owns_embeddings and not old.from_store:
+            if rows.same_places and old.handles == 0 and old.kept:
                 entry = old  # written in place below
-                keys_moved = bool(len(changed)) and not torch.equal(old.embeddings.keys[changed], encoded.keys)
+                keys_moved = bool(len(changed)) and not torch.equal(old.keys.index[changed], encoded[1].index)
                 old.index = old.index if not keys_moved else None
                 old.view = None
                 old.derived = {name: old.derived[name] for name in old._bounds}
             else:
                 entry = self._copied(old, triples, rows, kb)
-            if encoded is not None:
-                emb = entry.embeddings
-                emb.keys[changed], emb.values[changed] = encoded.keys.to(emb.keys), encoded.values.to(emb.values)
-            entry._embeddings = None if entry._embeddings is None and entry.from_store else \
-                KBEmbeddings(triples, entry.embeddings.keys, entry.embeddings.values)
+            if encoded is not None:  # new row numbers: the vectors themselves are the encoder's, never written
+                entry.keys.set(changed, encoded[1].index)
+                entry.values.set(changed, encoded[2].index)
             entry.triples = triples
             if len(changed) and entry.layers is not None:
-                new = project(model.adapter, entry.embeddings.keys[changed], entry.embeddings.values[changed],
-                              self.dtype)
+                new = project(model.adapter, entry.keys[changed], entry.values[changed], self.dtype)
                 for layer, (k, v) in entry.layers.items():
                     k[:, :, changed], v[:, :, changed] = new[layer][0][:, :, :len(changed)], \
                         new[layer][1][:, :, :len(changed)]
             if len(changed) and entry.key_norms is not None:
-                entry.key_norms[changed] = key_norms(entry.embeddings.keys[changed])
+                entry.key_norms[changed] = key_norms(entry.keys[changed])
             new_triples = tuple(triples[j] for j in changed.tolist())
             for name, (compute, merge) in old._bounds.items():
                 entry.derived[name] = merge(old.derived[name], compute(new_triples)) if new_triples \
@@ -329,12 +358,13 @@ class KBStateCache:
 
     @staticmethod
     def _copied(old: _Version, triples, rows: _Rows, kb) -> _Version:
-        """A new version holding copies of `old`'s reusable rows (new triples' rows still to be written)."""
+        """A new version holding copies of `old`'s reusable rows (new triples' rows still to be written):
+        for a KnowledgeBase, of its row numbers only."""
         if isinstance(kb, KBStore):
-            entry = _Version(triples, None, False, store=kb)  # its rows are the store's new generation
+            entry = _Version(triples, None, None, store=kb)  # its rows are the store's new generation
         else:
-            keys, values = rows.take(old.embeddings.keys, 0), rows.take(old.embeddings.values, 0)
-            entry = _Version(triples, KBEmbeddings(triples, keys, values), True)
+            entry = _Version(triples, old.keys.copy(rows.take(old.keys.index, 0)),
+                             old.values.copy(rows.take(old.values.index, 0)))
         if old.layers is not None:
             entry.layers = {layer: (rows.take(k, 2), rows.take(v, 2)) for layer, (k, v) in old.layers.items()}
         if old.key_norms is not None:
@@ -367,13 +397,12 @@ class _Rows:
 def fresh(model, kb: KnowledgeBase | KBEmbeddings | KBStore) -> KBStates:
     """A KB version built from nothing (what the cache stores, or what an uncached attach reads)."""
     if isinstance(kb, KBEmbeddings):
-        return KBStates(_Version(kb.triples, kb, False))
+        return KBStates(_Version(kb.triples, kb.keys, kb.values))
     if isinstance(kb, KBStore):
         # The store's triples as a view parsed row by row on demand: a question over a million-triple store
         # reads its candidates' rows, not every triple (kblam.store.KBStore.view).
-        return KBStates(_Version(model._check_store(kb).view().triples, None, False, store=kb))
-    embeddings = model.encoder.encode_kb(kb, model.config.key_template, model.config.value_template)
-    return KBStates(_Version(embeddings.triples, embeddings, True))
+        return KBStates(_Version(model._check_store(kb).view().triples, None, None, store=kb))
+    return KBStates(_Version(*model.encoder.kb_rows(kb, model.config.key_template, model.config.value_template)))
 
 
 def _version(kb) -> tuple:

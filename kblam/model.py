@@ -729,7 +729,7 @@ class KBLaM(nn.Module):
             self.kb_layers(states), len(states), None,
             None if queries is None else cosine if cosine is not None else self.kb_cosine(states, queries),
             record, value_ids=value_ids, tap=tap, chunk_size=chunk_size,
-            key_embeddings=states.embeddings.keys if tap else None, key_norms=states.key_norms if tap else None,
+            key_embeddings=states.keys if tap else None, key_norms=states.key_norms if tap else None,
         )
 
     def kb_states(self, kb: KnowledgeBase | Sequence[Triple] | KBEmbeddings | KBStore) -> KBStates:
@@ -754,8 +754,7 @@ class KBLaM(nn.Module):
                                           embeddings.values.to(device, torch.float32))
         if states.layers is None:
             dtype = self.kb_cache.dtype if self.kb_cache is not None else torch.float32
-            embeddings = states.embeddings
-            states.layers = project(self.adapter, embeddings.keys, embeddings.values, dtype)
+            states.layers = project(self.adapter, states.keys, states.values, dtype)
             if self.kb_cache is not None:
                 self.kb_cache.settle()
         return states.layers
@@ -763,9 +762,10 @@ class KBLaM(nn.Module):
     def kb_cosine(self, states: KBStates, queries: torch.Tensor) -> torch.Tensor:
         """(B, M): cosine of each question's encoder embedding with each key embedding of a KB version."""
         if states.key_norms is None:
-            states.key_norms = key_norms(states.embeddings.keys)
+            states.key_norms = key_norms(states.keys)
         device = next(self.adapter.parameters()).device
-        return question_key_cosine(queries.to(device), states.embeddings.keys.to(device), states.key_norms)
+        keys = states.keys.to(device) if torch.is_tensor(states.keys) else states.keys  # KeptRows: read where kept
+        return question_key_cosine(queries.to(device), keys, states.key_norms)
 
     def _training_adapter(self) -> bool:
         return torch.is_grad_enabled() and any(p.requires_grad for p in self.adapter.parameters())
@@ -902,11 +902,11 @@ class KBLaM(nn.Module):
             if states.from_store:  # rows read on demand: a question reads its candidates' rows only
                 states.view = self._check_store(states.store).view()
             else:
-                states.view = (states.embeddings.keys, states.embeddings.values, states.triples)
+                states.view = (states.keys, states.values, states.triples)
         if index is None and (options or states.index is None):
             # A store's own index is saved in it (memory-mapped, kept current across edits).
             states.index = states.store.prefilter() if states.from_store and not options else KBPrefilter(
-                states.view[0], **options)
+                states.view[0][:], **options)  # [:]: KeptRows gathered
             if self.kb_cache is not None:
                 self.kb_cache.settle()
         return index or states.index, states.view
@@ -1012,8 +1012,9 @@ def question_key_cosine(queries: torch.Tensor, keys: torch.Tensor, norms: torch.
     `norms` (M,): the keys' norms (kblam.kb_cache.key_norms), when kept: the keys are not normalised again.
     """
     norms = key_norms(keys) if norms is None else norms
-    if keys.dim() == 2 and keys.dtype in (torch.float16, torch.bfloat16):
-        return _times_half_rows(keys, nn.functional.normalize(queries.float(), dim=-1)) / norms.to(keys.device)
+    if not torch.is_tensor(keys) or keys.dim() == 2 and keys.dtype in (torch.float16, torch.bfloat16):  # or KeptRows
+        cosine = _times_half_rows(keys, nn.functional.normalize(queries.float(), dim=-1))
+        return cosine / norms.to(cosine.device)
     q = nn.functional.normalize(queries.to(keys), dim=-1)
     # keys x questions, each key row read where it lies: q @ keys^T (a transposed operand) ran as a batched
     # product at a fifth of the speed (7.4 against 1.5 ms over 10,000 keys, one thread; issue 10).
@@ -1022,13 +1023,13 @@ def question_key_cosine(queries: torch.Tensor, keys: torch.Tensor, norms: torch.
 
 
 def _times_half_rows(keys: torch.Tensor, q: torch.Tensor, rows: int = 512) -> torch.Tensor:
-    """(B, M) float32 q (B, d) x keys (M, d) of float16 (a KB as the encoder and the store keep it), 512 rows
+    """(B, M) float32 q (B, d) x keys (M, d) of float16 (a KB as the encoder and the store keep it; KeptRows), 512 rows
     at a time widened into one float32 block: the float32 path's cosines, bit for bit, without a float32 copy
     of the whole KB. A float16 product would round them (with the retrieval prior, enough to move the sources'
     scores past tests/test_scale.py's tolerance); this costs about what float32 keys do (measured while
     developing, one thread: 0.66 against 0.54 ms over 10,000 keys, 11.0 against 10.1 over 100,000)."""
-    out = torch.empty(q.shape[0], keys.shape[0], device=keys.device)
-    block = torch.empty(min(rows, keys.shape[0]), keys.shape[1], device=keys.device)
+    out = torch.empty(q.shape[0], keys.shape[0], device=q.device)
+    block = torch.empty(min(rows, keys.shape[0]), keys.shape[1], device=q.device)
     for start in range(0, keys.shape[0], rows):
         part = block[:min(rows, keys.shape[0] - start)].copy_(keys[start:start + rows])
         out[:, start:start + part.shape[0]] = (part @ q.T).T

@@ -334,7 +334,8 @@ class SpanDecoder:
         m = keys.shape[0]
         triples = weights[:m]
         norms = kb.key_norms if shared else None
-        score = torch.log(triples.clamp_min(1e-30)) + clause_prior(self.model, clause, keys.float(), norms)
+        # keys as they are: float16 ones (or KeptRows) are read 512 rows at a time, the float32 cosines bit for bit
+        score = torch.log(triples.clamp_min(1e-30)) + clause_prior(self.model, clause, keys, norms)
         score = score.masked_fill(triples <= 0, float("-inf"))
         return int(score.argmax()) if torch.isfinite(score.max()) else column
 

@@ -105,6 +105,35 @@ def test_kept_vectors_across_blocks_in_any_order(monkeypatch):
     assert len(raw.calls) == calls  # every text from the kept rows
 
 
+def test_kept_rows_read_as_the_matrix_they_stand_for(monkeypatch):
+    """KeptRows (a KB's embeddings as row numbers into the kept vectors) reads as the (M, d) matrix of those
+    rows: by slice (a view of the kept block where the rows lie in order in one block, a copy otherwise:
+    across blocks, out of order, repeated) and by index of any shape; clear() leaves a reader its rows."""
+    from kblam.encoder import _KeptVectors
+
+    monkeypatch.setattr(_KeptVectors, "BLOCK", 300)
+    raw = HashEncoder()
+    encoder = KBEncoder(raw, name="test/hash-encoder")
+    texts = [f"text {i}" for i in range(700)]
+    encoder.encode(texts[:500], keep=True)
+    encoder.encode(texts[500:], keep=True)
+    kb = [Triple(f"entity {i}", "p", texts[(7 * i) % 700]) for i in range(650)]
+    triples, keys, values = encoder.kb_rows(kb, value_template="{value}")
+    assert triples == tuple(kb) and keys.shape == (650, raw.dim) and len(keys) == 650
+    whole = encoder.encode([t.value for t in kb])
+    assert torch.equal(values[:].float(), whole)
+    for start, stop in ((0, 1), (0, 300), (290, 310), (299, 650), (5, 5), (600, 650)):
+        assert torch.equal(values[start:stop].float(), whole[start:stop])
+    index = torch.tensor([[649, 0, 3], [3, 300, 42]])
+    assert torch.equal(values[index].float(), whole[index])
+    in_order = keys[10:60]  # a fresh KB's keys: new texts, kept in order, one block
+    assert in_order.untyped_storage().data_ptr() == encoder._cache._blocks[
+        keys.index[10].item() // 300].untyped_storage().data_ptr()
+    assert torch.equal(in_order.float(), encoder.encode([t.key_text() for t in kb[10:60]]))
+    encoder.clear()
+    assert len(encoder._cache) == 0 and torch.equal(values[:].float(), whole)
+
+
 def test_cosines_of_float16_keys_are_the_float32_ones():
     """The question-key cosines over a KB's float16 key embeddings are computed in float32 blocks: the same
     as over the same keys widened to float32 (a float16 product would round them)."""

@@ -150,6 +150,44 @@ def test_an_edit_nobody_reads_is_written_in_place(hash_encoder):
 
 
 @torch.no_grad()
+def test_a_kbs_embeddings_are_the_encoders_kept_vectors_not_a_copy(hash_encoder):
+    """Issue 10 (memory per triple): a KnowledgeBase's version reads its key and value embeddings where the
+    encoder keeps them, by row number (a fresh KB's keys: a view of the kept block). An edit changes the
+    version's row numbers, never a kept vector: the old value's vector still reads right, for the encoder
+    and for another KB holding that value."""
+    model = _model(hash_encoder)
+    kb, twin = _kb(6), _kb(6)
+    states = model.kb_states(kb)
+    kept = model.encoder._cache
+    assert states.keys.vectors is kept and states.values.vectors is kept
+    assert states.keys[:].untyped_storage().data_ptr() == kept._blocks[0].untyped_storage().data_ptr()
+    old_text = kb.triples[2].value_text(model.config.value_template)
+    old_vector = model.encoder.encode([old_text])
+    del states
+    kb.update("entity 2", "symbol", "changed")
+    states = model.kb_states(kb)
+    assert model.kb_cache.updates == 1 and model.kb_cache.builds == 1  # written in place: row numbers
+    new_text = kb.triples[2].value_text(model.config.value_template)
+    assert torch.equal(states.values[2:3].float(), model.encoder.encode([new_text]))
+    assert torch.equal(model.encoder.encode([old_text]), old_vector)
+    assert torch.equal(model.kb_states(twin).values[2:3].float(), old_vector)
+    _same(_answers(model, kb), _uncached(model, kb), scores_atol=1e-5)
+    _same(_answers(model, twin), _uncached(model, twin), scores_atol=1e-5)
+
+
+def test_an_edit_after_the_encoder_forgot_builds_afresh(hash_encoder):
+    """encoder.clear() between two versions: the next version's rows are not mixed from two sets of kept
+    vectors; it is encoded afresh, and answers as an uncached KB does."""
+    model = _model(hash_encoder)
+    kb = _kb(6)
+    _answers(model, kb)
+    model.encoder.clear()
+    kb.update("entity 2", "symbol", "changed")
+    _same(_answers(model, kb), _uncached(model, kb), scores_atol=1e-5)
+    assert model.kb_cache.builds == 2 and model.kb_states(kb).keys.vectors is model.encoder._cache
+
+
+@torch.no_grad()
 @pytest.mark.parametrize("edit", ["update", "add", "remove"])
 def test_states_are_kept_token_by_token_through_edits(edit, hash_encoder):
     """The cached KB keys and values are contiguous (kv head, knowledge token, dim): torch's fused attention
