@@ -124,11 +124,11 @@ class KBEncoder:
         key_template: str = KEY_TEMPLATE,
         value_template: str = VALUE_TEMPLATE,
     ) -> KBEmbeddings:
-        """The KB's key and value embeddings, (M, dim) each: a copy of its kept rows (kb_rows reads them
-        without one). float16, as the encoder keeps them: the adapter's projection widens a chunk at a
-        time, the key cosines 512 rows at a time, and float32 copies would double their memory."""
+        """The KB's key and value embeddings, (M, dim) each: a copy of its kept rows (the caller's to change;
+        kb_rows reads them without one). float16, as the encoder keeps them: the adapter's projection widens
+        a chunk at a time, the key cosines 512 rows at a time, and float32 copies would double their memory."""
         triples, keys, values = self.kb_rows(kb, key_template, value_template)
-        return KBEmbeddings(triples, keys[:], values[:])
+        return KBEmbeddings(triples, keys.vectors.take_rows(keys.index), values.vectors.take_rows(values.index))
 
     def kb_rows(
         self,

@@ -175,6 +175,18 @@ def test_a_kbs_embeddings_are_the_encoders_kept_vectors_not_a_copy(hash_encoder)
     _same(_answers(model, twin), _uncached(model, twin), scores_atol=1e-5)
 
 
+def test_a_kb_answers_as_its_embeddings_given_as_tensors(hash_encoder):
+    """A KnowledgeBase (its embeddings read from the encoder's kept rows) answers exactly as the same KB's
+    embeddings handed over as tensors (model.encode_kb: a copy, the caller's to change)."""
+    model = _model(hash_encoder)
+    kb = _kb(12)
+    given = model.encode_kb(kb)
+    expected = _answers(model, kb)
+    _same(_answers(model, given), expected, scores_atol=0)
+    given.keys.zero_()  # the caller's copy: the kept vectors are not touched
+    _same(_answers(model, _kb(12)), expected, scores_atol=0)
+
+
 def test_an_edit_after_the_encoder_forgot_builds_afresh(hash_encoder):
     """encoder.clear() between two versions: the next version's rows are not mixed from two sets of kept
     vectors; it is encoded afresh, and answers as an uncached KB does."""
