@@ -186,7 +186,10 @@ def worker(method: str, size: int, args) -> dict:
         def run(question, clock):
             model.ask(question, kb=kb, max_new_tokens=n, min_new_tokens=n, logits_processor=[clock], **options)
 
-        model.ask(questions[0], kb=warm, max_new_tokens=2)
+        # Through decoding steps, not the prompt alone: a process's first decoding step loads the decoding
+        # kernels (numba, ~0.5 s), which a single timed question would otherwise carry.
+        model.ask(questions[0], kb=warm, max_new_tokens=4, min_new_tokens=4,
+                  **{k: v for k, v in options.items() if k == "min_confidence"})
     else:
         system = {"icl": ICLBaseline, "zero-shot": ZeroShotBaseline}.get(method)
         if method == "rag":

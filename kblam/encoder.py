@@ -128,7 +128,7 @@ class KBEncoder:
         kb_rows reads them without one). float16, as the encoder keeps them: the adapter's projection widens
         a chunk at a time, the key cosines 512 rows at a time, and float32 copies would double their memory."""
         triples, keys, values = self.kb_rows(kb, key_template, value_template)
-        return KBEmbeddings(triples, keys.vectors.take_rows(keys.index), values.vectors.take_rows(values.index))
+        return KBEmbeddings(triples, keys.gathered(), values.gathered())
 
     def kb_rows(
         self,
@@ -289,6 +289,10 @@ class KeptRows:
             block = index // self.vectors.BLOCK
             starts = self._starts = (((index.diff() != 1) | (block.diff() != 0)).nonzero()[:, 0] + 1).tolist()
         return bisect.bisect_right(starts, start) == bisect.bisect_left(starts, stop)
+
+    def gathered(self) -> torch.Tensor:
+        """The (M, dim) matrix as a tensor of its own (a copy, never a view of the kept vectors)."""
+        return self.vectors.take_rows(self.index)
 
     def copy(self, index: torch.Tensor | None = None) -> KeptRows:
         """Rows of the same kept vectors with their own row numbers (`index`, else a copy of these)."""

@@ -154,7 +154,10 @@ class _Version:
     @property
     def embeddings(self) -> KBEmbeddings:
         """The embeddings as tensors (KeptRows gathered: a copy, for what reads them whole)."""
-        return KBEmbeddings(self.triples, self.keys[:], self.values[:])
+        keys, values = self.keys, self.values
+        if self.kept:
+            keys, values = keys.gathered(), values.gathered()
+        return KBEmbeddings(self.triples, keys, values)
 
     def derive(self, name: str, compute: Callable[[tuple[Triple, ...]], Any], *, upper_bound: bool = False,
                merge: Callable[[Any, Any], Any] | None = None) -> Any:
