@@ -360,6 +360,24 @@ _FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", 
 
 
 ENABLE_FUSED = True
+
+
+def _has_amx() -> bool:
+    """Whether the CPU has AMX (Linux's /proc/cpuinfo flags); True where that cannot be read (today's choice)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as info:
+            flags = next((line for line in info if line.startswith("flags")), None)
+    except OSError:
+        return True
+    return flags is None or "amx_bf16" in flags.split()
+
+
+# bfloat16 states through the fused kernel only where the CPU multiplies them in AMX tiles. Without AMX (an AMD
+# EPYC with AVX512-BF16) torch's flash kernel for the CPU ran slower than the chunked loop's oneDNN products,
+# which multiply bfloat16 natively there: time to first token 0.82 against 0.63 s at 100,000 triples, 0.218
+# against 0.191 at 10,000 (float32 states: 0.217 against 0.211, so they keep the kernel); with AMX (an Intel
+# Xeon) the kernel took 44 against 71 ms a layer at 100,000 (issue 10).
+FUSED_BFLOAT16 = _has_amx()
 # A batch over a shared KB that each question biases goes through the fused kernel question by question
 # from this many tokens a call (a prompt), through the chunked loop below it (_fused_fits).
 FUSED_BIASED_BATCH_TOKENS = 8
@@ -370,7 +388,7 @@ FUSED_CHUNK = 4096
 
 def _fused_fits(module: nn.Module, query: torch.Tensor, kb: KBLayerInputs) -> bool:
     """Whether _fused_attention serves this call: inference on the CPU, states torch's kernel multiplies as
-    they are, no soft-capping (Gemma 2 caps the logits before the softmax), a KB of at least one token, and
+    they are (and fast: bfloat16 where FUSED_BFLOAT16), no soft-capping (Gemma 2 caps the logits before the softmax), a KB of at least one token, and
     not a few tokens of a batch whose questions each bias a KB they share (the retrieval prior).
 
     The kernel's mask has one stride for all the rows, so such a batch is asked question by question, each
@@ -379,7 +397,8 @@ def _fused_fits(module: nn.Module, query: torch.Tensor, kb: KBLayerInputs) -> bo
     the loop, a 24-token prompt's 49 against 99 (measured for issue 10)."""
     per_question_bias = torch.is_tensor(kb.bias) and kb.bias.shape[0] > 1
     return (_FLASH is not None and ENABLE_FUSED and not torch.is_grad_enabled() and not module.training
-            and query.device.type == "cpu" and kb.keys.dtype in (torch.float32, torch.bfloat16)
+            and query.device.type == "cpu"
+            and (kb.keys.dtype == torch.float32 or kb.keys.dtype == torch.bfloat16 and FUSED_BFLOAT16)
             and kb.keys.shape[2] > 0 and getattr(module, "attn_logit_softcapping", None) is None
             and not (kb.keys.shape[0] == 1 and query.shape[0] > 1 and per_question_bias
                      and query.shape[2] < FUSED_BIASED_BATCH_TOKENS))

@@ -380,6 +380,7 @@ def test_the_fused_kernel_gives_the_chunked_loop(states, kb_batch, bias_kind, fu
     from kblam import attention
 
     monkeypatch.setattr(attention, "FUSED_CHUNK", fused_chunk)
+    monkeypatch.setattr(attention, "FUSED_BFLOAT16", True)  # whatever this CPU has: the kernel is what is tested
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     if fused_chunk < 23:  # the recorded rows' second pass in chunks too (of the call's 5 knowledge tokens)
@@ -403,6 +404,23 @@ def test_the_fused_kernel_gives_the_chunked_loop(states, kb_batch, bias_kind, fu
     torch.testing.assert_close(probs, ref_probs, **tol)
     if bias_kind == "per question":
         assert not probs[1].any() and not probs[2, ..., 4:9].any()
+
+
+@pytest.mark.parametrize("amx", [True, False])
+def test_bfloat16_states_take_the_fused_kernel_only_with_amx(amx, monkeypatch):
+    """Without AMX torch's fused kernel multiplies bfloat16 slower than the chunked loop (issue 10, an AMD
+    EPYC): bfloat16 states take the loop there, float32 ones the kernel either way; the same result."""
+    from kblam import attention
+
+    calls, inner = [], attention._fused_attention
+    monkeypatch.setattr(attention, "_fused_attention", lambda *a: calls.append(1) or inner(*a))
+    monkeypatch.setattr(attention, "FUSED_BFLOAT16", amx)
+    for states in (torch.bfloat16, torch.float32):
+        calls.clear()
+        module, (query, key, value, mask), inputs, _ = _layer_call(states, 1, "shared")
+        with torch.no_grad():
+            out, _ = attention.rectangular_attention(module, query, key, value, mask, 0.35, kb=inputs)
+        assert len(calls) == int(amx or states == torch.float32) and torch.isfinite(out).all()
 
 
 def test_a_failing_fused_kernel_leaves_the_chunked_loop(monkeypatch):
