@@ -32,6 +32,16 @@ def _as_float(typingctx, bits):
     return types.float32(types.int32), codegen
 
 
+@intrinsic
+def _bits_of(typingctx, x):
+    """float32 -> int32 with the same bits."""
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return types.int32(types.float32), codegen
+
+
 @njit(nogil=True, fastmath=True, cache=True)
 def rows_dot(a, x, out, bias):  # pragma: no cover - compiled; tests/test_few_rows.py compares it with torch
     """out[h, r, i] = sum over k < K of x[h, r, k] * a[h, i, k], plus bias[i] (or bias[0], or nothing).
@@ -338,3 +348,65 @@ def _join(tops, sums, mixes, n, qt, tk, tv, buf, out, probs):  # pragma: no cove
                 for p in range(parts):
                     row = buf[h, r, n * p // parts:n * (p + 1) // parts]
                     row *= scale[p] / z
+
+
+_LEAST = np.float32(-3.4028234663852886e38)  # float32's lowest: the shift of a row that has seen only -inf
+
+
+@njit(nogil=True, fastmath=_INF_SAFE_FASTMATH, cache=True)
+def chunk_softmax(scores, bias, top, total, rescale, probs):  # pragma: no cover - compiled; tests compare it
+    """One chunk of a prompt's KB attention, the flash-attention way, in base 2: per row r,
+    l = (scores[r] + bias) * log2(e); top[r] = max(top[r], max(l)); rescale[r] = 2 ** (old top - top);
+    probs[r] = 2 ** (l - top), rounded to bfloat16; total[r] = total[r] * rescale[r] + their sum (unrounded).
+
+    scores, probs (R, n) uint16, bfloat16 bits, C-contiguous; bias (n,) float32 or (0,) for none; top,
+    total, rescale (R,) float32 (top starts at -inf, total at 0). One pass to widen, bias and find the
+    largest (a row of n float32 stays in the core's first cache), one to exponentiate, sum and round, where
+    torch makes nine through the chunk (widen, bias, max, subtract, scale, exp2, sum, round, and a copy).
+    A row that has seen no finite logit keeps top -inf, total 0, probabilities 0. Each row's largest logit is
+    found among integers (_ordered): numba's float maximum stays scalar, the integer one is vectorised (0.12
+    against 0.32 ms for the first pass over 216 rows of 4,096, measured for issue 10).
+    """
+    rows, n = scores.shape
+    biased = bias.shape[0] == n
+    row = np.empty(n, np.float32)
+    for r in range(rows):
+        line = scores[r]  # a row's view: loops over it vectorise, scores[r, t]'s do not
+        k = _ORDERED_LEAST
+        for t in range(n):
+            x = (_widen(line[t]) + (bias[t] if biased else np.float32(0.0))) * _LOG2E
+            row[t] = x
+            key = _ordered(x)
+            k = key if key > k else k
+        old = top[r]
+        m = _as_float(k ^ ((k >> np.int32(31)) & np.int32(0x7FFFFFFF)))  # the key back to its float
+        m = m if m > old else old
+        safe = m if m > _LEAST else _LEAST
+        out = probs[r]
+        s = np.float32(0.0)
+        for t in range(n):
+            e = _pow2(row[t] - safe)
+            s += e
+            out[t] = _round_bfloat16(e)
+        scale = _pow2(old - safe)
+        rescale[r] = scale
+        total[r] = total[r] * scale + s
+        top[r] = m
+
+
+@njit(nogil=True, fastmath=_INF_SAFE_FASTMATH, cache=True)
+def _round_bfloat16(x):  # pragma: no cover - compiled
+    """A float32 >= 0 (not NaN) to the nearest bfloat16, ties to even, as torch rounds: its bits."""
+    bits = _bits_of(x)
+    # int32 and uint32 throughout: numba widens a mix of int32 and int literals to int64, which stays scalar
+    return np.uint16(np.uint32(bits + np.int32(0x7FFF) + ((bits >> np.int32(16)) & np.int32(1))) >> np.uint32(16))
+
+
+_ORDERED_LEAST = np.int32(-2147483648)
+
+
+@njit(nogil=True, fastmath=_INF_SAFE_FASTMATH, cache=True)
+def _ordered(x):  # pragma: no cover - compiled
+    """A float32's bits as an int32 that orders as the floats do (negative floats' other bits flipped)."""
+    bits = _bits_of(x)
+    return bits ^ ((bits >> np.int32(31)) & np.int32(0x7FFFFFFF))

@@ -384,6 +384,13 @@ FUSED_BIASED_BATCH_TOKENS = 8
 # Knowledge tokens per call of the fused kernel (_flash_kb): a KV head's keys and values of a chunk, 1 MB in
 # bfloat16, stay in a core's cache while the kernel reads them once per block of query rows.
 FUSED_CHUNK = 4096
+# Knowledge tokens per chunk of _looped_kb: a 24-token prompt's scores and probabilities of a chunk, 1.7 MB each
+# in bfloat16, stay in the caches between the products and the softmax kernel.
+LOOP_CHUNK = 4096
+# Tokens a call from which bfloat16 states go through _looped_kb without AMX (a prompt, not a decoding step).
+LOOPED_LEAST_TOKENS = 8
+# Knowledge tokens from which _looped_kb reads its KB in halves on two threads, where a core is free.
+LOOP_HALVES_TOKENS = 2 * LOOP_CHUNK
 
 
 def _fused_fits(module: nn.Module, query: torch.Tensor, kb: KBLayerInputs) -> bool:
@@ -398,7 +405,7 @@ def _fused_fits(module: nn.Module, query: torch.Tensor, kb: KBLayerInputs) -> bo
     per_question_bias = torch.is_tensor(kb.bias) and kb.bias.shape[0] > 1
     return (_FLASH is not None and ENABLE_FUSED and not torch.is_grad_enabled() and not module.training
             and query.device.type == "cpu"
-            and (kb.keys.dtype == torch.float32 or kb.keys.dtype == torch.bfloat16 and FUSED_BFLOAT16)
+            and (kb.keys.dtype == torch.float32 or kb.keys.dtype == torch.bfloat16 and _bfloat16_fits(query))
             and kb.keys.shape[2] > 0 and getattr(module, "attn_logit_softcapping", None) is None
             and not (kb.keys.shape[0] == 1 and query.shape[0] > 1 and per_question_bias
                      and query.shape[2] < FUSED_BIASED_BATCH_TOKENS))
@@ -431,20 +438,102 @@ def _fused_attention(module, q_kb, query, key, value, attention_mask, scaling, k
         def unfold(t):
             return t.reshape(b, h, n, t.shape[-1])
 
-    try:
-        kb_out, kb_lse = _flash_kb(rows.to(keys.dtype), keys, values, mask)
-    except (RuntimeError, TypeError) as error:  # a torch whose private kernel differs: the chunked loop from now on
-        global ENABLE_FUSED
-        ENABLE_FUSED = False
-        warnings.warn(f"kblam: torch's fused CPU attention failed ({error!r}); the chunked KB attention serves",
-                      RuntimeWarning, stacklevel=2)
-        return _chunked_attention(module, q_kb, query, key, value, attention_mask, scaling, 0.0, kb)
+    if keys.dtype == torch.bfloat16 and not FUSED_BFLOAT16:
+        kb_out, kb_lse = _looped_kb(rows.to(keys.dtype), keys, values, mask, halves=kb.halves)
+    else:
+        try:
+            kb_out, kb_lse = _flash_kb(rows.to(keys.dtype), keys, values, mask)
+        except (RuntimeError, TypeError) as error:  # a torch whose private kernel differs: the chunked loop from now on
+            global ENABLE_FUSED
+            ENABLE_FUSED = False
+            warnings.warn(f"kblam: torch's fused CPU attention failed ({error!r}); the chunked KB attention serves",
+                          RuntimeWarning, stacklevel=2)
+            return _chunked_attention(module, q_kb, query, key, value, attention_mask, scaling, 0.0, kb)
     kb_lse = unfold(kb_lse[..., None]) + (0.0 if mask is not None else float(kb.bias))
     # the kernel's output is normalised: relative to exp(its log-sum-exp), its sum is 1
     out, log_z = _join_text(module, unfold(kb_out), kb_lse, 1.0, query, key, value, attention_mask, scaling)
     if kb.record is not None:
         kb.record(_recorded_probs(module, q_kb, kb, log_z, query.dtype))
     return out.to(query.dtype).transpose(1, 2).contiguous(), None
+
+
+def _bfloat16_fits(query: torch.Tensor) -> bool:
+    """Whether _fused_attention serves a call over bfloat16 states: through torch's fused kernel where the CPU
+    has AMX, else, for a prompt, through _looped_kb (oneDNN's products and kblam's softmax kernel); a decoding
+    step without AMX takes the chunked loop, which keeps the recorded probabilities from its one pass."""
+    return FUSED_BFLOAT16 or (query.shape[2] >= LOOPED_LEAST_TOKENS and few_rows.softmax_ready())
+
+
+def _looped_kb(rows: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
+               halves: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """_flash_kb's result for bfloat16 states on a CPU without AMX: LOOP_CHUNK knowledge tokens at a time, the
+    scores and the mix by oneDNN's bfloat16 products (native there), the softmax between them by
+    kblam.few_rows.chunk_softmax (two passes over a chunk where _chunked_attention makes nine: 47 against 63 ms
+    a layer for a 24-token prompt over 100,000 triples, one thread, measured for issue 10).
+
+    `halves` (a core free for kblam, kblam.second_thread): a KB of LOOP_HALVES_TOKENS or more is read half on a
+    worker thread, half here, the halves joined by their softmax sums (flash decoding's join); torch's products
+    and the kernel release the GIL, and a hand-over (~0.1 ms) is small beside a half (over 2 ms)."""
+    m = keys.shape[2]
+    mid = (m // 2 + LOOP_CHUNK - 1) // LOOP_CHUNK * LOOP_CHUNK  # whole chunks in the first half
+    if not halves or m < LOOP_HALVES_TOKENS or mid >= m:
+        return _normalised(*_looped_part(rows, keys, values, mask))
+    from kblam import second_thread  # kblam.second_thread imports kblam.model, which imports this module
+
+
+    def half(part: slice):
+        return _looped_part(rows, keys[:, :, part], values[:, :, part], None if mask is None else mask[..., part])
+
+    other = second_thread.start(lambda: (half(slice(mid, None)), None))
+    try:
+        first = half(slice(None, mid))
+    finally:
+        second = other.result()  # waited for whatever happens here: its buffers are this call's
+    top = torch.maximum(first[1], second[1])
+    safe = top.clamp_min(torch.finfo(torch.float32).min)
+    acc, total = 0.0, 0.0
+    for part_acc, part_top, part_total in (first, second):
+        scale = torch.exp2(part_top - safe)  # 0 for a half that saw no knowledge token (-inf)
+        acc, total = acc + part_acc * scale[..., None], total + part_total * scale
+    return _normalised(acc, top, total)
+
+
+def _looped_part(rows, keys, values, mask) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """_looped_kb over these knowledge tokens: (unnormalised output (B, Hkv, R, D), each row's largest logit in
+    base 2 (B, Hkv, R), the sum of 2 ** (logit - that largest)). Into buffers the calling thread keeps (_scratch;
+    see _recorded_shared)."""
+    b, hkv, r, d = rows.shape
+    m = keys.shape[2]
+    width = min(LOOP_CHUNK, m)
+    scores_buffer = _scratch("loop_scores", hkv * r * width, torch.bfloat16)
+    probs_buffer = _scratch("loop_probs", hkv * r * width, torch.bfloat16)
+    mix = rows.new_empty(hkv, r, d)
+    acc = torch.zeros(b, hkv, r, d)
+    top = torch.full((b, hkv * r), float("-inf"))
+    total, rescale = torch.zeros(b, hkv * r), torch.empty(hkv * r)
+    for i in range(b):
+        k, v = keys[i if keys.shape[0] > 1 else 0], values[i if values.shape[0] > 1 else 0]
+        bias = None if mask is None else mask[i if mask.shape[0] > 1 else 0, 0, 0].float()
+        for start in range(0, m, width):
+            size = min(width, m - start)
+            scores = scores_buffer[:hkv * r * size].view(hkv, r, size)
+            probs = probs_buffer[:hkv * r * size].view(hkv, r, size)
+            part = k[:, start:start + size].transpose(-1, -2)
+            for head in range(hkv):  # each head's chunk where it lies (see _per_head)
+                torch.mm(rows[i, head], part[head], out=scores[head])
+            few_rows.chunk_softmax(scores.view(-1, size), None if bias is None else bias[start:start + size],
+                                   top[i], total[i], rescale, probs.view(-1, size))
+            for head in range(hkv):
+                torch.mm(probs[head], v[head, start:start + size], out=mix[head])
+            acc[i].mul_(rescale.view(hkv, r, 1)).add_(mix)
+    return acc, top.view(b, hkv, r), total.view(b, hkv, r)
+
+
+def _normalised(acc: torch.Tensor, top: torch.Tensor, total: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(output, natural log-sum-exp) from _looped_part's result; a row that saw no knowledge token: 0, -inf."""
+    seen = total > 0
+    total = torch.where(seen, total, 1.0)
+    return acc / total[..., None], torch.where(seen, (top + torch.log2(total)) / LOG2E, float("-inf"))
 
 
 def _flash_kb(rows: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None

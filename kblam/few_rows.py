@@ -55,6 +55,7 @@ def _load():
     if _kernel is None:
         try:
             from kblam._few_rows_kernel import (
+                chunk_softmax,
                 rows_attend,
                 rows_attend_halves,
                 rows_dot,
@@ -70,13 +71,15 @@ def _load():
             shifted_exp2(np.zeros((1, 1, 2), np.uint16), np.zeros((1, 2), np.float32), np.zeros(1, np.int32),
                          np.zeros((1, 1), np.float32), np.zeros((1, 1, 2), np.float32))
             _tiny_attend(rows_attend)
+            chunk_softmax(np.zeros((1, 2), np.uint16), _NO_BIAS, np.full(1, -np.inf, np.float32),
+                           np.zeros(1, np.float32), np.zeros(1, np.float32), np.zeros((1, 2), np.uint16))
         except Exception as error:  # numba missing, not importable with this numpy, or failing to compile
             _kernel = False
             if not isinstance(error, ImportError):
                 warnings.warn(f"kblam.few_rows: the numba kernel failed ({error!r}); torch's products serve",
                               RuntimeWarning, stacklevel=2)
         else:
-            _kernel = _Kernels(rows_dot, rows_mix, shifted_exp2, rows_attend, rows_attend_halves)
+            _kernel = _Kernels(rows_dot, rows_mix, shifted_exp2, rows_attend, rows_attend_halves, chunk_softmax)
     return _kernel
 
 
@@ -86,6 +89,7 @@ class _Kernels(NamedTuple):
     exp2: Callable  # 2 ** (scores + bias - shift), in one pass
     attend: Callable  # a one-question decoding step's joint softmax and mixes, in one call
     attend_halves: Callable  # the same, the KB's tokens split between two threads
+    softmax: Callable  # a prompt's chunk of KB scores to probabilities, flash-attention style (chunk_softmax)
 
 
 # Knowledge tokens from which a decoding step's KB goes on two threads, when a core is free and numba's
@@ -269,6 +273,22 @@ def shifted_exp2(scores: torch.Tensor, bias: torch.Tensor | None, which: torch.T
     kernel.exp2(_bits(scores), bias.float().contiguous().numpy(), which.to(torch.int32).contiguous().numpy(),
                 shift.float().reshape(shift.shape[0], -1).contiguous().numpy(), out.numpy())
     return True
+
+
+def softmax_ready() -> bool:
+    """Whether chunk_softmax's kernel serves (numba, enabled, torch on one thread as for the products)."""
+    return ENABLED and torch.get_num_threads() == 1 and bool(_load())
+
+
+def chunk_softmax(scores: torch.Tensor, bias: torch.Tensor | None, top: torch.Tensor, total: torch.Tensor,
+                  rescale: torch.Tensor, probs: torch.Tensor) -> None:
+    """A prompt's chunk of KB scores to probabilities in two passes (kblam._few_rows_kernel.chunk_softmax,
+    in base 2): per row, top = the running largest logit, rescale = 2 ** (old top - top), probs = 2 ** (logit -
+    top) in bfloat16, total = total * rescale + their sum. scores, probs (R, n) bfloat16, contiguous; bias (n,)
+    float32 or None; top, total, rescale (R,) float32, contiguous (top -inf and total 0 before the first
+    chunk). The caller checked softmax_ready()."""
+    _load().softmax(_bits(scores), _NO_BIAS if bias is None else bias.float().contiguous().numpy(), top.numpy(),
+                    total.numpy(), rescale.numpy(), _bits(probs))
 
 
 def _bits(kb: torch.Tensor):

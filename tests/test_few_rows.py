@@ -92,6 +92,49 @@ def test_shifted_exp2_is_torch_s_four_passes(questions, one_thread):
     assert not few_rows.shifted_exp2(scores, bias, which, shift, out)
 
 
+def test_chunk_softmax_is_torch_s_running_softmax(one_thread):
+    """A prompt's KB chunk to probabilities in two passes, flash-attention style, chunk after chunk: each row's
+    running largest logit (base 2), the rescaling of what came before, the probabilities rounded to bfloat16
+    as torch rounds them (0 where the bias is -inf), and the running sum; a row all padding stays at -inf and
+    0, then takes the next chunk's tokens."""
+    import math
+
+    torch.manual_seed(0)
+    rows, n = 7, 1003
+    scores = [(torch.randn(rows, n) * 4).to(torch.bfloat16) for _ in range(2)]
+    scores[1][2] += 20  # a row whose largest grows in the second chunk
+    bias = torch.randn(n)
+    bias[5:40] = float("-inf")
+    padding = torch.full((n,), float("-inf"))
+    # the first chunk with a bias (row 4: all padding, in a call of its own), the second without
+    row_bias = [torch.stack([padding if r == 4 else bias for r in range(rows)]), torch.zeros(rows, n)]
+    top, total, rescale = torch.full((rows,), float("-inf")), torch.zeros(rows), torch.empty(rows)
+    probs = torch.empty(rows, n, dtype=torch.bfloat16)
+    expected_top, expected_total = torch.full((rows,), float("-inf")), torch.zeros(rows)
+    for chunk, s in enumerate(scores):
+        if chunk == 0:
+            for part, b in ((slice(0, 4), bias), (slice(4, 5), padding), (slice(5, rows), bias)):
+                few_rows.chunk_softmax(s[part], b, top[part], total[part], rescale[part], probs[part])
+        else:
+            few_rows.chunk_softmax(s, None, top, total, rescale, probs)
+        logits = (s.float() + row_bias[chunk]) / math.log(2)
+        new_top = torch.maximum(expected_top, logits.amax(-1))
+        safe = new_top.clamp_min(torch.finfo(torch.float32).min)
+        p = torch.exp2(logits - safe[:, None])
+        expected_scale = torch.exp2(expected_top - safe)
+        expected_total = expected_total * expected_scale + p.sum(-1)
+        expected_top = new_top
+        torch.testing.assert_close(top, expected_top, rtol=1e-6, atol=0)
+        torch.testing.assert_close(rescale, expected_scale, rtol=1e-5, atol=0)
+        torch.testing.assert_close(total, expected_total, rtol=1e-5, atol=0)
+        # rounded as torch rounds (a last-bit tie apart, at most, from the exponentials' own rounding)
+        assert (probs.float() - p.to(torch.bfloat16).float()).abs().le(p * 2 ** -7).all()
+        if chunk == 0:
+            assert not probs[:, 5:40].any() and not probs[4].any()
+            assert top[4] == float("-inf") and total[4] == 0 and rescale[4] == 0
+    assert torch.isfinite(top).all() and (total >= 1).all() and rescale[2] < 2 ** -20
+
+
 def test_another_layout_is_multiplied_by_torch(monkeypatch):
     x, kb = torch.randn(2, 3, 16), _bf16_kb(2, 10, 16, layout="other")
     calls = []

@@ -407,20 +407,87 @@ def test_the_fused_kernel_gives_the_chunked_loop(states, kb_batch, bias_kind, fu
 
 
 @pytest.mark.parametrize("amx", [True, False])
-def test_bfloat16_states_take_the_fused_kernel_only_with_amx(amx, monkeypatch):
-    """Without AMX torch's fused kernel multiplies bfloat16 slower than the chunked loop (issue 10, an AMD
-    EPYC): bfloat16 states take the loop there, float32 ones the kernel either way; the same result."""
-    from kblam import attention
+@pytest.mark.parametrize("threads", [1, 2])
+def test_bfloat16_states_take_the_fused_kernel_only_with_amx(amx, threads, monkeypatch):
+    """Without AMX torch's fused kernel multiplies bfloat16 slower than oneDNN's products (issue 10, an AMD
+    EPYC): a prompt's bfloat16 states take _looped_kb there (oneDNN's products and kblam's softmax kernel, on
+    one torch thread; the chunked loop on more), a decoding step's the chunked loop, float32 ones the kernel
+    either way; the same result."""
+    from kblam import attention, few_rows
 
-    calls, inner = [], attention._fused_attention
-    monkeypatch.setattr(attention, "_fused_attention", lambda *a: calls.append(1) or inner(*a))
+    calls = []
+    for name in ("_flash_kb", "_looped_kb", "_chunked_attention"):
+        inner = getattr(attention, name)
+        monkeypatch.setattr(attention, name, lambda *a, name=name, inner=inner, **kw: calls.append(name) or inner(*a, **kw))
     monkeypatch.setattr(attention, "FUSED_BFLOAT16", amx)
-    for states in (torch.bfloat16, torch.float32):
-        calls.clear()
-        module, (query, key, value, mask), inputs, _ = _layer_call(states, 1, "shared")
-        with torch.no_grad():
-            out, _ = attention.rectangular_attention(module, query, key, value, mask, 0.35, kb=inputs)
-        assert len(calls) == int(amx or states == torch.float32) and torch.isfinite(out).all()
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for states in (torch.bfloat16, torch.float32):
+            for tokens in (attention.LOOPED_LEAST_TOKENS, 1):  # a prompt, a decoding step
+                calls.clear()
+                module, (query, key, value, mask), inputs, _ = _layer_call(states, 1, "shared")
+                query, mask, inputs.hidden_states = query[:, :, -tokens:], mask[..., -tokens:, :], \
+                    inputs.hidden_states[:, -tokens:]
+                inputs.record_rows = None
+                with torch.no_grad():
+                    out, _ = attention.rectangular_attention(module, query, key, value, mask, 0.35, kb=inputs)
+                if states == torch.float32 or amx:
+                    expected = "_flash_kb"
+                elif tokens > 1 and threads == 1 and few_rows._load():
+                    expected = "_looped_kb"
+                else:
+                    expected = "_chunked_attention"
+                assert calls == [expected] and torch.isfinite(out).all()
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("kb_batch", [1, 3], ids=["shared KB", "a KB per question"])
+@pytest.mark.parametrize("bias_kind", ["number", "shared", "per question"])
+@pytest.mark.parametrize("loop_chunk", [4096, 4])
+@pytest.mark.parametrize("halves", [False, True])
+def test_the_looped_kb_part_gives_the_chunked_loop(kb_batch, bias_kind, loop_chunk, halves, monkeypatch):
+    """A prompt over bfloat16 states on a CPU without AMX: oneDNN's products with kblam's softmax kernel between
+    them (_looped_kb) give the chunked loop's output and recorded KB attention, the KB shared or one per
+    question, its bias a number, shared, or one per question with padding (a question's KB all padding, a
+    chunk all padding), read at once or in chunks, on one thread or in halves on two (a half all padding)."""
+    pytest.importorskip("numba")
+    from kblam import attention, second_thread
+
+    monkeypatch.setattr(attention, "LOOP_CHUNK", loop_chunk)
+    monkeypatch.setattr(attention, "LOOP_HALVES_TOKENS", 0 if halves else 10**9)
+    started, start = [], second_thread.start
+    monkeypatch.setattr(second_thread, "start", lambda job: started.append(1) or start(job))
+    monkeypatch.setattr(attention, "FUSED_BFLOAT16", False)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    calls, inner = [], attention._looped_kb
+    monkeypatch.setattr(attention, "_looped_kb", lambda *a, **kw: calls.append(1) or inner(*a, **kw))
+    results = []
+    try:
+        for looped in (True, False):
+            monkeypatch.setattr(attention, "ENABLE_FUSED", looped)
+            calls.clear()
+            module, (query, key, value, mask), inputs, recorded = _layer_call(torch.bfloat16, kb_batch, bias_kind)
+            inputs.halves = True
+            if bias_kind == "per question" and halves:
+                inputs.bias[0, ..., :12] = float("-inf")  # the first question's first half all padding
+            with torch.no_grad():
+                out, _ = attention.rectangular_attention(module, query, key, value, mask, 0.35, kb=inputs)
+            assert len(calls) == int(looped)
+            assert len(started) == int(looped and halves and loop_chunk < 23)  # in halves: more than one chunk
+            started.clear()
+            results.append((out, torch.cat([p for _, p in recorded], dim=-1)))
+    finally:
+        torch.set_num_threads(before)
+    (out, probs), (ref_out, ref_probs) = results
+    assert torch.isfinite(out).all() and probs.shape == ref_probs.shape == (3, 6, 3, 23)
+    # both round the queries and the probabilities to bfloat16 before their products: bfloat16's step apart
+    torch.testing.assert_close(out, ref_out, atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(probs, ref_probs, atol=1e-2, rtol=1e-2)
+    if bias_kind == "per question":
+        assert not probs[1].any() and not probs[2, ..., 4:9].any()
 
 
 def test_a_failing_fused_kernel_leaves_the_chunked_loop(monkeypatch):
