@@ -15,7 +15,9 @@ keys first (warming the cache on purpose) and the scores and mix with the states
 slice). Then other ways to the same scores, from memory: keys x queries, float32 states, a product
 per chunk of 2,048 knowledge tokens, the KV heads as one block-diagonal product, a product per query
 row, and torch's fused attention over the KB part; and a 24-token prompt's KB part through that fused kernel
-as kblam calls it (4,096 knowledge tokens a call) and in one call over the whole KB. Last, kblam.few_rows' kernel (numba, the `fast`
+as kblam calls it (4,096 knowledge tokens a call) and in one call over the whole KB, through kblam's loop for
+CPUs without AMX (oneDNN's products and kblam's softmax kernel, on one thread and in halves on two), and
+through the chunked loop that this loop replaced. Last, kblam.few_rows' kernel (numba, the `fast`
 extra), which kblam uses for such products on one thread: the scores and the mix from float32 rows, cold
 (the mix in both layouts: sums along the rows, or along each row), and the scores for 4, 7 and 12 rows a
 KV head beside torch's; and a one-question step's whole KB attention in one call (few_rows.attend) on one
@@ -97,7 +99,25 @@ def main() -> None:
                                                                     prompt_bias), True)
     runs["fused_prompt_one_call_cold"] = (lambda: attention._FLASH(prompt_rows, keys[None], values[None], 0.0, False,
                                                                    attn_mask=prompt_bias, scale=1.0), True)
+    # The same prompt where the CPU lacks AMX (kblam.attention._looped_kb: oneDNN's products with kblam's softmax
+    # kernel between them, on one thread and in halves on two), and the chunked loop it replaced (its KB layer
+    # call, a 24-token text part included).
+    from kblam import few_rows
+
+    if few_rows_ready := few_rows.softmax_ready():
+        for name, halves in (("looped_prompt_cold", False), ("looped_prompt_halves_cold", True)):
+            runs[name] = (lambda halves=halves: attention._looped_kb(prompt_rows, keys[None], values[None],
+                                                                     prompt_bias, halves=halves), True)
+    module = torch.nn.Module().eval()
+    text = [torch.randn(1, h, 24, dim) for h in (heads * group, heads, heads)]
+    loop_inputs = attention.KBLayerInputs(hidden_states=None, query_head=None, keys=keys[None], values=values[None],
+                                          bias=prompt_bias, chunk_size=4096)
+    prompt_q = prompt_rows.float().reshape(1, heads * group, 24, dim)
+    runs["chunked_loop_prompt_cold"] = (lambda: attention._chunked_attention(
+        module, prompt_q, *text, None, 0.125, 0.0, loop_inputs), True)
     out: dict = {"triples": m, "state_mb": round(2 * keys.numel() * keys.element_size() / 1e6, 2)}
+    if not few_rows_ready:
+        out["looped_prompt_cold"] = "unavailable: numba is not installed, or torch runs more than one thread"
     try:
         linear = torch.ops.mkldnn._linear_pointwise
         packed = [torch.ops.mkldnn._reorder_linear_weight(keys[h].contiguous(), group) for h in range(heads)]
@@ -108,8 +128,6 @@ def main() -> None:
                                                for h in range(heads)], True)
     except (AttributeError, RuntimeError) as error:  # a torch build without oneDNN's linear ops
         out["prepacked_scores_cold"] = out["prepacked_mix_cold"] = f"unavailable: {error}"
-
-    from kblam import few_rows
 
     if few_rows._load():
         rows_f32, probs_f32 = queries.float(), probs.float()

@@ -9,7 +9,9 @@ read each bfloat16 element once, widen it (the top half of a float32) and use it
 in float32: the scores (keys), the mix (values, token by token), each reading the KB in 4 streams
 (`benchmarks/kb_products.py` times them beside torch.bmm; `benchmarks/decode_parts.py`, what they save a
 decoding pass; docs/performance.md). A third, `shifted_exp2`, turns a prompt's recorded rows' scores into
-probabilities in one pass (kblam.attention._recorded_shared).
+probabilities in one pass (kblam.attention._recorded_shared); a fourth, `chunk_softmax`, a prompt's chunk of
+KB scores into the probabilities of a running softmax in two, between oneDNN's products on a CPU without AMX
+(kblam.attention._looped_kb).
 
 `attend` runs a one-question decoding step's whole KB attention in one call: the scores, the softmax
 joint with the text's, both mixes (a step's operations cost microseconds each whatever their size, the
