@@ -379,7 +379,7 @@ def chunk_softmax(scores, bias, top, total, rescale, probs):  # pragma: no cover
             key = _ordered(x)
             k = key if key > k else k
         old = top[r]
-        m = _as_float(k ^ ((k >> np.int32(31)) & np.int32(0x7FFFFFFF)))  # the key back to its float
+        m = _as_float(_flip_negative(k))  # the key back to its float (the flip is its own inverse)
         m = m if m > old else old
         safe = m if m > _LEAST else _LEAST
         out = probs[r]
@@ -407,6 +407,11 @@ _ORDERED_LEAST = np.int32(-2147483648)
 
 @njit(nogil=True, fastmath=_INF_SAFE_FASTMATH, cache=True)
 def _ordered(x):  # pragma: no cover - compiled
-    """A float32's bits as an int32 that orders as the floats do (negative floats' other bits flipped)."""
-    bits = _bits_of(x)
+    """A float32's bits as an int32 that orders as the floats do."""
+    return _flip_negative(_bits_of(x))
+
+
+@njit(nogil=True, fastmath=_INF_SAFE_FASTMATH, cache=True)
+def _flip_negative(bits):  # pragma: no cover - compiled
+    """int32 bits with all but the sign flipped where the sign is set (negative floats order backwards)."""
     return bits ^ ((bits >> np.int32(31)) & np.int32(0x7FFFFFFF))

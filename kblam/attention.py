@@ -480,7 +480,6 @@ def _looped_kb(rows: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mas
         return _normalised(*_looped_part(rows, keys, values, mask))
     from kblam import second_thread  # kblam.second_thread imports kblam.model, which imports this module
 
-
     def half(part: slice):
         return _looped_part(rows, keys[:, :, part], values[:, :, part], None if mask is None else mask[..., part])
 

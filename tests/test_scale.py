@@ -367,6 +367,30 @@ def _layer_call(states, kb_batch, bias_kind, seed=0):
     return nn.Module().eval(), (query, key, value, mask), inputs, recorded
 
 
+def _layer_out(states, kb_batch, bias_kind, fused: bool, monkeypatch, prepare=None):
+    """One KB layer's call (_layer_call) through _fused_attention's path (fused) or the chunked loop: its output
+    and recorded KB attention; `prepare(inputs)` changes the call's inputs first."""
+    from kblam import attention
+
+    monkeypatch.setattr(attention, "ENABLE_FUSED", fused)
+    module, (query, key, value, mask), inputs, recorded = _layer_call(states, kb_batch, bias_kind)
+    if prepare is not None:
+        prepare(inputs)
+    with torch.no_grad():
+        out, _ = attention.rectangular_attention(module, query, key, value, mask, 0.35, kb=inputs)
+    return out, torch.cat([p for _, p in recorded], dim=-1)
+
+
+def _assert_the_same(results, bias_kind, **tol):
+    """The two ways' (output, recorded KB attention) alike; the padding's recorded attention 0."""
+    (out, probs), (ref_out, ref_probs) = results
+    assert torch.isfinite(out).all() and probs.shape == ref_probs.shape == (3, 6, 3, 23)
+    torch.testing.assert_close(out, ref_out, **tol)
+    torch.testing.assert_close(probs, ref_probs, **tol)
+    if bias_kind == "per question":
+        assert not probs[1].any() and not probs[2, ..., 4:9].any()
+
+
 @pytest.mark.parametrize("states", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("kb_batch", [1, 3], ids=["shared KB", "a KB per question"])
 @pytest.mark.parametrize("bias_kind", ["number", "shared", "per question"])
@@ -388,22 +412,13 @@ def test_the_fused_kernel_gives_the_chunked_loop(states, kb_batch, bias_kind, fu
     results, calls, inner = [], [], attention._fused_attention
     monkeypatch.setattr(attention, "_fused_attention", lambda *a: calls.append(1) or inner(*a))
     for fused in (True, False):
-        monkeypatch.setattr(attention, "ENABLE_FUSED", fused)
         calls.clear()
-        module, (query, key, value, mask), inputs, recorded = _layer_call(states, kb_batch, bias_kind)
-        with torch.no_grad():
-            out, _ = attention.rectangular_attention(module, query, key, value, mask, 0.35, kb=inputs)
+        results.append(_layer_out(states, kb_batch, bias_kind, fused, monkeypatch))
         assert len(calls) == int(fused)
-        results.append((out, torch.cat([p for _, p in recorded], dim=-1)))
     torch.set_num_threads(before)
-    (out, probs), (ref_out, ref_probs) = results
-    assert torch.isfinite(out).all() and probs.shape == ref_probs.shape == (3, 6, 3, 23)
     # bfloat16 states: both round the queries and the probabilities to bfloat16 before their products
     tol = {"atol": 1e-5, "rtol": 1e-5} if states == torch.float32 else {"atol": 2e-2, "rtol": 2e-2}
-    torch.testing.assert_close(out, ref_out, **tol)
-    torch.testing.assert_close(probs, ref_probs, **tol)
-    if bias_kind == "per question":
-        assert not probs[1].any() and not probs[2, ..., 4:9].any()
+    _assert_the_same(results, bias_kind, **tol)
 
 
 @pytest.mark.parametrize("amx", [True, False])
@@ -464,30 +479,23 @@ def test_the_looped_kb_part_gives_the_chunked_loop(kb_batch, bias_kind, loop_chu
     torch.set_num_threads(1)
     calls, inner = [], attention._looped_kb
     monkeypatch.setattr(attention, "_looped_kb", lambda *a, **kw: calls.append(1) or inner(*a, **kw))
+    def prepare(inputs):
+        inputs.halves = True
+        if bias_kind == "per question" and halves:
+            inputs.bias[0, ..., :12] = float("-inf")  # the first question's first half all padding
+
     results = []
     try:
         for looped in (True, False):
-            monkeypatch.setattr(attention, "ENABLE_FUSED", looped)
             calls.clear()
-            module, (query, key, value, mask), inputs, recorded = _layer_call(torch.bfloat16, kb_batch, bias_kind)
-            inputs.halves = True
-            if bias_kind == "per question" and halves:
-                inputs.bias[0, ..., :12] = float("-inf")  # the first question's first half all padding
-            with torch.no_grad():
-                out, _ = attention.rectangular_attention(module, query, key, value, mask, 0.35, kb=inputs)
+            results.append(_layer_out(torch.bfloat16, kb_batch, bias_kind, looped, monkeypatch, prepare))
             assert len(calls) == int(looped)
             assert len(started) == int(looped and halves and loop_chunk < 23)  # in halves: more than one chunk
             started.clear()
-            results.append((out, torch.cat([p for _, p in recorded], dim=-1)))
     finally:
         torch.set_num_threads(before)
-    (out, probs), (ref_out, ref_probs) = results
-    assert torch.isfinite(out).all() and probs.shape == ref_probs.shape == (3, 6, 3, 23)
     # both round the queries and the probabilities to bfloat16 before their products: bfloat16's step apart
-    torch.testing.assert_close(out, ref_out, atol=1e-2, rtol=1e-2)
-    torch.testing.assert_close(probs, ref_probs, atol=1e-2, rtol=1e-2)
-    if bias_kind == "per question":
-        assert not probs[1].any() and not probs[2, ..., 4:9].any()
+    _assert_the_same(results, bias_kind, atol=1e-2, rtol=1e-2)
 
 
 def test_a_failing_fused_kernel_leaves_the_chunked_loop(monkeypatch):
