@@ -61,6 +61,7 @@ BEFORE = ROOT / "benchmarks" / "results" / "scale-17b8824.json"
 DOCS = ROOT / "docs" / "scale.md"
 BEGIN, END = "<!-- scale-results:begin -->", "<!-- scale-results:end -->"
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
+BUILD_PIECE = 50_000  # triples a build commits at a time
 QUESTIONS = [  # distinct questions, so the encoder's per-text cache never answers for it
     "What year was Harbor Lane Analytics founded?",
     "Who is the chief executive of Northwind Cartography?",
@@ -129,7 +130,6 @@ def child_build(n: int, workdir: str, real: bool) -> dict:
             info = {**info, **_saved_index(folder, info), **_saved_row_sums(folder, info)}
             marker.write_text(json.dumps(info, indent=1))
             return {**info, "reused": True, "disk_mb": round(_disk_mb(folder), 1)}
-    shutil.rmtree(folder, ignore_errors=True)
     t0 = time.perf_counter()
     triples = _synthetic(n)
     synth_s = time.perf_counter() - t0
@@ -139,17 +139,41 @@ def child_build(n: int, workdir: str, real: bool) -> dict:
         encoder = load_default_encoder()
     else:
         encoder = KBEncoder(FixedRandomVectors(), name=MINILM)
+    # Committed a piece at a time, so that a build killed part way (the million MiniLM store takes over an
+    # hour here, longer than some sessions have left) goes on from its last commit when run again: the
+    # triples are the same each time (a seeded generator) and a store's rows keep their order.
+    resumed = _committed_rows(folder, encoder)
+    if resumed is None:
+        shutil.rmtree(folder, ignore_errors=True)
     t0 = time.perf_counter()
-    with KBStore.create(folder, encoder) as store:
-        store.add(triples, progress=False)
+    with (KBStore.open(folder, encoder) if resumed else KBStore.create(folder, encoder)) as store:
+        for start in range(resumed or 0, len(triples), BUILD_PIECE):
+            store.add(triples[start:start + BUILD_PIECE], progress=False)
+            print(f"[build] {len(store):,} of {len(triples):,} triples committed", file=sys.stderr, flush=True)
         count = len(store)
     add_s = time.perf_counter() - t0
     info = {"n": n, "count": count, "store": str(folder), "vectors": vectors,
-            "synthetic_s": round(synth_s, 2), "store_add_s": round(add_s, 2)}
+            "synthetic_s": round(synth_s, 2), "store_add_s": round(add_s, 2), "resumed_from": resumed or 0}
     info = {**info, **_saved_index(folder, info), **_saved_row_sums(folder, info),
             "build_peak_rss_mb": round(_peak_rss_mb())}
     marker.write_text(json.dumps(info, indent=1))
     return {**info, "reused": False, "disk_mb": round(_disk_mb(folder), 1)}
+
+
+def _committed_rows(folder: Path, encoder) -> int | None:
+    """How many triples a killed build of this folder committed (the rows to go on from), or None when
+    there is nothing to go on from: no store, an empty one, or one of another encoder."""
+    from kblam.store import KBStore
+
+    if not (folder / "manifest.json").is_file():
+        return None
+    try:
+        with KBStore.open(folder, readonly=True) as store:
+            rows = len(store)
+            same = store.encoder_name == encoder.name
+    except Exception:  # a store too broken to open is built afresh
+        return None
+    return rows if rows and same else None
 
 
 def _saved_index(folder: Path, info: dict) -> dict:

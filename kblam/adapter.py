@@ -254,18 +254,27 @@ class KBAdapter(nn.Module):
             )
         if key_embeddings.dim() == 2:
             key_embeddings, value_embeddings = key_embeddings[None], value_embeddings[None]
-        b, m, _ = key_embeddings.shape
-        shape = (b, m, self.config.num_key_value_heads, self.config.head_dim)
         states = {}
         for n, layer in enumerate(self.config.kb_layers):
-            i = str(layer)
-            keys = self.key_norm[i](self.key_proj[i](key_embeddings)).view(shape).transpose(1, 2)
-            values = self.value_proj[i](value_embeddings).view(shape).transpose(1, 2)
+            keys, values = self.layer_states(n, key_embeddings, value_embeddings)
             if self.config.null_slot:  # the null slot is the last knowledge token of every KB
-                null_shape = (keys.shape[0], self.config.num_key_value_heads, 1, self.config.head_dim)
-                null_k = self.null_key[n].view(1, -1, 1, self.config.head_dim).expand(null_shape)
-                null_v = self.null_value[n].view(1, -1, 1, self.config.head_dim).expand(null_shape)
-                keys = torch.cat([keys, null_k.to(keys.dtype)], dim=2)
-                values = torch.cat([values, null_v.to(values.dtype)], dim=2)
+                null_k, null_v = self.null_states(n, keys.shape[0], keys.dtype)
+                keys, values = torch.cat([keys, null_k], dim=2), torch.cat([values, null_v], dim=2)
             states[layer] = (keys, values)
         return states
+
+    def layer_states(self, n: int, key_embeddings: torch.Tensor, value_embeddings: torch.Tensor):
+        """The n-th KB layer's (keys, values), each (B, kv_heads, M, head_dim), for (B, M, d) embeddings:
+        no null slot (kb_states adds it; kblam.kb_cache.project writes it once per KB)."""
+        i = str(self.config.kb_layers[n])
+        b, m, _ = key_embeddings.shape
+        shape = (b, m, self.config.num_key_value_heads, self.config.head_dim)
+        keys = self.key_norm[i](self.key_proj[i](key_embeddings)).view(shape).transpose(1, 2)
+        values = self.value_proj[i](value_embeddings).view(shape).transpose(1, 2)
+        return keys, values
+
+    def null_states(self, n: int, batch: int, dtype: torch.dtype):
+        """The n-th KB layer's null slot (key, value), each (batch, kv_heads, 1, head_dim)."""
+        shape = (batch, self.config.num_key_value_heads, 1, self.config.head_dim)
+        return tuple(p[n].view(1, -1, 1, self.config.head_dim).expand(shape).to(dtype)
+                     for p in (self.null_key, self.null_value))

@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import random_kb, tiny_tokenizer, wrap
 
-from kblam import attention
+from kblam import attention, kb_cache
 from kblam.kb import KnowledgeBase, Triple
 from kblam.kb_cache import KBStateCache
 
@@ -52,21 +52,43 @@ def _uncached(model, kb, **kw):
 
 
 class _Counting:
-    """Counts the triples the adapter projects (kb_states rows)."""
+    """Counts the triples the adapter projects (its first KB layer's rows)."""
 
     def __init__(self, model, monkeypatch):
         self.rows = []
-        inner = model.adapter.kb_states
+        inner = model.adapter.layer_states
 
-        def counting(keys, values):
-            self.rows.append(keys.shape[-2])
-            return inner(keys, values)
+        def counting(n, keys, values):
+            if n == 0:
+                self.rows.append(keys.shape[-2])
+            return inner(n, keys, values)
 
-        monkeypatch.setattr(model.adapter, "kb_states", counting)
+        monkeypatch.setattr(model.adapter, "layer_states", counting)
 
     def take(self) -> int:
         n, self.rows = sum(self.rows), []
         return n
+
+
+@pytest.mark.parametrize("null_slot", [True, False])
+@pytest.mark.parametrize("m", [0, 1, 7, 9])
+def test_the_cache_s_projection_is_the_adapter_s_states(hash_encoder, monkeypatch, m, null_slot):
+    """kb_cache.project (PROJECT_ROWS triples and one KB layer at a time, the null slot written once) gives
+    adapter.kb_states's keys and values, in the cache's dtype."""
+    model = _model(hash_encoder, null_slot=null_slot)
+    monkeypatch.setattr(kb_cache, "PROJECT_ROWS", 4)  # 9 triples: three pieces, the last of one
+    keys, values = torch.randn(m, model.config.encoder_dim), torch.randn(m, model.config.encoder_dim)
+    with torch.no_grad():
+        expected = model.adapter.kb_states(keys, values)
+    for dtype in (torch.float32, torch.bfloat16):
+        got = kb_cache.project(model.adapter, keys, values, dtype)
+        assert list(got) == list(expected) == list(model.config.kb_layers)
+        for layer, pair in got.items():
+            for state, want in zip(pair, expected[layer], strict=True):
+                assert state.dtype == dtype and not state.requires_grad
+                assert state.shape == want.shape == (1, model.config.num_key_value_heads, m + null_slot,
+                                                     model.config.head_dim)
+                torch.testing.assert_close(state, want.to(dtype), rtol=1e-5, atol=1e-6)
 
 
 def test_cached_answers_equal_projecting_every_time(hash_encoder, monkeypatch):
