@@ -535,9 +535,9 @@ def child_memory(task: dict) -> dict:
         model.encoder = _fixed_vectors()
     model.ask("warm up", KnowledgeBase(_synthetic(4, seed=5)) if triples else _random_kb(4), max_new_tokens=2)
     before = _rss_mb()
-    # numba's kernels (kblam.few_rows), a one-time import of tens of MB that a tiny KB's warm-up may not reach:
-    # loaded by a large KB's first prompt, it would land on the question's peak (the projection's memory still
-    # held) and weigh on the per-triple slope as if it grew with the KB
+    # numba's kernels (kblam.few_rows), a one-time import of ~100 MB: from_pretrained starts loading them on a
+    # thread of their own (one torch thread); waited for here, so that the load is not on the question's peak
+    # (it would weigh on the per-triple slope as if it grew with the KB)
     from kblam import few_rows
 
     few_rows._load()

@@ -52,37 +52,58 @@ _NO_BIAS = np.zeros(0, np.float32)
 _kernel = None  # the compiled function, once imported; False when numba is missing or fails
 
 
+_load_lock = threading.Lock()  # a question's first use may come while preload's thread is still loading
+
+
 def _load():
     global _kernel
     if _kernel is None:
-        try:
-            from kblam._few_rows_kernel import (
-                chunk_softmax,
-                rows_attend,
-                rows_attend_halves,
-                rows_dot,
-                rows_mix,
-                shifted_exp2,
-            )
-
-            # Compiled (or loaded from numba's cache) here, on tiny products, so that a failure to compile
-            # leaves torch's products in place instead of failing a question.
-            rows_dot(np.zeros((1, 4, 2), np.uint16), np.zeros((1, 1, 2), np.float32), np.zeros((1, 1, 4), np.float32),
-                     _NO_BIAS)
-            rows_mix(np.zeros((1, 4, 2), np.uint16), np.zeros((1, 1, 4), np.float32), np.zeros((1, 1, 2), np.float32))
-            shifted_exp2(np.zeros((1, 1, 2), np.uint16), np.zeros((1, 2), np.float32), np.zeros(1, np.int32),
-                         np.zeros((1, 1), np.float32), np.zeros((1, 1, 2), np.float32))
-            _tiny_attend(rows_attend)
-            chunk_softmax(np.zeros((1, 2), np.uint16), _NO_BIAS, np.full(1, -np.inf, np.float32),
-                           np.zeros(1, np.float32), np.zeros(1, np.float32), np.zeros((1, 2), np.uint16))
-        except Exception as error:  # numba missing, not importable with this numpy, or failing to compile
-            _kernel = False
-            if not isinstance(error, ImportError):
-                warnings.warn(f"kblam.few_rows: the numba kernel failed ({error!r}); torch's products serve",
-                              RuntimeWarning, stacklevel=2)
-        else:
-            _kernel = _Kernels(rows_dot, rows_mix, shifted_exp2, rows_attend, rows_attend_halves, chunk_softmax)
+        with _load_lock:
+            if _kernel is None:
+                _kernel = _compiled()
     return _kernel
+
+
+def preload() -> threading.Thread | None:
+    """Load the kernels on a thread of their own, now (KBLaM.from_pretrained, in a process of one torch
+    thread: the one that uses them). Loaded at a first large-KB question instead, numba's import (~0.6 s and
+    ~100 MB here, measured for issue 10) lands on that question's time and on its memory peak, while the KB's
+    projection is still held."""
+    if not ENABLED or _kernel is not None:
+        return None
+    thread = threading.Thread(target=_load, name="kblam-few-rows-load", daemon=True)
+    thread.start()
+    return thread
+
+
+def _compiled():
+    """The kernels (_Kernels), or False where numba is missing or they fail to compile."""
+    try:
+        from kblam._few_rows_kernel import (
+            chunk_softmax,
+            rows_attend,
+            rows_attend_halves,
+            rows_dot,
+            rows_mix,
+            shifted_exp2,
+        )
+
+        # Compiled (or loaded from numba's cache) here, on tiny products, so that a failure to compile
+        # leaves torch's products in place instead of failing a question.
+        rows_dot(np.zeros((1, 4, 2), np.uint16), np.zeros((1, 1, 2), np.float32), np.zeros((1, 1, 4), np.float32),
+                 _NO_BIAS)
+        rows_mix(np.zeros((1, 4, 2), np.uint16), np.zeros((1, 1, 4), np.float32), np.zeros((1, 1, 2), np.float32))
+        shifted_exp2(np.zeros((1, 1, 2), np.uint16), np.zeros((1, 2), np.float32), np.zeros(1, np.int32),
+                     np.zeros((1, 1), np.float32), np.zeros((1, 1, 2), np.float32))
+        _tiny_attend(rows_attend)
+        chunk_softmax(np.zeros((1, 2), np.uint16), _NO_BIAS, np.full(1, -np.inf, np.float32),
+                      np.zeros(1, np.float32), np.zeros(1, np.float32), np.zeros((1, 2), np.uint16))
+    except Exception as error:  # numba missing, not importable with this numpy, or failing to compile
+        if not isinstance(error, ImportError):
+            warnings.warn(f"kblam.few_rows: the numba kernel failed ({error!r}); torch's products serve",
+                          RuntimeWarning, stacklevel=3)
+        return False
+    return _Kernels(rows_dot, rows_mix, shifted_exp2, rows_attend, rows_attend_halves, chunk_softmax)
 
 
 class _Kernels(NamedTuple):

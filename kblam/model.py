@@ -33,7 +33,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from kblam import attention, copying, kb_cache, second_thread
+from kblam import attention, copying, few_rows, kb_cache, second_thread
 from kblam.adapter import (
     CONFIG_NAME,
     WEIGHTS_NAME,
@@ -438,6 +438,8 @@ class KBLaM(nn.Module):
         # (benchmarks/precision.py, docs/performance.md). Set model.kb_cache.dtype = torch.float32 to opt out.
         if config.trained:
             model.kb_cache.dtype = kb_cache.default_state_dtype(next(adapter.parameters()).device)
+        if model.kb_cache.dtype == torch.bfloat16 and torch.get_num_threads() == 1:
+            few_rows.preload()  # the kernels a process of one torch thread reads bfloat16 states with
         return model
 
     def save_pretrained(self, folder: str | Path, *, dtype: torch.dtype = torch.float32, card: str | None = None) -> Path:

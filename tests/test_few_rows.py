@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import threading
+
 import pytest
 import torch
+from conftest import tiny_model, wrap
 from test_kb_cache import QUESTIONS, _kb, _model
 
-from kblam import few_rows
+from kblam import KBLaM, few_rows
+from kblam.adapter import CONFIG_NAME
 from kblam.kb_cache import KBStateCache
 
 pytest.importorskip("numba")
@@ -376,3 +381,47 @@ def test_without_a_working_kernel_torch_multiplies(one_thread, monkeypatch):
         assert not few_rows.fits(3, keys)
     x, kb = torch.randn(3, 3, 8), keys[0].transpose(-1, -2)
     torch.testing.assert_close(few_rows.product(x, kb), torch.bmm(x.to(torch.bfloat16), kb).float())
+
+
+def test_preload_loads_the_kernels_once_while_a_question_waits_for_it(monkeypatch):
+    """preload compiles on a thread of its own; a question's _load meanwhile waits for that load, not a second."""
+    started, release, calls = threading.Event(), threading.Event(), []
+
+    def compiled():
+        calls.append(threading.current_thread().name)
+        started.set()
+        release.wait(10)
+        return "kernels"
+
+    monkeypatch.setattr(few_rows, "_kernel", None)
+    monkeypatch.setattr(few_rows, "_compiled", compiled)
+    loading = few_rows.preload()
+    assert loading is not None and started.wait(10)
+    got = []
+    asker = threading.Thread(target=lambda: got.append(few_rows._load()))
+    asker.start()
+    asker.join(0.2)
+    assert asker.is_alive() and not got  # waiting for the preload
+    release.set()
+    loading.join(10)
+    asker.join(10)
+    assert got == ["kernels"] and calls == ["kblam-few-rows-load"]
+    assert few_rows.preload() is None  # loaded: nothing to start
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_trained_adapter_loaded_for_one_thread_preloads_the_kernels(tmp_path, hash_encoder, monkeypatch, threads):
+    folder = wrap("llama", hash_encoder).save_pretrained(tmp_path / "adapter")
+    config = json.loads((folder / CONFIG_NAME).read_text())
+    (folder / CONFIG_NAME).write_text(json.dumps({**config, "trained": True}))
+    monkeypatch.setattr("kblam.kb_cache.default_state_dtype", lambda device: torch.bfloat16)
+    started = []
+    monkeypatch.setattr(few_rows, "preload", lambda: started.append(1))
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        model = KBLaM.from_pretrained(folder, base_model=tiny_model("llama"), tokenizer=object(), encoder=hash_encoder)
+    finally:
+        torch.set_num_threads(saved)
+    assert model.kb_cache.dtype == torch.bfloat16
+    assert started == ([1] if threads == 1 else [])
