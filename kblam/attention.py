@@ -359,6 +359,8 @@ def _join_text(module, kb_out, top, kb_sum, query, key, value, attention_mask, s
 _FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 
+# False: every KB call through the chunked loop (_chunked_attention), the reference the fused paths are tested
+# against; a torch whose flash kernel fails loses that kernel only (_FLASH set to None), not _looped_kb.
 ENABLE_FUSED = True
 
 
@@ -403,9 +405,11 @@ def _fused_fits(module: nn.Module, query: torch.Tensor, kb: KBLayerInputs) -> bo
     questions over 10,000 triples, a decoding step's layer took 12.3 ms question by question against 4.4 in
     the loop, a 24-token prompt's 49 against 99 (measured for issue 10)."""
     per_question_bias = torch.is_tensor(kb.bias) and kb.bias.shape[0] > 1
-    return (_FLASH is not None and ENABLE_FUSED and not torch.is_grad_enabled() and not module.training
-            and query.device.type == "cpu"
-            and (kb.keys.dtype == torch.float32 or kb.keys.dtype == torch.bfloat16 and _bfloat16_fits(query))
+    if _looped(kb.keys):  # oneDNN's products and kblam's kernel: torch's private flash kernel not needed
+        kernel = query.shape[2] >= LOOPED_LEAST_TOKENS and few_rows.softmax_ready()
+    else:
+        kernel = _FLASH is not None and kb.keys.dtype in (torch.float32, torch.bfloat16)
+    return (ENABLE_FUSED and kernel and not torch.is_grad_enabled() and not module.training and query.device.type == "cpu"
             and kb.keys.shape[2] > 0 and getattr(module, "attn_logit_softcapping", None) is None
             and not (kb.keys.shape[0] == 1 and query.shape[0] > 1 and per_question_bias
                      and query.shape[2] < FUSED_BIASED_BATCH_TOKENS))
@@ -438,14 +442,14 @@ def _fused_attention(module, q_kb, query, key, value, attention_mask, scaling, k
         def unfold(t):
             return t.reshape(b, h, n, t.shape[-1])
 
-    if keys.dtype == torch.bfloat16 and not FUSED_BFLOAT16:
+    if _looped(keys):
         kb_out, kb_lse = _looped_kb(rows.to(keys.dtype), keys, values, mask, halves=kb.halves)
     else:
         try:
             kb_out, kb_lse = _flash_kb(rows.to(keys.dtype), keys, values, mask)
-        except (RuntimeError, TypeError) as error:  # a torch whose private kernel differs: the chunked loop from now on
-            global ENABLE_FUSED
-            ENABLE_FUSED = False
+        except (RuntimeError, TypeError) as error:  # a torch whose private kernel differs: not used from now on
+            global _FLASH
+            _FLASH = None
             warnings.warn(f"kblam: torch's fused CPU attention failed ({error!r}); the chunked KB attention serves",
                           RuntimeWarning, stacklevel=2)
             return _chunked_attention(module, q_kb, query, key, value, attention_mask, scaling, 0.0, kb)
@@ -457,11 +461,11 @@ def _fused_attention(module, q_kb, query, key, value, attention_mask, scaling, k
     return out.to(query.dtype).transpose(1, 2).contiguous(), None
 
 
-def _bfloat16_fits(query: torch.Tensor) -> bool:
-    """Whether _fused_attention serves a call over bfloat16 states: through torch's fused kernel where the CPU
-    has AMX, else, for a prompt, through _looped_kb (oneDNN's products and kblam's softmax kernel); a decoding
-    step without AMX takes the chunked loop, which keeps the recorded probabilities from its one pass."""
-    return FUSED_BFLOAT16 or (query.shape[2] >= LOOPED_LEAST_TOKENS and few_rows.softmax_ready())
+def _looped(keys: torch.Tensor) -> bool:
+    """Whether _fused_attention reads this KB through _looped_kb rather than torch's fused kernel: bfloat16
+    states where the CPU has no AMX (a prompt's; a decoding step without AMX takes the chunked loop, which keeps
+    the recorded probabilities from its one pass: _fused_fits)."""
+    return keys.dtype == torch.bfloat16 and not FUSED_BFLOAT16
 
 
 def _looped_kb(rows: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,

@@ -423,11 +423,13 @@ def test_the_fused_kernel_gives_the_chunked_loop(states, kb_batch, bias_kind, fu
 
 @pytest.mark.parametrize("amx", [True, False])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_bfloat16_states_take_the_fused_kernel_only_with_amx(amx, threads, monkeypatch):
+@pytest.mark.parametrize("flash", [True, False], ids=["flash kernel", "flash kernel failed"])
+def test_bfloat16_states_take_the_fused_kernel_only_with_amx(amx, threads, flash, monkeypatch):
     """Without AMX torch's fused kernel multiplies bfloat16 slower than oneDNN's products (issue 10, an AMD
     EPYC): a prompt's bfloat16 states take _looped_kb there (oneDNN's products and kblam's softmax kernel, on
     one torch thread; the chunked loop on more), a decoding step's the chunked loop, float32 ones the kernel
-    either way; the same result."""
+    either way; the same result. A torch without the flash kernel (or whose kernel failed) keeps _looped_kb,
+    which does not use it."""
     from kblam import attention, few_rows
 
     calls = []
@@ -435,6 +437,8 @@ def test_bfloat16_states_take_the_fused_kernel_only_with_amx(amx, threads, monke
         inner = getattr(attention, name)
         monkeypatch.setattr(attention, name, lambda *a, name=name, inner=inner, **kw: calls.append(name) or inner(*a, **kw))
     monkeypatch.setattr(attention, "FUSED_BFLOAT16", amx)
+    if not flash:
+        monkeypatch.setattr(attention, "_FLASH", None)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -448,7 +452,7 @@ def test_bfloat16_states_take_the_fused_kernel_only_with_amx(amx, threads, monke
                 with torch.no_grad():
                     out, _ = attention.rectangular_attention(module, query, key, value, mask, 0.35, kb=inputs)
                 if states == torch.float32 or amx:
-                    expected = "_flash_kb"
+                    expected = "_flash_kb" if flash else "_chunked_attention"
                 elif tokens > 1 and threads == 1 and few_rows._load():
                     expected = "_looped_kb"
                 else:
@@ -500,7 +504,7 @@ def test_the_looped_kb_part_gives_the_chunked_loop(kb_batch, bias_kind, loop_chu
 
 def test_a_failing_fused_kernel_leaves_the_chunked_loop(monkeypatch):
     """A torch whose private fused kernel fails (another signature): one warning, the chunked loop's result,
-    and the loop from then on."""
+    and the kernel left alone from then on."""
     from kblam import attention
 
     module, (query, key, value, mask), inputs, _ = _layer_call(torch.float32, 1, "shared")
@@ -516,4 +520,4 @@ def test_a_failing_fused_kernel_leaves_the_chunked_loop(monkeypatch):
     with torch.no_grad(), pytest.warns(RuntimeWarning, match="chunked KB attention serves"):
         out, _ = attention.rectangular_attention(module, query, key, value, mask, 0.35, kb=inputs)
     torch.testing.assert_close(out, expected)
-    assert attention.ENABLE_FUSED is False
+    assert attention._FLASH is None and attention.ENABLE_FUSED
